@@ -1,0 +1,9 @@
+//! membrane agent: the node daemon and the `membrane` CLI.
+//!
+//! At this stage the crate holds the policy-directory source and the offline commands of the CLI
+//! (`membrane policy validate|trace|resolve`). The daemon (`membrane-agent`), the datapath loader,
+//! endpoints and the REST API arrive with the datapath issue.
+
+pub mod cli;
+pub mod offline;
+pub mod policy_dir;
