@@ -226,7 +226,7 @@ mod tests {
         assert!(!s.matches(&labels("app=web,io.kubernetes.pod.namespace=dev")));
         assert_eq!(
             s.to_string(),
-            "{any:app=web, k8s:io.kubernetes.pod.namespace=prod}"
+            "{k8s:io.kubernetes.pod.namespace=prod, any:app=web}"
         );
     }
 }
