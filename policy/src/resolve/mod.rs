@@ -332,7 +332,11 @@ impl Resolver {
     }
 
     fn maybe_free(&mut self, sid: SelectorId) {
-        let c = self.cached(sid);
+        // An endpoint may list the same (selector, use) twice (two identical peer selectors in
+        // one item); the second release finds the selector already gone.
+        let Some(c) = self.selectors[sid.0 as usize].as_ref() else {
+            return;
+        };
         if c.users.is_empty() && c.subject_refs == 0 {
             let c = self.selectors[sid.0 as usize]
                 .take()
