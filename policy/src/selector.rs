@@ -146,8 +146,20 @@ impl Selector {
 
     /// An equality requirement `key=value` that every match must satisfy, if there is one. Used
     /// to index candidate identities instead of scanning all of them.
+    /// The namespace is the least selective equality, so another one is preferred.
     pub fn index_hint(&self) -> Option<(&str, &[String])> {
-        self.requirements.iter().find_map(|r| match &r.op {
+        let mut equalities = self.equalities();
+        let first = equalities.next()?;
+        Some(if first.0 == NAMESPACE_LABEL {
+            equalities.next().unwrap_or(first)
+        } else {
+            first
+        })
+    }
+
+    /// Every `key in (values)` requirement.
+    pub fn equalities(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.requirements.iter().filter_map(|r| match &r.op {
             Operator::In(values) => Some((r.key.as_str(), values.as_slice())),
             _ => None,
         })

@@ -72,6 +72,11 @@ pub struct Resolver {
     mode: EnforcementMode,
     rules: BTreeMap<RuleId, Arc<Rule>>,
     rule_subject: HashMap<RuleId, SelectorId>,
+    /// Rules by an equality their endpoint selector requires (key → value → rules), so that the
+    /// rules selecting an endpoint are found without checking every rule.
+    subject_index: HashMap<String, HashMap<String, BTreeSet<RuleId>>>,
+    /// Rules whose endpoint selector has no equality to index by.
+    subject_unindexed: BTreeSet<RuleId>,
     next_rule: u32,
     identities: BTreeMap<NumericIdentity, Arc<Identity>>,
     /// label key → value → identities (any source), to find a selector's candidates quickly.
@@ -213,13 +218,20 @@ impl Resolver {
             return changes;
         }
         self.remove_endpoint(id);
-        let rules: Vec<RuleId> = self
-            .rule_subject
-            .iter()
-            .filter(|(_, sid)| self.cached(**sid).matches.contains(&id))
-            .map(|(r, _)| *r)
-            .collect::<BTreeSet<_>>()
+        let labels = &self.identities[&id].labels;
+        let mut candidates = self.subject_unindexed.clone();
+        for l in labels.iter() {
+            if let Some(rules) = self.subject_index.get(&l.key).and_then(|m| m.get(&l.value)) {
+                candidates.extend(rules.iter().copied());
+            }
+        }
+        let rules: Vec<RuleId> = candidates
             .into_iter()
+            .filter(|r| {
+                self.rules
+                    .get(r)
+                    .is_some_and(|rule| rule.endpoint_selector.matches(labels))
+            })
             .collect();
         self.endpoints.insert(
             id,
@@ -273,7 +285,22 @@ impl Resolver {
                 affected.extend(self.cached(sid).matches.iter().copied());
                 self.release_subject(sid);
             }
-            self.rules.remove(rid);
+            if let Some(rule) = self.rules.remove(rid) {
+                match rule.endpoint_selector.index_hint() {
+                    Some((key, values)) => {
+                        for v in values {
+                            if let Some(set) =
+                                self.subject_index.get_mut(key).and_then(|m| m.get_mut(v))
+                            {
+                                set.remove(rid);
+                            }
+                        }
+                    }
+                    None => {
+                        self.subject_unindexed.remove(rid);
+                    }
+                }
+            }
         }
         for rule in added {
             let rid = RuleId(self.next_rule);
@@ -285,6 +312,21 @@ impl Resolver {
                 .subject_refs += 1;
             affected.extend(self.cached(sid).matches.iter().copied());
             self.rule_subject.insert(rid, sid);
+            match rule.endpoint_selector.index_hint() {
+                Some((key, values)) => {
+                    for v in values {
+                        self.subject_index
+                            .entry(key.to_string())
+                            .or_default()
+                            .entry(v.clone())
+                            .or_default()
+                            .insert(rid);
+                    }
+                }
+                None => {
+                    self.subject_unindexed.insert(rid);
+                }
+            }
             self.rules.insert(rid, rule);
         }
         let mut changes = ChangeSet::default();
@@ -367,13 +409,19 @@ impl Resolver {
                 .get(id)
                 .is_some_and(|i| selector.matches(&i.labels))
         };
-        if let Some((key, values)) = selector.index_hint() {
-            let Some(by_value) = self.label_index.get(key) else {
-                return BTreeSet::new();
-            };
-            return values
-                .iter()
-                .filter_map(|v| by_value.get(v))
+        // The smallest posting list among the selector's equalities gives the fewest candidates.
+        let postings = selector.equalities().map(|(key, values)| {
+            let lists: Vec<&BTreeSet<NumericIdentity>> = self
+                .label_index
+                .get(key)
+                .map(|by_value| values.iter().filter_map(|v| by_value.get(v)).collect())
+                .unwrap_or_default();
+            let size: usize = lists.iter().map(|l| l.len()).sum();
+            (size, lists)
+        });
+        if let Some((_, lists)) = postings.min_by_key(|(size, _)| *size) {
+            return lists
+                .into_iter()
                 .flatten()
                 .filter(|id| check(id))
                 .copied()

@@ -7,10 +7,13 @@ use super::*;
 use crate::identity::{Identity, NumericIdentity};
 use crate::l7::http::{HttpRequest, HttpRule, Pattern};
 use crate::labels::LabelSet;
-use crate::parse::PolicySet;
-use crate::rule::{L7Rules, PeerRule, PeerSelector, Peers, PolicyKind, PortProtocol, PortRule, Proto, Protocol, RuleOrigin};
-use crate::selector::{Requirement, Selector};
 use crate::labels::Source;
+use crate::parse::PolicySet;
+use crate::rule::{
+    L7Rules, PeerRule, PeerSelector, Peers, PolicyKind, PortProtocol, PortRule, Proto, Protocol,
+    RuleOrigin,
+};
+use crate::selector::{Requirement, Selector};
 use crate::trace::{self, Flow, L7Facts, TraceVerdict};
 
 fn id(n: u32, labels: &str) -> Identity {
@@ -20,7 +23,12 @@ fn id(n: u32, labels: &str) -> Identity {
     }
 }
 
-fn resolver_for(yaml: &str, mode: EnforcementMode, identities: &[Identity], endpoints: &[u32]) -> Resolver {
+fn resolver_for(
+    yaml: &str,
+    mode: EnforcementMode,
+    identities: &[Identity],
+    endpoints: &[u32],
+) -> Resolver {
     let set = PolicySet::from_sources([("t.yaml", yaml)]).unwrap();
     let mut r = Resolver::new(mode);
     r.set_rules(&set.rules);
@@ -38,7 +46,12 @@ const DB: &str = "app=db,io.kubernetes.pod.namespace=default";
 const CLI: &str = "app=cli,io.kubernetes.pod.namespace=default";
 
 fn universe() -> Vec<Identity> {
-    vec![id(2, "reserved:world"), id(256, WEB), id(257, DB), id(258, CLI)]
+    vec![
+        id(2, "reserved:world"),
+        id(256, WEB),
+        id(257, DB),
+        id(258, CLI),
+    ]
 }
 
 fn verdict(r: &Resolver, ep: u32, dir: Direction, remote: u32, port: u16) -> &'static str {
@@ -59,7 +72,12 @@ const DB_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nme
 
 #[test]
 fn l7_redirect_for_selected_peer_only() {
-    let r = resolver_for(DB_POLICY, EnforcementMode::Default, &universe(), &[257, 256]);
+    let r = resolver_for(
+        DB_POLICY,
+        EnforcementMode::Default,
+        &universe(),
+        &[257, 256],
+    );
     assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 80), "redirect");
     assert_eq!(verdict(&r, 257, Direction::Ingress, 258, 80), "deny");
     assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 81), "deny");
@@ -70,15 +88,33 @@ fn l7_redirect_for_selected_peer_only() {
 #[test]
 fn l4_only_allow_makes_l7_moot() {
     let extra = "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l4}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n";
-    let r = resolver_for(&format!("{DB_POLICY}{extra}"), EnforcementMode::Default, &universe(), &[257]);
-    assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 80), "allow", "L4 wildcard allow wins over L7");
-    assert_eq!(verdict(&r, 257, Direction::Ingress, 2, 80), "allow", "toPorts without L3 includes world");
+    let r = resolver_for(
+        &format!("{DB_POLICY}{extra}"),
+        EnforcementMode::Default,
+        &universe(),
+        &[257],
+    );
+    assert_eq!(
+        verdict(&r, 257, Direction::Ingress, 256, 80),
+        "allow",
+        "L4 wildcard allow wins over L7"
+    );
+    assert_eq!(
+        verdict(&r, 257, Direction::Ingress, 2, 80),
+        "allow",
+        "toPorts without L3 includes world"
+    );
 }
 
 #[test]
 fn l3_only_allow_makes_l7_moot() {
     let extra = "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l3}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n";
-    let r = resolver_for(&format!("{DB_POLICY}{extra}"), EnforcementMode::Default, &universe(), &[257]);
+    let r = resolver_for(
+        &format!("{DB_POLICY}{extra}"),
+        EnforcementMode::Default,
+        &universe(),
+        &[257],
+    );
     assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 80), "allow");
     assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 443), "allow");
 }
@@ -93,16 +129,28 @@ fn requires_constrain_every_peer() {
         id(2, "reserved:world"),
     ];
     let r = resolver_for(yaml, EnforcementMode::Default, &ids, &[257]);
-    assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 80), "deny", "web without team=a");
+    assert_eq!(
+        verdict(&r, 257, Direction::Ingress, 256, 80),
+        "deny",
+        "web without team=a"
+    );
     assert_eq!(verdict(&r, 257, Direction::Ingress, 259, 80), "allow");
-    assert_eq!(verdict(&r, 257, Direction::Ingress, 2, 5432), "deny", "L4-only allows are constrained too");
+    assert_eq!(
+        verdict(&r, 257, Direction::Ingress, 2, 5432),
+        "deny",
+        "L4-only allows are constrained too"
+    );
     assert_eq!(verdict(&r, 257, Direction::Ingress, 259, 5432), "allow");
 }
 
 #[test]
 fn enforcement_modes() {
     let r = resolver_for(DB_POLICY, EnforcementMode::Always, &universe(), &[256]);
-    assert_eq!(verdict(&r, 256, Direction::Ingress, 258, 80), "deny", "always: unselected endpoints deny");
+    assert_eq!(
+        verdict(&r, 256, Direction::Ingress, 258, 80),
+        "deny",
+        "always: unselected endpoints deny"
+    );
     let r = resolver_for(DB_POLICY, EnforcementMode::Never, &universe(), &[257]);
     assert_eq!(verdict(&r, 257, Direction::Ingress, 258, 80), "unenforced");
 }
@@ -123,7 +171,10 @@ fn incremental_identity_and_rule_changes() {
     assert_eq!(changes.endpoints, BTreeSet::from([NumericIdentity(257)]));
     assert_eq!(verdict(&r, 257, Direction::Ingress, 300, 80), "redirect");
     let changes = r.add_identity(id(301, "app=other,io.kubernetes.pod.namespace=default"));
-    assert!(changes.endpoints.is_empty(), "an identity no selector matches touches nothing");
+    assert!(
+        changes.endpoints.is_empty(),
+        "an identity no selector matches touches nothing"
+    );
     r.remove_identity(NumericIdentity(300));
     assert_eq!(verdict(&r, 257, Direction::Ingress, 300, 80), "deny");
     // Replacing the rules with an unrelated one recomputes the db endpoint (no longer selected).
@@ -133,7 +184,10 @@ fn incremental_identity_and_rule_changes() {
     assert_eq!(changes.endpoints, BTreeSet::from([NumericIdentity(257)]));
     assert_eq!(verdict(&r, 257, Direction::Ingress, 256, 80), "unenforced");
     let same = r.set_rules(&set.rules);
-    assert!(same.endpoints.is_empty(), "unchanged rules recompute nothing");
+    assert!(
+        same.endpoints.is_empty(),
+        "unchanged rules recompute nothing"
+    );
 }
 
 // ---- property tests ----
@@ -142,47 +196,79 @@ const KEYS: &[&str] = &["app", "tier"];
 const VALUES: &[&str] = &["a", "b", "c"];
 
 fn arb_labels() -> impl Strategy<Value = LabelSet> {
-    (prop::collection::vec((0..KEYS.len(), 0..VALUES.len()), 1..3), 0..2usize).prop_map(|(kv, ns)| {
-        let mut s = String::new();
-        for (k, v) in kv {
-            s.push_str(&format!("{}={},", KEYS[k], VALUES[v]));
-        }
-        s.push_str(&format!("io.kubernetes.pod.namespace=ns{ns}"));
-        s.parse().unwrap()
-    })
+    (
+        prop::collection::vec((0..KEYS.len(), 0..VALUES.len()), 1..3),
+        0..2usize,
+    )
+        .prop_map(|(kv, ns)| {
+            let mut s = String::new();
+            for (k, v) in kv {
+                s.push_str(&format!("{}={},", KEYS[k], VALUES[v]));
+            }
+            s.push_str(&format!("io.kubernetes.pod.namespace=ns{ns}"));
+            s.parse().unwrap()
+        })
 }
 
 fn arb_selector() -> impl Strategy<Value = Selector> {
     prop_oneof![
         Just(Selector::wildcard()),
         Just(Selector::reserved("world")),
-        (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| Selector::new(vec![Requirement::equals(Source::Any, KEYS[k], VALUES[v])])),
+        (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| Selector::new(vec![
+            Requirement::equals(Source::Any, KEYS[k], VALUES[v])
+        ])),
         (0..KEYS.len(), 0..VALUES.len(), 0..2usize).prop_map(|(k, v, ns)| Selector::new(vec![
             Requirement::equals(Source::Any, KEYS[k], VALUES[v]),
-            Requirement::equals(Source::K8s, "io.kubernetes.pod.namespace", format!("ns{ns}")),
+            Requirement::equals(
+                Source::K8s,
+                "io.kubernetes.pod.namespace",
+                format!("ns{ns}")
+            ),
         ])),
     ]
 }
 
 fn arb_port_rule() -> impl Strategy<Value = Arc<PortRule>> {
     let ports = prop_oneof![
-        Just(PortProtocol { port: 80, protocol: Protocol::TCP }),
-        Just(PortProtocol { port: 53, protocol: Protocol::UDP }),
-        Just(PortProtocol { port: 80, protocol: Protocol::ANY }),
-        Just(PortProtocol { port: 0, protocol: Protocol::TCP }),
+        Just(PortProtocol {
+            port: 80,
+            protocol: Protocol::TCP
+        }),
+        Just(PortProtocol {
+            port: 53,
+            protocol: Protocol::UDP
+        }),
+        Just(PortProtocol {
+            port: 80,
+            protocol: Protocol::ANY
+        }),
+        Just(PortProtocol {
+            port: 0,
+            protocol: Protocol::TCP
+        }),
     ];
-    (ports, prop::option::of(prop::sample::select(vec!["GET", "POST", "GET|POST"]))).prop_map(|(pp, method)| {
-        let l7 = method.filter(|_| pp.protocol == Protocol::TCP && pp.port != 0).map(|m| {
-            L7Rules::Http(vec![HttpRule {
+    (
+        ports,
+        prop::option::of(prop::sample::select(vec!["GET", "POST", "GET|POST"])),
+    )
+        .prop_map(|(pp, method)| {
+            let l7 = method
+                .filter(|_| pp.protocol == Protocol::TCP && pp.port != 0)
+                .map(|m| {
+                    L7Rules::Http(vec![HttpRule {
+                        index: 0,
+                        method: Some(Pattern::new(m).unwrap()),
+                        path: None,
+                        host: None,
+                        headers: vec![],
+                    }])
+                });
+            Arc::new(PortRule {
                 index: 0,
-                method: Some(Pattern::new(m).unwrap()),
-                path: None,
-                host: None,
-                headers: vec![],
-            }])
-        });
-        Arc::new(PortRule { index: 0, ports: vec![pp], l7 })
-    })
+                ports: vec![pp],
+                l7,
+            })
+        })
 }
 
 fn arb_item() -> impl Strategy<Value = PeerRule> {
@@ -192,7 +278,11 @@ fn arb_item() -> impl Strategy<Value = PeerRule> {
             v.into_iter().enumerate().map(|(i, selector)| PeerSelector { selector, field: format!("p[{i}]") }).collect()
         )),
     ];
-    (peers, prop::collection::vec(arb_port_rule(), 0..2)).prop_map(|(peers, ports)| PeerRule { index: 0, peers, ports })
+    (peers, prop::collection::vec(arb_port_rule(), 0..2)).prop_map(|(peers, ports)| PeerRule {
+        index: 0,
+        peers,
+        ports,
+    })
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
@@ -214,8 +304,22 @@ fn arb_rule() -> impl Strategy<Value = Rule> {
             endpoint_selector: subject,
             enforce_ingress: !ingress.is_empty(),
             enforce_egress: !egress.is_empty(),
-            ingress: ingress.into_iter().enumerate().map(|(i, mut it)| { it.index = i; it }).collect(),
-            egress: egress.into_iter().enumerate().map(|(i, mut it)| { it.index = i; it }).collect(),
+            ingress: ingress
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut it)| {
+                    it.index = i;
+                    it
+                })
+                .collect(),
+            egress: egress
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut it)| {
+                    it.index = i;
+                    it
+                })
+                .collect(),
             ingress_requires: requires.into_iter().filter(|s| !s.is_wildcard()).collect(),
             egress_requires: Vec::new(),
             labels: BTreeMap::new(),
@@ -227,7 +331,10 @@ fn identities(labels: Vec<LabelSet>) -> Vec<Identity> {
     let mut out = vec![id(2, "reserved:world"), id(1, "reserved:host")];
     for (i, l) in labels.into_iter().enumerate() {
         if out.iter().all(|o| o.labels != l) {
-            out.push(Identity { id: NumericIdentity(256 + i as u32), labels: l });
+            out.push(Identity {
+                id: NumericIdentity(256 + i as u32),
+                labels: l,
+            });
         }
     }
     out
@@ -245,15 +352,40 @@ fn build(rules: &[Arc<Rule>], ids: &[Identity], mode: EnforcementMode) -> Resolv
     r
 }
 
-const FLOWS: &[(u16, Proto)] = &[(80, Proto::Tcp), (53, Proto::Udp), (80, Proto::Udp), (443, Proto::Tcp), (0, Proto::Icmp)];
+const FLOWS: &[(u16, Proto)] = &[
+    (80, Proto::Tcp),
+    (53, Proto::Udp),
+    (80, Proto::Udp),
+    (443, Proto::Tcp),
+    (0, Proto::Icmp),
+];
 
 /// The datapath's and proxy's answer, from the tables: allowed at L3/L4 in both directions, and
 /// the request passes the L7 rules of every redirecting direction.
-fn table_allows(r: &Resolver, src: &Identity, dst: &Identity, port: u16, proto: Proto, method: Option<&str>) -> bool {
+fn table_allows(
+    r: &Resolver,
+    src: &Identity,
+    dst: &Identity,
+    port: u16,
+    proto: Proto,
+    method: Option<&str>,
+) -> bool {
     let headers: [(&str, &str); 0] = [];
-    let req = method.map(|m| HttpRequest { method: m, path: "/", host: "", headers: &headers });
-    [(src, dst, Direction::Egress), (dst, src, Direction::Ingress)].iter().all(|(ep, peer, dir)| {
-        let Some(table) = r.table(ep.id) else { return true };
+    let req = method.map(|m| HttpRequest {
+        method: m,
+        path: "/",
+        host: "",
+        headers: &headers,
+    });
+    [
+        (src, dst, Direction::Egress),
+        (dst, src, Direction::Ingress),
+    ]
+    .iter()
+    .all(|(ep, peer, dir)| {
+        let Some(table) = r.table(ep.id) else {
+            return true;
+        };
         let t = table.direction(*dir);
         if !t.enforced {
             return true;
@@ -269,12 +401,37 @@ fn table_allows(r: &Resolver, src: &Identity, dst: &Identity, port: u16, proto: 
     })
 }
 
-fn trace_allows(rules: &[Arc<Rule>], mode: EnforcementMode, src: &Identity, dst: &Identity, port: u16, proto: Proto, method: Option<&str>) -> bool {
+fn trace_allows(
+    rules: &[Arc<Rule>],
+    mode: EnforcementMode,
+    src: &Identity,
+    dst: &Identity,
+    port: u16,
+    proto: Proto,
+    method: Option<&str>,
+) -> bool {
     let l7 = match method {
-        Some(m) => L7Facts::Http { method: m.into(), path: "/".into(), host: String::new(), headers: vec![] },
+        Some(m) => L7Facts::Http {
+            method: m.into(),
+            path: "/".into(),
+            host: String::new(),
+            headers: vec![],
+        },
         None => L7Facts::None,
     };
-    trace::trace(rules, mode, &Flow { src, dst, port, proto, l7 }).verdict == TraceVerdict::Allowed
+    trace::trace(
+        rules,
+        mode,
+        &Flow {
+            src,
+            dst,
+            port,
+            proto,
+            l7,
+        },
+    )
+    .verdict
+        == TraceVerdict::Allowed
 }
 
 fn snapshot(r: &Resolver) -> Vec<String> {
