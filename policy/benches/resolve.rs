@@ -127,7 +127,7 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
-    let src = identity(1 + 7 * 0); // app1
+    let src = identity(1); // app1
     let dst = identity(0); // app0: rule0 allows ingress from app1 on 80 with HTTP rules
     c.bench_function("trace_one_flow_1000_rules", |b| {
         b.iter(|| {

@@ -220,7 +220,7 @@ impl<'n> Fields<'n> {
             }
             let suggestion = self.known.iter().find(|known| {
                 known.eq_ignore_ascii_case(k)
-                    || known.to_ascii_lowercase() == k.replace(['_', '-'], "").to_ascii_lowercase()
+                    || known.eq_ignore_ascii_case(&k.replace(['_', '-'], ""))
             });
             let message = match suggestion {
                 Some(s) => format!("unknown field `{k}`, did you mean `{s}`?"),

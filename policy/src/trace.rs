@@ -213,6 +213,9 @@ pub struct Trace {
     pub reason: String,
 }
 
+/// An item that allows the flow at L3/L4: (rule, item index, toPorts index, its L7 rules).
+type Allowing<'r> = (&'r Arc<Rule>, usize, Option<usize>, Option<&'r L7Rules>);
+
 /// Traces a flow through the rules.
 pub fn trace(rules: &[Arc<Rule>], mode: EnforcementMode, flow: &Flow<'_>) -> Trace {
     let egress = direction(rules, mode, Direction::Egress, flow.src, flow.dst, flow);
@@ -228,10 +231,19 @@ pub fn trace(rules: &[Arc<Rule>], mode: EnforcementMode, flow: &Flow<'_>) -> Tra
                 d.direction, d.endpoint, d.reason
             ),
         ),
-        None => (
-            TraceVerdict::Allowed,
-            format!("egress: {} ingress: {}", egress.reason, ingress.reason),
-        ),
+        None => {
+            let deciding: Vec<String> = [&egress, &ingress]
+                .into_iter()
+                .filter(|d| matches!(d.stage, Stage::L3L4 | Stage::L7))
+                .map(|d| format!("{} of {}: {}", d.direction, d.endpoint, d.reason))
+                .collect();
+            let reason = if deciding.is_empty() {
+                "no policy applies in either direction".to_string()
+            } else {
+                deciding.join("; ")
+            };
+            (TraceVerdict::Allowed, reason)
+        }
     };
     Trace {
         verdict,
@@ -308,7 +320,7 @@ fn direction(
     let requires_ok = requires.iter().all(|s| s.matches(&peer.labels));
 
     // (rule, item, toPorts index, l7) for every item that allows the flow at L3/L4.
-    let mut allowing: Vec<(&Arc<Rule>, usize, Option<usize>, Option<&L7Rules>)> = Vec::new();
+    let mut allowing: Vec<Allowing<'_>> = Vec::new();
     for rule in &selecting {
         for item in rule.items(dir) {
             let peer_field = match &item.peers {

@@ -172,20 +172,20 @@ impl HttpRule {
 
     /// The first field that does not match, for explanations; `None` when the rule matches.
     pub fn mismatch(&self, req: &HttpRequest<'_>) -> Option<&'static str> {
-        if let Some(m) = &self.method {
-            if !m.is_match(req.method) {
-                return Some("method");
-            }
+        if let Some(m) = &self.method
+            && !m.is_match(req.method)
+        {
+            return Some("method");
         }
-        if let Some(p) = &self.path {
-            if !p.is_match(req.path) {
-                return Some("path");
-            }
+        if let Some(p) = &self.path
+            && !p.is_match(req.path)
+        {
+            return Some("path");
         }
-        if let Some(h) = &self.host {
-            if !h.is_match(req.host) {
-                return Some("host");
-            }
+        if let Some(h) = &self.host
+            && !h.is_match(req.host)
+        {
+            return Some("host");
         }
         for h in &self.headers {
             let ok = match &h.value {

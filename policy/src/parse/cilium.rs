@@ -296,12 +296,11 @@ fn direction_item(
         if let Some(items) = seq(ctx, n, &p) {
             let mut v = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                if let Some(net) = cidr(ctx, item, &index(&p, i)) {
-                    if let Some(sels) =
+                if let Some(net) = cidr(ctx, item, &index(&p, i))
+                    && let Some(sels) =
                         cidr_peers(ctx, net, &[], &format!("{cidr_key}[{i}] ({net})"), "")
-                    {
-                        v.extend(sels);
-                    }
+                {
+                    v.extend(sels);
                 }
             }
             selected = Some(v);
@@ -325,26 +324,26 @@ fn direction_item(
                 };
                 let except_path = cf.child("except");
                 let mut excepts = Vec::new();
-                if let Some(e) = cf.get("except") {
-                    if let Some(list) = seq(ctx, e, &except_path) {
-                        for (j, en) in list.iter().enumerate() {
-                            if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
-                                excepts.push((en.clone(), ex));
-                            }
+                if let Some(e) = cf.get("except")
+                    && let Some(list) = seq(ctx, e, &except_path)
+                {
+                    for (j, en) in list.iter().enumerate() {
+                        if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
+                            excepts.push((en.clone(), ex));
                         }
                     }
                 }
                 cf.finish(ctx, &[]);
-                if let Some(net) = net {
-                    if let Some(sels) = cidr_peers(
+                if let Some(net) = net
+                    && let Some(sels) = cidr_peers(
                         ctx,
                         net,
                         &excepts,
                         &format!("{cidr_set_key}[{i}] ({net})"),
                         &except_path,
-                    ) {
-                        v.extend(sels);
-                    }
+                    )
+                {
+                    v.extend(sels);
                 }
             }
             selected = Some(v);
@@ -423,16 +422,15 @@ fn rule_labels(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> BTreeMap<String, S
             .get("value")
             .and_then(|n| string(ctx, n, &format!("{ipath}.value")))
             .unwrap_or_default();
-        if let Some(src) = f.get("source") {
-            if let Some(s) = string(ctx, src, &format!("{ipath}.source")) {
-                if s == "cilium-generated" {
-                    ctx.error(
-                        src.pos,
-                        &format!("{ipath}.source"),
-                        "labels of source cilium-generated are reserved",
-                    );
-                }
-            }
+        if let Some(src) = f.get("source")
+            && let Some(s) = string(ctx, src, &format!("{ipath}.source"))
+            && s == "cilium-generated"
+        {
+            ctx.error(
+                src.pos,
+                &format!("{ipath}.source"),
+                "labels of source cilium-generated are reserved",
+            );
         }
         f.finish(ctx, &[]);
         match key {

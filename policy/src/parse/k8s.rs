@@ -210,26 +210,26 @@ fn peer(
             };
             let except_path = b.child("except");
             let mut excepts = Vec::new();
-            if let Some(e) = b.get("except") {
-                if let Some(list) = seq(ctx, e, &except_path) {
-                    for (j, en) in list.iter().enumerate() {
-                        if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
-                            excepts.push((en.clone(), ex));
-                        }
+            if let Some(e) = b.get("except")
+                && let Some(list) = seq(ctx, e, &except_path)
+            {
+                for (j, en) in list.iter().enumerate() {
+                    if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
+                        excepts.push((en.clone(), ex));
                     }
                 }
             }
             b.finish(ctx, &[]);
-            if let Some(net) = net {
-                if let Some(sels) = cidr_peers(
+            if let Some(net) = net
+                && let Some(sels) = cidr_peers(
                     ctx,
                     net,
                     &excepts,
                     &format!("{field}.ipBlock ({net})"),
                     &except_path,
-                ) {
-                    out.extend(sels);
-                }
+                )
+            {
+                out.extend(sels);
             }
         }
     } else if pod.is_some() || nsel.is_some() {

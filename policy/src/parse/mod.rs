@@ -101,10 +101,10 @@ impl PolicySet {
                 };
                 for s in sels {
                     for r in s.selector.requirements() {
-                        if r.source == crate::labels::Source::Cidr {
-                            if let Ok(net) = r.key.replace('-', ":").parse() {
-                                out.insert(net);
-                            }
+                        if r.source == crate::labels::Source::Cidr
+                            && let Ok(net) = r.key.replace('-', ":").parse()
+                        {
+                            out.insert(net);
                         }
                     }
                 }

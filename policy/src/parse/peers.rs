@@ -387,15 +387,16 @@ fn port_protocol(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<PortProto
 
 /// A port number 1..=65535 written as a number or a string. Named ports are refused.
 pub fn port_number(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<u16> {
-    if let Value::Str(s) = &node.value {
-        if !s.is_empty() && !s.trim().bytes().all(|b| b.is_ascii_digit()) {
-            ctx.error(
-                node.pos,
-                path,
-                format!("named port {s:?} is not supported; use the port number"),
-            );
-            return None;
-        }
+    if let Value::Str(s) = &node.value
+        && !s.is_empty()
+        && !s.trim().bytes().all(|b| b.is_ascii_digit())
+    {
+        ctx.error(
+            node.pos,
+            path,
+            format!("named port {s:?} is not supported; use the port number"),
+        );
+        return None;
     }
     let n = int_or_string(ctx, node, path, "a port number (1-65535)")?;
     match u16::try_from(n) {

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, clippy, every crate's tests, the wasm32 build of the policy
+# engine and the wasm filter, the benchmarks in smoke mode and a bounded fuzz run of the parser.
+# Installs what it needs (rustup target, cargo-fuzz) idempotently.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+need_cargo
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+step() { echo; echo "==> $*"; }
+
+step "toolchain: wasm32-wasip1 target"
+rustup target add wasm32-wasip1 >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace 2>&1 | tee "$log"
+
+step "wasm32-wasip1 build of membrane-policy and membrane-wasm-filter"
+cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-wasm-filter
+ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
+
+step "benchmarks (smoke: each benchmark runs once)"
+cargo bench --quiet -p membrane-policy --bench resolve -- --test 2>&1 | tee -a "$log"
+
+step "fuzz: policy parser"
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked --quiet
+fi
+runs=${MEMBRANE_FUZZ_RUNS:-20000}
+# The checked-in seeds are copied into libFuzzer's (ignored) working corpus, never written to.
+mkdir -p policy/fuzz/corpus/parse_policy
+cp policy/fuzz/corpus-seed/* policy/fuzz/corpus/parse_policy/
+( cd policy/fuzz && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run parse_policy -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 3
+echo "fuzz: parse_policy ran $runs inputs without a crash"
+
+passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "membrane: $passed passed, $failed failed"
