@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::peers::{ENTITIES, cidr, cidr_peers, entity, port_rule, scope_peer, selector};
+use super::peers::{
+    ENTITIES, cidr, cidr_block, cidr_peers, entity, port_rule, scope_peer, selector,
+};
 use super::{Meta, ParsedFile};
 use crate::decode::{Ctx, Fields, index, seq, string, strings};
 use crate::labels::Source;
@@ -33,7 +35,6 @@ const EGRESS_FIELDS: &[&str] = &[
     "toCIDRSet",
     "toEntities",
 ];
-const CIDR_SET_FIELDS: &[&str] = &["cidr", "except"];
 const LABEL_FIELDS: &[&str] = &["key", "value", "source"];
 
 /// A CNP or CCNP: `spec` and/or `specs`.
@@ -311,38 +312,8 @@ fn direction_item(
         if let Some(items) = seq(ctx, n, &p) {
             let mut v = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                let ipath = index(&p, i);
-                let Some(mut cf) = Fields::new(ctx, item, &ipath, CIDR_SET_FIELDS) else {
-                    continue;
-                };
-                let net = match cf.get("cidr") {
-                    Some(c) => cidr(ctx, c, &cf.child("cidr")),
-                    None => {
-                        ctx.error(item.pos, &cf.child("cidr"), "missing field `cidr`");
-                        None
-                    }
-                };
-                let except_path = cf.child("except");
-                let mut excepts = Vec::new();
-                if let Some(e) = cf.get("except")
-                    && let Some(list) = seq(ctx, e, &except_path)
-                {
-                    for (j, en) in list.iter().enumerate() {
-                        if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
-                            excepts.push((en.clone(), ex));
-                        }
-                    }
-                }
-                cf.finish(ctx, &[]);
-                if let Some(net) = net
-                    && let Some(sels) = cidr_peers(
-                        ctx,
-                        net,
-                        &excepts,
-                        &format!("{cidr_set_key}[{i}] ({net})"),
-                        &except_path,
-                    )
-                {
+                let field = |net| format!("{cidr_set_key}[{i}] ({net})");
+                if let Some(sels) = cidr_block(ctx, item, &index(&p, i), field) {
                     v.extend(sels);
                 }
             }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::peers::{cidr, cidr_peers, port_number, selector};
+use super::peers::{cidr_block, port_number, selector};
 use super::{Meta, ParsedFile};
 use crate::decode::{Ctx, Fields, index, seq, string, strings};
 use crate::labels::Source;
@@ -18,7 +18,6 @@ const SPEC_FIELDS: &[&str] = &["podSelector", "ingress", "egress", "policyTypes"
 const INGRESS_FIELDS: &[&str] = &["from", "ports"];
 const EGRESS_FIELDS: &[&str] = &["to", "ports"];
 const PEER_FIELDS: &[&str] = &["podSelector", "namespaceSelector", "ipBlock"];
-const IPBLOCK_FIELDS: &[&str] = &["cidr", "except"];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "endPort"];
 
 pub(super) fn policy(ctx: &mut Ctx<'_>, f: &mut Fields<'_>, meta: &Meta, out: &mut ParsedFile) {
@@ -199,38 +198,9 @@ fn peer(
         );
     }
     if let Some(ip) = ip {
-        let ipath = f.child("ipBlock");
-        if let Some(mut b) = Fields::new(ctx, ip, &ipath, IPBLOCK_FIELDS) {
-            let net = match b.get("cidr") {
-                Some(c) => cidr(ctx, c, &b.child("cidr")),
-                None => {
-                    ctx.error(ip.pos, &b.child("cidr"), "missing field `cidr`");
-                    None
-                }
-            };
-            let except_path = b.child("except");
-            let mut excepts = Vec::new();
-            if let Some(e) = b.get("except")
-                && let Some(list) = seq(ctx, e, &except_path)
-            {
-                for (j, en) in list.iter().enumerate() {
-                    if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
-                        excepts.push((en.clone(), ex));
-                    }
-                }
-            }
-            b.finish(ctx, &[]);
-            if let Some(net) = net
-                && let Some(sels) = cidr_peers(
-                    ctx,
-                    net,
-                    &excepts,
-                    &format!("{field}.ipBlock ({net})"),
-                    &except_path,
-                )
-            {
-                out.extend(sels);
-            }
+        let peer_field = |net| format!("{field}.ipBlock ({net})");
+        if let Some(sels) = cidr_block(ctx, ip, &f.child("ipBlock"), peer_field) {
+            out.extend(sels);
         }
     } else if pod.is_some() || nsel.is_some() {
         let pod_sel =

@@ -237,6 +237,40 @@ pub fn cidr(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<IpNet> {
     }
 }
 
+const CIDR_BLOCK_FIELDS: &[&str] = &["cidr", "except"];
+
+/// A `{cidr, except}` mapping: a CiliumNetworkPolicy CIDRSet entry or a NetworkPolicy ipBlock.
+/// `field` names the peer for explanations, given the parsed prefix.
+pub fn cidr_block(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    field: impl Fn(IpNet) -> String,
+) -> Option<Vec<PeerSelector>> {
+    let mut f = Fields::new(ctx, node, path, CIDR_BLOCK_FIELDS)?;
+    let net = match f.get("cidr") {
+        Some(c) => cidr(ctx, c, &f.child("cidr")),
+        None => {
+            ctx.error(node.pos, &f.child("cidr"), "missing field `cidr`");
+            None
+        }
+    };
+    let except_path = f.child("except");
+    let mut excepts = Vec::new();
+    if let Some(e) = f.get("except")
+        && let Some(list) = seq(ctx, e, &except_path)
+    {
+        for (j, en) in list.iter().enumerate() {
+            if let Some(ex) = cidr(ctx, en, &index(&except_path, j)) {
+                excepts.push((en.clone(), ex));
+            }
+        }
+    }
+    f.finish(ctx, &[]);
+    let net = net?;
+    cidr_peers(ctx, net, &excepts, &field(net), &except_path)
+}
+
 /// The peer selectors for a CIDR with exceptions. Exceptions must lie inside the CIDR and be of
 /// its address family.
 pub fn cidr_peers(
