@@ -59,10 +59,12 @@ pub struct SyntaxError {
 /// Parses a multi-document YAML stream. Empty documents are skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let options = serde_saphyr::options! {
-        // Policy files are small; a tight budget keeps hostile input (alias bombs) cheap.
+        // serde-saphyr's defaults bound alias expansion, nodes and nesting; a policy file may hold
+        // many more documents than its default 1,024 (one per policy is common), and never needs
+        // thousands of anchors.
         budget: serde_saphyr::budget! {
             max_anchors: 1000,
-            max_depth: 128,
+            max_documents: 100_000,
         },
     };
     serde_saphyr::from_multiple_with_options::<Node>(text, options).map_err(|e| {
