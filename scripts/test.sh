@@ -28,7 +28,7 @@ cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membr
 ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
 
 step "benchmarks (smoke: each benchmark runs once)"
-cargo bench --quiet -p membrane-policy --bench resolve -- --test 2>&1 | tee -a "$log"
+cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
 
 step "fuzz: policy parser"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::l7::http::HttpRule;
+use crate::l7::http::HttpRules;
 use crate::l7::kafka::KafkaRule;
 use crate::selector::Selector;
 use crate::yaml::Pos;
@@ -270,7 +270,7 @@ pub struct PortProtocol {
 #[derive(Clone, Debug, Serialize)]
 pub enum L7Rules {
     /// `rules.http`: the request must match one of them.
-    Http(Vec<HttpRule>),
+    Http(HttpRules),
     /// `rules.kafka`: the request must be allowed by them (see `crate::l7::kafka`).
     Kafka(Vec<KafkaRule>),
 }

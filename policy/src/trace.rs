@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 use crate::identity::Identity;
-use crate::l7::http::{HttpRequest, HttpRule};
+use crate::l7::http::HttpRequest;
 use crate::l7::kafka::{self, KafkaRequest, KafkaRule, KafkaVerdict};
 use crate::rule::{Direction, EnforcementMode, L7Kind, L7Rules, Peers, PolicyKind, Proto, Rule};
 use crate::selector::Selector;
@@ -436,12 +436,12 @@ fn direction(
             };
             for (rule, item, port, rules) in &allowing {
                 if let Some(L7Rules::Http(list)) = rules {
-                    for h in list.iter().filter(|h: &&HttpRule| h.matches(&req)) {
+                    for i in list.matching(&req) {
                         l7.allowed_by.push(L7Match {
                             rule: RuleRef::of(rule),
                             item: format!("{dir}[{item}]"),
                             to_ports: port.unwrap_or_default(),
-                            l7_rule: format!("rules.http[{}]", h.index),
+                            l7_rule: format!("rules.http[{}]", list.rules()[i].index),
                         });
                     }
                 }

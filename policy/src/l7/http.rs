@@ -6,28 +6,27 @@
 
 use std::fmt;
 
-use regex::{Regex, RegexBuilder};
+use regex::{RegexBuilder, RegexSet, RegexSetBuilder, SetMatches};
 use serde::{Serialize, Serializer};
 
-/// A compiled, implicitly anchored regular expression, remembered with its source text.
-#[derive(Clone)]
+/// A validated regular expression from a policy, remembered as written. It is compiled, together
+/// with the other patterns of the same field in the same port's rules, into an [`HttpRules`] set.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Pattern {
     source: String,
-    regex: Regex,
 }
 
 /// Compiled regexes may not grow beyond this (a bad pattern must not eat the proxy's memory).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 impl Pattern {
-    /// Compiles `source` so that it must match a whole field.
+    /// Checks that `source` compiles (as a whole-field match) and keeps it.
     pub fn new(source: &str) -> Result<Pattern, regex::Error> {
-        let regex = RegexBuilder::new(&format!("^(?:{source})$"))
+        RegexBuilder::new(&anchored(source))
             .size_limit(REGEX_SIZE_LIMIT)
             .build()?;
         Ok(Pattern {
             source: source.to_string(),
-            regex,
         })
     }
 
@@ -35,11 +34,11 @@ impl Pattern {
     pub fn as_str(&self) -> &str {
         &self.source
     }
+}
 
-    /// Whether the whole of `text` matches.
-    pub fn is_match(&self, text: &str) -> bool {
-        self.regex.is_match(text)
-    }
+/// Cilium's regexes must match the whole field: anchor them, keeping alternations inside.
+fn anchored(source: &str) -> String {
+    format!("^(?:{source})$")
 }
 
 impl fmt::Debug for Pattern {
@@ -164,47 +163,134 @@ impl fmt::Debug for HttpRequest<'_> {
     }
 }
 
-impl HttpRule {
-    /// Whether the request satisfies every field of this rule.
-    pub fn matches(&self, req: &HttpRequest<'_>) -> bool {
-        self.mismatch(req).is_none()
+/// The HTTP rules of one `toPorts` item, compiled once per policy change: one regex set per field
+/// (method, path, host), so judging a request scans each field once whatever the number of rules.
+#[derive(Clone)]
+pub struct HttpRules {
+    rules: Vec<HttpRule>,
+    method: FieldSet,
+    path: FieldSet,
+    host: FieldSet,
+}
+
+/// The patterns of one field across rules; `slot[i]` is rule i's pattern in `set`, if it has one.
+#[derive(Clone)]
+struct FieldSet {
+    set: RegexSet,
+    slot: Vec<Option<usize>>,
+}
+
+impl FieldSet {
+    fn new(
+        rules: &[HttpRule],
+        field: impl Fn(&HttpRule) -> Option<&Pattern>,
+    ) -> Result<FieldSet, regex::Error> {
+        let mut patterns = Vec::new();
+        let slot = rules
+            .iter()
+            .map(|r| {
+                field(r).map(|p| {
+                    patterns.push(anchored(p.as_str()));
+                    patterns.len() - 1
+                })
+            })
+            .collect();
+        let set = RegexSetBuilder::new(patterns)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()?;
+        Ok(FieldSet { set, slot })
     }
 
-    /// The first field that does not match, for explanations; `None` when the rule matches.
-    pub fn mismatch(&self, req: &HttpRequest<'_>) -> Option<&'static str> {
-        if let Some(m) = &self.method
-            && !m.is_match(req.method)
-        {
-            return Some("method");
+    /// The matches for `text`, computed only when some rule has a pattern for this field.
+    fn matches(&self, text: &str) -> Option<SetMatches> {
+        (!self.set.is_empty()).then(|| self.set.matches(text))
+    }
+
+    fn ok(&self, matches: &Option<SetMatches>, rule: usize) -> bool {
+        match (self.slot[rule], matches) {
+            (None, _) => true,
+            (Some(i), Some(m)) => m.matched(i),
+            (Some(_), None) => false,
         }
-        if let Some(p) = &self.path
-            && !p.is_match(req.path)
-        {
-            return Some("path");
-        }
-        if let Some(h) = &self.host
-            && !h.is_match(req.host)
-        {
-            return Some("host");
-        }
-        for h in &self.headers {
-            let ok = match &h.value {
-                None => req.headers.any_value(&h.name, &mut |_| true),
-                Some(want) => req
-                    .headers
-                    .any_value(&h.name, &mut |v| v == want.as_bytes()),
-            };
-            if !ok {
-                return Some("headers");
-            }
-        }
-        None
     }
 }
 
-/// The index (in `rules`) of the first rule that allows the request, if any.
-pub fn first_match(rules: &[HttpRule], req: &HttpRequest<'_>) -> Option<usize> {
-    rules.iter().position(|r| r.matches(req))
+impl HttpRules {
+    /// Compiles the rules of one port. Each pattern has been validated on its own already; this
+    /// fails only when the combined set exceeds the size limit.
+    pub fn new(rules: Vec<HttpRule>) -> Result<HttpRules, regex::Error> {
+        Ok(HttpRules {
+            method: FieldSet::new(&rules, |r| r.method.as_ref())?,
+            path: FieldSet::new(&rules, |r| r.path.as_ref())?,
+            host: FieldSet::new(&rules, |r| r.host.as_ref())?,
+            rules,
+        })
+    }
+
+    /// The rules, in policy order.
+    pub fn rules(&self) -> &[HttpRule] {
+        &self.rules
+    }
+
+    /// Every rule the request satisfies (indexes into [`rules`](Self::rules)).
+    pub fn matching(&self, req: &HttpRequest<'_>) -> Vec<usize> {
+        self.verdicts(req)
+            .filter_map(|(i, miss)| miss.is_none().then_some(i))
+            .collect()
+    }
+
+    /// The first rule the request satisfies.
+    pub fn first_match(&self, req: &HttpRequest<'_>) -> Option<usize> {
+        self.verdicts(req)
+            .find_map(|(i, miss)| miss.is_none().then_some(i))
+    }
+
+    /// For each rule, the first field the request fails (`None` when the rule matches).
+    pub fn verdicts<'s>(
+        &'s self,
+        req: &HttpRequest<'s>,
+    ) -> impl Iterator<Item = (usize, Option<&'static str>)> + 's {
+        let method = self.method.matches(req.method);
+        let path = self.path.matches(req.path);
+        let host = self.host.matches(req.host);
+        let headers = req.headers;
+        self.rules.iter().enumerate().map(move |(i, rule)| {
+            let miss = if !self.method.ok(&method, i) {
+                Some("method")
+            } else if !self.path.ok(&path, i) {
+                Some("path")
+            } else if !self.host.ok(&host, i) {
+                Some("host")
+            } else if !rule.headers.iter().all(|h| h.is_satisfied(headers)) {
+                Some("headers")
+            } else {
+                None
+            };
+            (i, miss)
+        })
+    }
+}
+
+impl fmt::Debug for HttpRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.rules).finish()
+    }
+}
+
+impl Serialize for HttpRules {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.rules.serialize(s)
+    }
+}
+
+impl HeaderMatch {
+    /// Whether the request's headers satisfy this requirement.
+    pub fn is_satisfied(&self, headers: &dyn HeaderLookup) -> bool {
+        match &self.value {
+            None => headers.any_value(&self.name, &mut |_| true),
+            Some(want) => headers.any_value(&self.name, &mut |v| v == want.as_bytes()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,8 +302,8 @@ mod tests {
         path: Option<&str>,
         host: Option<&str>,
         headers: &[&str],
-    ) -> HttpRule {
-        HttpRule {
+    ) -> HttpRules {
+        HttpRules::new(vec![HttpRule {
             index: 0,
             method: method.map(|m| Pattern::new(m).unwrap()),
             path: path.map(|p| Pattern::new(p).unwrap()),
@@ -226,7 +312,8 @@ mod tests {
                 .iter()
                 .map(|h| HeaderMatch::parse(h).unwrap())
                 .collect(),
-        }
+        }])
+        .unwrap()
     }
 
     fn req<'a, const N: usize>(
@@ -242,45 +329,58 @@ mod tests {
         }
     }
 
+    fn matches(r: &HttpRules, q: &HttpRequest<'_>) -> bool {
+        r.first_match(q).is_some()
+    }
+
     #[test]
     fn regexes_are_full_matches() {
         let r = rule(Some("GET"), Some("/v1/.*"), None, &[]);
-        assert!(r.matches(&req("GET", "/v1/foo", &[])));
+        assert!(matches(&r, &req("GET", "/v1/foo", &[])));
         assert!(
-            !r.matches(&req("GETX", "/v1/foo", &[])),
+            !matches(&r, &req("GETX", "/v1/foo", &[])),
             "method is anchored"
         );
         assert!(
-            !r.matches(&req("GET", "/x/v1/foo", &[])),
+            !matches(&r, &req("GET", "/x/v1/foo", &[])),
             "path is anchored at the start"
         );
         let r = rule(None, Some("/public"), None, &[]);
         assert!(
-            !r.matches(&req("GET", "/public?x=1", &[])),
+            !matches(&r, &req("GET", "/public?x=1", &[])),
             "the query string is part of the path"
         );
         assert!(
-            !r.matches(&req("GET", "/publicity", &[])),
+            !matches(&r, &req("GET", "/publicity", &[])),
             "the path is anchored at the end"
         );
         let r = rule(None, None, Some("deathstar\\..*"), &[]);
-        assert!(r.matches(&req("GET", "/", &[])));
+        assert!(matches(&r, &req("GET", "/", &[])));
     }
 
     #[test]
     fn alternation_is_anchored_as_a_whole() {
         let r = rule(Some("GET|HEAD"), None, None, &[]);
-        assert!(r.matches(&req("HEAD", "/", &[])));
-        assert!(!r.matches(&req("GETS", "/", &[])));
+        assert!(matches(&r, &req("HEAD", "/", &[])));
+        assert!(!matches(&r, &req("GETS", "/", &[])));
     }
 
     #[test]
     fn headers_presence_and_exact_value() {
         let r = rule(None, None, None, &["X-Has", "X-Token: abc"]);
-        assert!(r.matches(&req("GET", "/", &[("x-has", ""), ("X-TOKEN", "abc")])));
-        assert!(!r.matches(&req("GET", "/", &[("x-has", ""), ("X-Token", "abcd")])));
-        assert!(!r.matches(&req("GET", "/", &[("X-Token", "abc")])));
-        assert_eq!(r.mismatch(&req("GET", "/", &[])), Some("headers"));
+        assert!(matches(
+            &r,
+            &req("GET", "/", &[("x-has", ""), ("X-TOKEN", "abc")])
+        ));
+        assert!(!matches(
+            &r,
+            &req("GET", "/", &[("x-has", ""), ("X-Token", "abcd")])
+        ));
+        assert!(!matches(&r, &req("GET", "/", &[("X-Token", "abc")])));
+        assert_eq!(
+            r.verdicts(&req("GET", "/", &[])).next(),
+            Some((0, Some("headers")))
+        );
     }
 
     #[test]
@@ -304,9 +404,30 @@ mod tests {
     #[test]
     fn empty_rule_allows_everything() {
         let r = rule(None, None, None, &[]);
+        assert_eq!(r.first_match(&req("DELETE", "/x", &[])), Some(0));
+    }
+
+    #[test]
+    fn several_rules_share_one_set_per_field() {
+        let rules: Vec<HttpRule> = [("GET", "/a"), ("POST", "/b.*"), ("GET|POST", "/c")]
+            .iter()
+            .enumerate()
+            .map(|(i, (m, p))| HttpRule {
+                index: i,
+                method: Some(Pattern::new(m).unwrap()),
+                path: Some(Pattern::new(p).unwrap()),
+                host: None,
+                headers: vec![],
+            })
+            .collect();
+        let set = HttpRules::new(rules).unwrap();
+        assert_eq!(set.matching(&req("POST", "/c", &[])), vec![2]);
+        assert_eq!(set.matching(&req("POST", "/bx", &[])), vec![1]);
+        assert_eq!(set.first_match(&req("GET", "/b", &[])), None);
+        let misses: Vec<_> = set.verdicts(&req("GET", "/b", &[])).collect();
         assert_eq!(
-            first_match(std::slice::from_ref(&r), &req("DELETE", "/x", &[])),
-            Some(0)
+            misses,
+            vec![(0, Some("path")), (1, Some("method")), (2, Some("path"))]
         );
     }
 }

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 
 use crate::decode::{Ctx, Fields, index, int_or_string, seq, string, strings};
 use crate::identity::cidr_label_key;
-use crate::l7::http::{HeaderMatch, HttpRule, Pattern};
+use crate::l7::http::{HeaderMatch, HttpRule, HttpRules, Pattern};
 use crate::l7::kafka::{self, KafkaRule, Role};
 use crate::labels::{Source, split_source};
 use crate::rule::{L7Rules, PeerSelector, PortProtocol, PortRule, Protocol};
@@ -481,7 +481,21 @@ fn l7_rules(
                 return None;
             }
             // An empty list means "no L7 rules", as in Cilium: the port is an L4 allow.
-            (!rules.is_empty()).then_some(L7Rules::Http(rules))
+            if rules.is_empty() {
+                None
+            } else {
+                match HttpRules::new(rules) {
+                    Ok(set) => Some(L7Rules::Http(set)),
+                    Err(e) => {
+                        ctx.error(
+                            h.pos,
+                            &hpath,
+                            format!("these HTTP rules do not compile together: {e}"),
+                        );
+                        return None;
+                    }
+                }
+            }
         }
         (None, Some(k)) => {
             let kpath = format!("{path}.kafka");

@@ -145,7 +145,7 @@ impl L7Policy<'_> {
     pub fn judge_http(&self, req: &HttpRequest<'_>) -> bool {
         self.kind == Some(L7Kind::Http)
             && self.rules.iter().any(|r| match r {
-                L7Rules::Http(rules) => rules.iter().any(|h| h.matches(req)),
+                L7Rules::Http(rules) => rules.first_match(req).is_some(),
                 L7Rules::Kafka(_) => false,
             })
     }

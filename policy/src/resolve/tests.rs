@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::identity::{Identity, NumericIdentity};
-use crate::l7::http::{HttpRequest, HttpRule, Pattern};
+use crate::l7::http::{HttpRequest, HttpRule, HttpRules, Pattern};
 use crate::labels::LabelSet;
 use crate::labels::Source;
 use crate::parse::PolicySet;
@@ -255,13 +255,16 @@ fn arb_port_rule() -> impl Strategy<Value = Arc<PortRule>> {
             let l7 = method
                 .filter(|_| pp.protocol == Protocol::TCP && pp.port != 0)
                 .map(|m| {
-                    L7Rules::Http(vec![HttpRule {
-                        index: 0,
-                        method: Some(Pattern::new(m).unwrap()),
-                        path: None,
-                        host: None,
-                        headers: vec![],
-                    }])
+                    L7Rules::Http(
+                        HttpRules::new(vec![HttpRule {
+                            index: 0,
+                            method: Some(Pattern::new(m).unwrap()),
+                            path: None,
+                            host: None,
+                            headers: vec![],
+                        }])
+                        .unwrap(),
+                    )
                 });
             Arc::new(PortRule {
                 index: 0,
