@@ -20,6 +20,9 @@ cargo fmt --all --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
+
 step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
 
