@@ -242,3 +242,92 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::labels::Label;
+
+    const KEYS: &[&str] = &["app", "tier", "io.kubernetes.pod.namespace"];
+    const VALUES: &[&str] = &["a", "b", ""];
+
+    fn arb_labels() -> impl Strategy<Value = LabelSet> {
+        prop::collection::vec((0..KEYS.len(), 0..VALUES.len(), any::<bool>()), 0..4).prop_map(|v| {
+            v.into_iter()
+                .map(|(k, val, k8s)| {
+                    Label::new(
+                        if k8s { Source::K8s } else { Source::Container },
+                        KEYS[k],
+                        VALUES[val],
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn arb_requirement() -> impl Strategy<Value = Requirement> {
+        let values = prop::collection::vec(prop::sample::select(VALUES.to_vec()), 1..3)
+            .prop_map(|v| v.into_iter().map(str::to_string).collect::<Vec<_>>());
+        let op = prop_oneof![
+            values.clone().prop_map(Operator::In),
+            values.prop_map(Operator::NotIn),
+            Just(Operator::Exists),
+            Just(Operator::DoesNotExist),
+        ];
+        let source = prop::sample::select(vec![Source::Any, Source::K8s, Source::Container]);
+        (source, prop::sample::select(KEYS.to_vec()), op).prop_map(|(source, key, op)| {
+            Requirement {
+                source,
+                key: key.to_string(),
+                op,
+            }
+        })
+    }
+
+    fn arb_selector() -> impl Strategy<Value = Selector> {
+        prop::collection::vec(arb_requirement(), 0..3).prop_map(Selector::new)
+    }
+
+    /// The Kubernetes definition, written independently of `Requirement::matches`.
+    fn reference(r: &Requirement, labels: &LabelSet) -> bool {
+        let values: Vec<&str> = labels
+            .iter()
+            .filter(|l| l.key == r.key && (r.source == Source::Any || r.source == l.source))
+            .map(|l| l.value.as_str())
+            .collect();
+        match &r.op {
+            Operator::In(v) => values.iter().any(|x| v.iter().any(|w| w == x)),
+            Operator::NotIn(v) => values.iter().all(|x| v.iter().all(|w| w != x)),
+            Operator::Exists => !values.is_empty(),
+            Operator::DoesNotExist => values.is_empty(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_the_kubernetes_definition(s in arb_selector(), l in arb_labels()) {
+            prop_assert_eq!(s.matches(&l), s.requirements().iter().all(|r| reference(r, &l)));
+        }
+
+        #[test]
+        fn and_is_conjunction(a in arb_selector(), b in arb_selector(), l in arb_labels()) {
+            prop_assert_eq!(a.and(&b).matches(&l), a.matches(&l) && b.matches(&l));
+        }
+
+        #[test]
+        fn namespace_confinement(s in arb_selector(), l in arb_labels()) {
+            let confined = s.in_namespace("a");
+            prop_assert_eq!(
+                confined.matches(&l),
+                s.matches(&l) && l.with_key(Source::K8s, NAMESPACE_LABEL).any(|x| x.value == "a")
+            );
+        }
+
+        #[test]
+        fn the_wildcard_matches_everything(l in arb_labels()) {
+            prop_assert!(Selector::wildcard().matches(&l));
+        }
+    }
+}

@@ -144,8 +144,8 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
             ExitCode::from(2)
         }
         Ok(Err(diags)) => {
+            // Exactly one line per problem: editors and CI tools parse stderr line by line.
             print_diagnostics(&diags);
-            eprintln!("{} problem(s) found", diags.len());
             ExitCode::from(1)
         }
         Ok(Ok(set)) => {

@@ -561,3 +561,24 @@ proptest! {
         prop_assert_eq!(snapshot(&inc), snapshot(&full));
     }
 }
+
+proptest! {
+    /// The selector cache finds candidates through the label index; it must find exactly what a
+    /// scan of every identity finds.
+    #[test]
+    fn indexed_matching_equals_a_full_scan(
+        labels in prop::collection::vec(arb_labels(), 1..12),
+        selectors in prop::collection::vec(arb_selector(), 1..6),
+    ) {
+        let ids = identities(labels);
+        let mut r = Resolver::new(EnforcementMode::Default);
+        for i in &ids {
+            r.add_identity(i.clone());
+        }
+        for s in &selectors {
+            let indexed = r.match_all(s);
+            let scanned: BTreeSet<NumericIdentity> = ids.iter().filter(|i| s.matches(&i.labels)).map(|i| i.id).collect();
+            prop_assert_eq!(indexed, scanned);
+        }
+    }
+}
