@@ -11,8 +11,15 @@ trap 'rm -f "$log"' EXIT
 
 step() { echo; echo "==> $*"; }
 
-step "toolchain: wasm32-wasip1 target"
+step "toolchain: wasm32-wasip1 target, clang and libbpf headers for the datapath"
 rustup target add wasm32-wasip1 >/dev/null
+if ! command -v clang-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
+  [ "$(id -u)" = 0 ] || { echo "membrane: installing clang-19 and libbpf-dev needs root" >&2; exit 1; }
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19 libbpf-dev >/dev/null
+fi
+# The datapath tests load BPF programs: they need root, and fail (never skip) without it.
+[ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -1,6 +1,45 @@
-//! membrane datapath (skeleton).
+//! membrane datapath: the C programs in `bpf_lxc.c` (compiled by `build.rs` with clang), the map
+//! ABI they share with the agent, and that ABI's Rust mirror.
 //!
-//! This crate will hold the C programs (TC on endpoint veths and external devices), the map
-//! layouts defined once in a C header with their `#[repr(C)]` Rust mirrors, and the build step that
-//! compiles the C with clang. It is empty until the datapath issue lands: nothing here enforces
-//! anything yet. The policy tables it will load come from `membrane_policy::resolve`.
+//! ```text
+//!  host veth of an endpoint
+//!    TC ingress: from_endpoint ── egress policy of the endpoint
+//!    TC egress:  to_endpoint   ── ingress policy of the endpoint
+//!  maps: ipcache (LPM, v4 + v6) -> identity; endpoints (ifindex -> endpoint);
+//!        policy (endpoint, identity, port, proto, dir; 6 probes); conntrack (LRU);
+//!        metrics (per-CPU); events (ring buffer)
+//! ```
+//!
+//! Not here yet: attaching (TCX links, pinning) and the agent that fills the maps; the L7 redirect
+//! (`bpf_sk_assign`) — a redirect verdict currently drops with `DROP_PROXY_LOOKUP_FAILED`.
+
+pub mod abi;
+
+/// The compiled datapath object (empty when the crate was built without clang).
+pub const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/membrane.bpf.o"));
+
+/// Names of the programs in [`OBJECT`].
+pub mod programs {
+    /// TC ingress of the host veth: traffic leaving the endpoint (its egress policy).
+    pub const FROM_ENDPOINT: &str = "from_endpoint";
+    /// TC egress of the host veth: traffic arriving at the endpoint (its ingress policy).
+    pub const TO_ENDPOINT: &str = "to_endpoint";
+}
+
+/// Names of the maps in [`OBJECT`]; the `_v1` suffix is [`abi::ABI_VERSION`].
+pub mod maps {
+    /// IPv4 ipcache.
+    pub const IPCACHE4: &str = "mbr_ipcache4_v1";
+    /// IPv6 ipcache.
+    pub const IPCACHE6: &str = "mbr_ipcache6_v1";
+    /// Endpoints by host veth ifindex.
+    pub const ENDPOINTS: &str = "mbr_endpoints_v1";
+    /// Policy.
+    pub const POLICY: &str = "mbr_policy_v1";
+    /// Connection tracking.
+    pub const CT: &str = "mbr_ct_v1";
+    /// Per-CPU metrics.
+    pub const METRICS: &str = "mbr_metrics_v1";
+    /// Ring buffer of drop and verdict events.
+    pub const EVENTS: &str = "mbr_events_v1";
+}

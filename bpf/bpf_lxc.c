@@ -1,0 +1,270 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * membrane endpoint programs, attached to the host side of each endpoint's veth:
+ *   from_endpoint  TC ingress: packets leaving the endpoint, judged by its egress policy;
+ *   to_endpoint    TC egress:  packets arriving at the endpoint, judged by its ingress policy.
+ * Replies of allowed flows pass through conntrack; a flow that policy now denies loses its
+ * conntrack entry, so its replies stop too.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "include/membrane/abi.h"
+#include "lib/parse.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 512000);
+	__type(key, struct ipcache_key4);
+	__type(value, struct ipcache_value);
+} mbr_ipcache4_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 512000);
+	__type(key, struct ipcache_key6);
+	__type(value, struct ipcache_value);
+} mbr_ipcache6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct endpoint_info);
+} mbr_endpoints_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1048576);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+} mbr_policy_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 524288);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+} mbr_ct_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct metrics_key);
+	__type(value, struct metrics_value);
+} mbr_metrics_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} mbr_events_v1 SEC(".maps");
+
+static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
+{
+	struct metrics_key k = {.reason = reason, .dir = dir};
+	struct metrics_value *v = bpf_map_lookup_elem(&mbr_metrics_v1, &k);
+	if (v) {
+		v->packets += 1;
+		v->bytes += len;
+	} else {
+		struct metrics_value init = {.packets = 1, .bytes = len};
+		bpf_map_update_elem(&mbr_metrics_v1, &k, &init, BPF_NOEXIST);
+	}
+}
+
+static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb, const struct flow *f,
+				 __u32 ep, __u32 src_id, __u32 dst_id)
+{
+	struct event *e = bpf_ringbuf_reserve(&mbr_events_v1, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->type = type;
+	e->reason = reason;
+	e->dir = dir;
+	e->proto = f->proto;
+	e->family = f->family;
+	e->pad[0] = e->pad[1] = e->pad[2] = 0;
+	e->ifindex = skb->ifindex;
+	e->endpoint_id = ep;
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	__builtin_memcpy(e->saddr, f->saddr, 16);
+	__builtin_memcpy(e->daddr, f->daddr, 16);
+	e->sport = f->sport;
+	e->dport = f->dport;
+	e->len = skb->len;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline __u32 lookup_identity(const struct flow *f, const __u8 *addr)
+{
+	struct ipcache_value *v;
+	if (f->family == 4) {
+		struct ipcache_key4 k = {.prefixlen = 32};
+		__builtin_memcpy(k.addr, addr + 12, 4);
+		v = bpf_map_lookup_elem(&mbr_ipcache4_v1, &k);
+	} else {
+		struct ipcache_key6 k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, addr, 16);
+		v = bpf_map_lookup_elem(&mbr_ipcache6_v1, &k);
+	}
+	return v ? v->identity : ID_WORLD;
+}
+
+/* The six probes of membrane_policy::resolve::PROBE_ORDER; the first hit decides. */
+static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __u16 port, __u8 proto, __u8 dir)
+{
+	struct policy_key k = {.endpoint_id = ep, .dir = dir};
+	struct policy_value *v;
+#define PROBE(i, p, pr)                                        \
+	k.identity = (i);                                      \
+	k.dport = (p);                                         \
+	k.proto = (pr);                                        \
+	v = bpf_map_lookup_elem(&mbr_policy_v1, &k);           \
+	if (v)                                                 \
+		return v;
+	PROBE(id, port, proto)
+	PROBE(id, 0, proto)
+	PROBE(id, 0, 0)
+	PROBE(0, port, proto)
+	PROBE(0, 0, proto)
+	PROBE(0, 0, 0)
+#undef PROBE
+	return 0;
+}
+
+static __always_inline void tuple(struct ct_key *k, const struct flow *f, int reverse)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	if (reverse) {
+		__builtin_memcpy(k->saddr, f->daddr, 16);
+		__builtin_memcpy(k->daddr, f->saddr, 16);
+		k->sport = f->dport;
+		k->dport = f->sport;
+	} else {
+		__builtin_memcpy(k->saddr, f->saddr, 16);
+		__builtin_memcpy(k->daddr, f->daddr, 16);
+		k->sport = f->sport;
+		k->dport = f->dport;
+	}
+	/* ICMP echo: the identifier would be the port; keep ports 0 so replies match. */
+	k->proto = f->proto;
+	k->family = f->family;
+}
+
+static __always_inline __u64 lifetime(const struct flow *f, __u8 flags)
+{
+	if (flags & CT_CLOSING)
+		return CT_LIFETIME_CLOSING_NS;
+	if (f->proto == IPPROTO_TCP)
+		return (flags & CT_SEEN_REPLY) ? CT_LIFETIME_TCP_NS : CT_LIFETIME_SYN_NS;
+	return (flags & CT_SEEN_REPLY) ? CT_LIFETIME_NONTCP_NS : CT_LIFETIME_UNREPLIED_NS;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+	struct flow f = {};
+	int ret = parse_packet(skb, &f);
+	if (ret == PARSE_NOT_IP || ret == PARSE_PASS_NDP)
+		return TC_ACT_OK;
+
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v1, &ifindex);
+	if (!ep)
+		return TC_ACT_OK; /* not a membrane endpoint */
+	__u32 ep_id = ep->endpoint_id;
+	__u32 ep_identity = ep->identity;
+	__u32 enforce = ep->flags & (dir == DIR_INGRESS ? EP_ENFORCE_INGRESS : EP_ENFORCE_EGRESS);
+
+	/* The remote end: the destination of what leaves, the source of what arrives. */
+	const __u8 *remote_addr = dir == DIR_EGRESS ? f.daddr : f.saddr;
+	__u32 remote = 0;
+	if (ret < 0) {
+		count((__u8)-ret, dir, skb->len);
+		emit(EVENT_DROP, (__u8)-ret, dir, skb, &f, ep_id, 0, 0);
+		return TC_ACT_SHOT;
+	}
+
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key key;
+
+	/* A reply of a flow the other side started (and policy allowed) passes. */
+	tuple(&key, &f, 1);
+	struct ct_value *rev = bpf_map_lookup_elem(&mbr_ct_v1, &key);
+	if (rev && rev->expires_ns > now) {
+		__u8 flags = rev->flags | CT_SEEN_REPLY;
+		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
+			flags |= CT_CLOSING;
+		rev->flags = flags;
+		rev->expires_ns = now + lifetime(&f, flags);
+		rev->packets += 1;
+		rev->bytes += skb->len;
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
+	}
+
+	remote = lookup_identity(&f, remote_addr);
+	__u32 src_id = dir == DIR_EGRESS ? ep_identity : remote;
+	__u32 dst_id = dir == DIR_EGRESS ? remote : ep_identity;
+
+	/* Policy is judged on every packet of the initiating direction, so a policy change also
+	 * reaches established flows. */
+	tuple(&key, &f, 0);
+	struct policy_value *pv = 0;
+	if (enforce) {
+		pv = lookup_policy(ep_id, remote, f.dport, f.proto, dir);
+		if (!pv) {
+			bpf_map_delete_elem(&mbr_ct_v1, &key);
+			count(DROP_POLICY, dir, skb->len);
+			emit(EVENT_DROP, DROP_POLICY, dir, skb, &f, ep_id, src_id, dst_id);
+			return TC_ACT_SHOT;
+		}
+		if (pv->action == POLICY_REDIRECT) {
+			/* The L7 proxy redirect (bpf_sk_assign) is not wired yet: fail closed. */
+			bpf_map_delete_elem(&mbr_ct_v1, &key);
+			count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
+			emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
+			return TC_ACT_SHOT;
+		}
+	}
+
+	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v1, &key);
+	if (fwd && fwd->expires_ns > now) {
+		__u8 flags = fwd->flags;
+		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
+			flags |= CT_CLOSING;
+		fwd->flags = flags;
+		fwd->expires_ns = now + lifetime(&f, flags);
+		fwd->packets += 1;
+		fwd->bytes += skb->len;
+	} else {
+		struct ct_value v = {};
+		v.remote_identity = remote;
+		v.endpoint_id = ep_id;
+		v.dir = dir;
+		v.expires_ns = now + lifetime(&f, 0);
+		v.packets = 1;
+		v.bytes = skb->len;
+		bpf_map_update_elem(&mbr_ct_v1, &key, &v, BPF_ANY);
+		emit(EVENT_VERDICT, 0, dir, skb, &f, ep_id, src_id, dst_id);
+	}
+	count(0, dir, skb->len);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int from_endpoint(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS);
+}
+
+SEC("classifier")
+int to_endpoint(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS);
+}

@@ -1,0 +1,150 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * membrane datapath ABI: every map key and value, defined once. The Rust mirror lives in
+ * bpf/src/abi.rs and checks sizes and offsets at compile time. Bump MEMBRANE_ABI_VERSION on any
+ * layout change: map pin names carry it, so an old pinned map is never reused by mistake.
+ */
+#ifndef MEMBRANE_ABI_H
+#define MEMBRANE_ABI_H
+
+#include <linux/types.h>
+
+#define MEMBRANE_ABI_VERSION 1
+
+/* Reserved identities (Cilium's numbers). */
+#define ID_UNKNOWN 0
+#define ID_HOST 1
+#define ID_WORLD 2
+
+/* Directions, from the endpoint's point of view. */
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+/* ipcache: LPM trie, address -> identity. prefixlen counts the address bits only. */
+struct ipcache_key4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct ipcache_key6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags;
+};
+
+/* endpoints: host-side veth ifindex -> the endpoint behind it. */
+#define EP_ENFORCE_INGRESS 1
+#define EP_ENFORCE_EGRESS 2
+
+struct endpoint_info {
+	__u32 endpoint_id;
+	__u32 identity;
+	__u32 flags;
+	__u32 pad;
+};
+
+/*
+ * policy: (endpoint, remote identity | 0, dport | 0, proto | 0, direction) -> verdict, probed in
+ * membrane_policy::resolve::PROBE_ORDER: exact, (id, *, proto), (id, *, *), (*, port, proto),
+ * (*, *, proto), (*, *, *). dport is in host byte order.
+ */
+struct policy_key {
+	__u32 endpoint_id;
+	__u32 identity;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+};
+
+#define POLICY_ALLOW 1
+#define POLICY_REDIRECT 2
+
+struct policy_value {
+	__u8 action;
+	__u8 pad;
+	__u16 proxy_port;
+	__u32 pad2;
+};
+
+/* conntrack: LRU hash keyed by the initiator's 5-tuple (addresses as 16 bytes, v4 mapped). */
+struct ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+#define CT_SEEN_REPLY 1
+#define CT_CLOSING 2
+
+struct ct_value {
+	__u64 expires_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 remote_identity;
+	__u32 endpoint_id;
+	__u8 dir;
+	__u8 flags;
+	__u16 pad;
+	__u32 pad2;
+};
+
+/* Connection-tracking lifetimes (Cilium's). */
+#define CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
+#define CT_LIFETIME_NONTCP_NS (60ULL * 1000000000ULL)
+#define CT_LIFETIME_SYN_NS (60ULL * 1000000000ULL)
+#define CT_LIFETIME_CLOSING_NS (10ULL * 1000000000ULL)
+/* Unreplied UDP and other non-TCP flows age out quickly. */
+#define CT_LIFETIME_UNREPLIED_NS (10ULL * 1000000000ULL)
+
+/* metrics: per-CPU hash, (reason, direction) -> counters. reason 0 = forwarded, else -drop code. */
+struct metrics_key {
+	__u8 reason;
+	__u8 dir;
+	__u16 pad;
+};
+
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Drop reasons: Cilium's numbers, negated in events and metrics. */
+#define DROP_INVALID 134
+#define DROP_POLICY 133
+#define DROP_CT_INVALID_HDR 135
+#define DROP_UNKNOWN_L4 142
+#define DROP_INVALID_EXTHDR 156
+#define DROP_FRAG_NOSUPPORT 157
+#define DROP_PROXY_LOOKUP_FAILED 178
+
+/* events: ring buffer records. */
+#define EVENT_DROP 1
+#define EVENT_VERDICT 2
+
+struct event {
+	__u8 type;
+	__u8 reason;
+	__u8 dir;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[3];
+	__u32 ifindex;
+	__u32 endpoint_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 len;
+};
+
+#endif

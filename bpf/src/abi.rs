@@ -1,0 +1,307 @@
+//! The Rust mirror of `include/membrane/abi.h`. Every struct is `#[repr(C)]` and its size and
+//! field offsets are checked against the C layout at compile time; this module holds the crate's
+//! only `unsafe` (the `aya::Pod` impls).
+
+use std::mem::{offset_of, size_of};
+
+/// `MEMBRANE_ABI_VERSION`: map names end in `_v{ABI_VERSION}`.
+pub const ABI_VERSION: u32 = 1;
+
+/// `DIR_INGRESS`.
+pub const DIR_INGRESS: u8 = 1;
+/// `DIR_EGRESS`.
+pub const DIR_EGRESS: u8 = 2;
+/// `EP_ENFORCE_INGRESS`.
+pub const EP_ENFORCE_INGRESS: u32 = 1;
+/// `EP_ENFORCE_EGRESS`.
+pub const EP_ENFORCE_EGRESS: u32 = 2;
+/// `POLICY_ALLOW`.
+pub const POLICY_ALLOW: u8 = 1;
+/// `POLICY_REDIRECT`.
+pub const POLICY_REDIRECT: u8 = 2;
+/// `EVENT_DROP`.
+pub const EVENT_DROP: u8 = 1;
+/// `EVENT_VERDICT`.
+pub const EVENT_VERDICT: u8 = 2;
+
+/// Drop reasons (Cilium's numbers; negated in Cilium's own output).
+pub mod drop {
+    /// Policy denied.
+    pub const POLICY: u8 = 133;
+    /// Invalid packet.
+    pub const INVALID: u8 = 134;
+    /// Truncated L4 header.
+    pub const CT_INVALID_HDR: u8 = 135;
+    /// Unsupported IPv6 extension header.
+    pub const INVALID_EXTHDR: u8 = 156;
+    /// Fragments are not supported.
+    pub const FRAG_NOSUPPORT: u8 = 157;
+    /// The flow needs the L7 proxy and none could take it.
+    pub const PROXY_LOOKUP_FAILED: u8 = 178;
+}
+
+/// `struct ipcache_key4`: an LPM trie key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheKey4 {
+    /// Prefix length in bits.
+    pub prefixlen: u32,
+    /// Address, network order.
+    pub addr: [u8; 4],
+}
+
+/// `struct ipcache_key6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheKey6 {
+    /// Prefix length in bits.
+    pub prefixlen: u32,
+    /// Address, network order.
+    pub addr: [u8; 16],
+}
+
+/// `struct ipcache_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    /// Numeric identity.
+    pub identity: u32,
+    /// Reserved.
+    pub flags: u32,
+}
+
+/// `struct endpoint_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The endpoint's id (policy keys carry it).
+    pub endpoint_id: u32,
+    /// Its identity.
+    pub identity: u32,
+    /// `EP_ENFORCE_*` bits.
+    pub flags: u32,
+    /// Reserved.
+    pub pad: u32,
+}
+
+/// `struct policy_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// The endpoint.
+    pub endpoint_id: u32,
+    /// Remote identity, 0 = any.
+    pub identity: u32,
+    /// Destination port (host order), 0 = any.
+    pub dport: u16,
+    /// IP protocol, 0 = any.
+    pub proto: u8,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u8,
+}
+
+/// `struct policy_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// `POLICY_ALLOW` or `POLICY_REDIRECT`.
+    pub action: u8,
+    /// Reserved.
+    pub pad: u8,
+    /// Proxy port for redirects.
+    pub proxy_port: u16,
+    /// Reserved.
+    pub pad2: u32,
+}
+
+/// `struct ct_key`: the initiator's 5-tuple (IPv4 as v4-mapped IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source address.
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Source port (host order).
+    pub sport: u16,
+    /// Destination port (host order).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Reserved.
+    pub pad: u16,
+}
+
+/// `struct ct_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// Expiry, in `bpf_ktime_get_ns` time.
+    pub expires_ns: u64,
+    /// Packets seen.
+    pub packets: u64,
+    /// Bytes seen.
+    pub bytes: u64,
+    /// The remote identity when the flow was allowed.
+    pub remote_identity: u32,
+    /// The endpoint.
+    pub endpoint_id: u32,
+    /// Direction of the initiating packet.
+    pub dir: u8,
+    /// `CT_SEEN_REPLY`, `CT_CLOSING`.
+    pub flags: u8,
+    /// Reserved.
+    pub pad: u16,
+    /// Reserved.
+    pub pad2: u32,
+}
+
+/// `struct metrics_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MetricsKey {
+    /// 0 = forwarded, else the drop reason.
+    pub reason: u8,
+    /// Direction.
+    pub dir: u8,
+    /// Reserved.
+    pub pad: u16,
+}
+
+/// `struct metrics_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsValue {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// `struct event`, as read from the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `EVENT_DROP` or `EVENT_VERDICT`.
+    pub kind: u8,
+    /// Drop reason (0 for verdicts).
+    pub reason: u8,
+    /// Direction.
+    pub dir: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Reserved.
+    pub pad: [u8; 3],
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    /// The endpoint.
+    pub endpoint_id: u32,
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// Source address (IPv4 v4-mapped).
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// Packet length.
+    pub len: u32,
+}
+
+impl Event {
+    /// Reads an event from a ring-buffer record.
+    pub fn from_bytes(b: &[u8]) -> Option<Event> {
+        if b.len() < size_of::<Event>() {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+        let mut saddr = [0; 16];
+        let mut daddr = [0; 16];
+        saddr.copy_from_slice(&b[offset_of!(Event, saddr)..offset_of!(Event, saddr) + 16]);
+        daddr.copy_from_slice(&b[offset_of!(Event, daddr)..offset_of!(Event, daddr) + 16]);
+        Some(Event {
+            kind: b[0],
+            reason: b[1],
+            dir: b[2],
+            proto: b[3],
+            family: b[4],
+            pad: [0; 3],
+            ifindex: u32_at(offset_of!(Event, ifindex)),
+            endpoint_id: u32_at(offset_of!(Event, endpoint_id)),
+            src_identity: u32_at(offset_of!(Event, src_identity)),
+            dst_identity: u32_at(offset_of!(Event, dst_identity)),
+            saddr,
+            daddr,
+            sport: u16_at(offset_of!(Event, sport)),
+            dport: u16_at(offset_of!(Event, dport)),
+            len: u32_at(offset_of!(Event, len)),
+        })
+    }
+}
+
+// Layout checks against abi.h (sizes and the offsets the C code relies on).
+const _: () = {
+    assert!(size_of::<IpcacheKey4>() == 8);
+    assert!(size_of::<IpcacheKey6>() == 20);
+    assert!(size_of::<IpcacheValue>() == 8);
+    assert!(size_of::<EndpointInfo>() == 16);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(
+        offset_of!(PolicyKey, dport) == 8
+            && offset_of!(PolicyKey, proto) == 10
+            && offset_of!(PolicyKey, dir) == 11
+    );
+    assert!(size_of::<PolicyValue>() == 8);
+    assert!(offset_of!(PolicyValue, proxy_port) == 2);
+    assert!(size_of::<CtKey>() == 40);
+    assert!(
+        offset_of!(CtKey, sport) == 32
+            && offset_of!(CtKey, proto) == 36
+            && offset_of!(CtKey, family) == 37
+    );
+    assert!(size_of::<CtValue>() == 40);
+    assert!(
+        offset_of!(CtValue, remote_identity) == 24
+            && offset_of!(CtValue, dir) == 32
+            && offset_of!(CtValue, flags) == 33
+    );
+    assert!(size_of::<MetricsKey>() == 4);
+    assert!(size_of::<MetricsValue>() == 16);
+    assert!(size_of::<Event>() == 64);
+    assert!(
+        offset_of!(Event, ifindex) == 8
+            && offset_of!(Event, saddr) == 24
+            && offset_of!(Event, sport) == 56
+            && offset_of!(Event, len) == 60
+    );
+};
+
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: a #[repr(C)] struct of integers and integer arrays with no implicit padding
+        // (sizes are checked above), so every bit pattern is valid and it can be copied as bytes.
+        #[allow(unsafe_code)]
+        unsafe impl aya::Pod for $t {}
+    )*};
+}
+pod!(
+    IpcacheKey4,
+    IpcacheKey6,
+    IpcacheValue,
+    EndpointInfo,
+    PolicyKey,
+    PolicyValue,
+    CtKey,
+    CtValue,
+    MetricsKey,
+    MetricsValue
+);

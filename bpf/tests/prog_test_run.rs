@@ -1,0 +1,482 @@
+//! Packet-level tests of the datapath programs: crafted packets run through the real verifier-
+//! loaded programs with BPF_PROG_TEST_RUN. They need root (CAP_BPF); without it they fail loudly.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::Ebpf;
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf, lpm_trie::Key};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use membrane_bpf::abi::{
+    self, CtKey, CtValue, EndpointInfo, Event, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
+    PolicyValue,
+};
+use membrane_bpf::{OBJECT, maps, programs};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+/// BPF_PROG_TEST_RUN runs sched_cls programs on the loopback device.
+const LO: u32 = 1;
+const EP: u32 = 7;
+const EP_IDENTITY: u32 = 300;
+
+fn load() -> Ebpf {
+    assert!(
+        !OBJECT.is_empty(),
+        "membrane-bpf was built without clang (stub object): install clang-19"
+    );
+    // Loading needs CAP_BPF: say so instead of failing with EPERM deep inside aya.
+    assert_eq!(
+        effective_uid(),
+        0,
+        "the datapath tests load BPF programs and must run as root"
+    );
+    let mut ebpf = Ebpf::load(OBJECT).expect("the datapath object loads");
+    for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        p.load()
+            .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+    }
+    ebpf
+}
+
+/// The effective uid, read from procfs (no libc call needed).
+fn effective_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2).unwrap_or("1").to_string())
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(1)
+}
+
+fn run(ebpf: &mut Ebpf, prog: &str, packet: &[u8]) -> u32 {
+    let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        ..TestRunOptions::new()
+    };
+    p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+}
+
+fn set_endpoint(ebpf: &mut Ebpf, flags: u32) {
+    let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
+        HashMap::try_from(ebpf.map_mut(maps::ENDPOINTS).unwrap()).unwrap();
+    m.insert(
+        LO,
+        EndpointInfo {
+            endpoint_id: EP,
+            identity: EP_IDENTITY,
+            flags,
+            pad: 0,
+        },
+        0,
+    )
+    .unwrap();
+}
+
+fn set_identity(ebpf: &mut Ebpf, net: IpAddr, len: u32, identity: u32) {
+    let v = IpcacheValue { identity, flags: 0 };
+    match net {
+        IpAddr::V4(a) => {
+            let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+                LpmTrie::try_from(ebpf.map_mut(maps::IPCACHE4).unwrap()).unwrap();
+            m.insert(&Key::new(len, a.octets()), v, 0).unwrap();
+        }
+        IpAddr::V6(a) => {
+            let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+                LpmTrie::try_from(ebpf.map_mut(maps::IPCACHE6).unwrap()).unwrap();
+            m.insert(&Key::new(len, a.octets()), v, 0).unwrap();
+        }
+    }
+}
+
+fn policy(ebpf: &mut Ebpf, identity: u32, dport: u16, proto: u8, dir: u8, action: Option<u8>) {
+    let mut m: HashMap<&mut MapData, PolicyKey, PolicyValue> =
+        HashMap::try_from(ebpf.map_mut(maps::POLICY).unwrap()).unwrap();
+    let k = PolicyKey {
+        endpoint_id: EP,
+        identity,
+        dport,
+        proto,
+        dir,
+    };
+    match action {
+        Some(action) => m
+            .insert(
+                k,
+                PolicyValue {
+                    action,
+                    pad: 0,
+                    proxy_port: 0,
+                    pad2: 0,
+                },
+                0,
+            )
+            .unwrap(),
+        None => m.remove(&k).unwrap(),
+    }
+}
+
+fn ct_entries(ebpf: &mut Ebpf) -> Vec<(CtKey, CtValue)> {
+    let m: HashMap<&mut MapData, CtKey, CtValue> =
+        HashMap::try_from(ebpf.map_mut(maps::CT).unwrap()).unwrap();
+    m.iter().map(|r| r.unwrap()).collect()
+}
+
+fn metric(ebpf: &mut Ebpf, reason: u8, dir: u8) -> u64 {
+    let m: PerCpuHashMap<&mut MapData, MetricsKey, MetricsValue> =
+        PerCpuHashMap::try_from(ebpf.map_mut(maps::METRICS).unwrap()).unwrap();
+    m.get(
+        &MetricsKey {
+            reason,
+            dir,
+            pad: 0,
+        },
+        0,
+    )
+    .map(|v| v.iter().map(|c| c.packets).sum())
+    .unwrap_or(0)
+}
+
+fn events(ebpf: &mut Ebpf) -> Vec<Event> {
+    let mut rb = RingBuf::try_from(ebpf.map_mut(maps::EVENTS).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        out.push(Event::from_bytes(&item).expect("a whole event"));
+    }
+    out
+}
+
+// ---- packet builders ----
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p
+}
+
+fn l4(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
+    match proto {
+        6 => {
+            let mut h = vec![0u8; 20];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[12] = 5 << 4;
+            h[13] = tcp_flags;
+            h
+        }
+        17 => {
+            let mut h = vec![0u8; 8];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..6].copy_from_slice(&8u16.to_be_bytes());
+            h
+        }
+        _ => vec![8, 0, 0, 0, 0, 1, 0, 1], // ICMP echo request
+    }
+}
+
+fn v4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    frag: u16,
+) -> Vec<u8> {
+    let payload = l4(proto, sport, dport, tcp_flags);
+    let mut p = eth(0x0800);
+    let total = (20 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    p.extend(ip);
+    p.extend(payload);
+    p
+}
+
+fn v6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut p = eth(0x86dd);
+    let len = (ext.len() + payload.len()) as u16;
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&len.to_be_bytes());
+    ip.push(next);
+    ip.push(64);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    p.extend(ip);
+    p.extend_from_slice(ext);
+    p.extend_from_slice(payload);
+    p
+}
+
+const A: [u8; 4] = [10, 200, 0, 1]; // the endpoint
+const B: [u8; 4] = [10, 200, 0, 2]; // a peer
+const B_ID: u32 = 301;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+#[test]
+fn unmanaged_interfaces_pass() {
+    let mut e = load();
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 6, 40000, 80, SYN, 0)
+        ),
+        TC_ACT_OK
+    );
+}
+
+#[test]
+fn egress_default_deny_allow_reply_and_revocation() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    let syn = v4(A, B, 6, 40000, 80, SYN, 0);
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &syn),
+        TC_ACT_SHOT,
+        "enforced egress without a rule drops"
+    );
+    assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_EGRESS), 1);
+    let ev = events(&mut e);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (
+            ev[0].kind,
+            ev[0].reason,
+            ev[0].src_identity,
+            ev[0].dst_identity,
+            ev[0].dport
+        ),
+        (abi::EVENT_DROP, abi::drop::POLICY, EP_IDENTITY, B_ID, 80)
+    );
+
+    policy(
+        &mut e,
+        B_ID,
+        80,
+        6,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &syn), TC_ACT_OK);
+    let ct = ct_entries(&mut e);
+    assert_eq!(ct.len(), 1);
+    assert_eq!(
+        (ct[0].0.dport, ct[0].0.proto, ct[0].1.remote_identity),
+        (80, 6, B_ID)
+    );
+    assert!(
+        events(&mut e)
+            .iter()
+            .any(|ev| ev.kind == abi::EVENT_VERDICT)
+    );
+
+    // The reply enters the endpoint: ingress is enforced and has no rule, conntrack lets it in.
+    let reply = v4(B, A, 6, 80, 40000, SYN | ACK, 0);
+    assert_eq!(run(&mut e, programs::TO_ENDPOINT, &reply), TC_ACT_OK);
+    // A new connection from B is not a reply.
+    assert_eq!(
+        run(
+            &mut e,
+            programs::TO_ENDPOINT,
+            &v4(B, A, 6, 41000, 22, SYN, 0)
+        ),
+        TC_ACT_SHOT
+    );
+
+    // Revoking the rule drops the next packet of the established flow and forgets it.
+    policy(&mut e, B_ID, 80, 6, abi::DIR_EGRESS, None);
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 6, 40000, 80, ACK, 0)
+        ),
+        TC_ACT_SHOT
+    );
+    assert!(
+        ct_entries(&mut e).is_empty(),
+        "the conntrack entry is deleted on deny"
+    );
+    assert_eq!(
+        run(&mut e, programs::TO_ENDPOINT, &reply),
+        TC_ACT_SHOT,
+        "replies stop too"
+    );
+}
+
+#[test]
+fn probe_order_wildcards_and_world() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 8, 400);
+    // L4-only wildcard: any identity on 53/UDP.
+    policy(&mut e, 0, 53, 17, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [10, 1, 2, 3], 17, 5000, 53, 0, 0)
+        ),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [10, 1, 2, 3], 17, 5000, 54, 0, 0)
+        ),
+        TC_ACT_SHOT
+    );
+    // L3-only allow of the /8's identity (longest prefix match), any port and protocol, ICMP too.
+    policy(&mut e, 400, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [10, 9, 9, 9], 6, 5000, 443, SYN, 0)
+        ),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [10, 9, 9, 9], 1, 0, 0, 0, 0)
+        ),
+        TC_ACT_OK
+    );
+    // Outside every prefix: world.
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [192, 0, 2, 1], 6, 5000, 443, SYN, 0)
+        ),
+        TC_ACT_SHOT
+    );
+    policy(&mut e, 2, 443, 6, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [192, 0, 2, 1], 6, 5000, 443, SYN, 0)
+        ),
+        TC_ACT_OK
+    );
+    // A redirect verdict cannot reach a proxy yet: it fails closed.
+    policy(
+        &mut e,
+        2,
+        80,
+        6,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_REDIRECT),
+    );
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, [192, 0, 2, 1], 6, 5000, 80, SYN, 0)
+        ),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        metric(&mut e, abi::drop::PROXY_LOOKUP_FAILED, abi::DIR_EGRESS),
+        1
+    );
+}
+
+#[test]
+fn fragments_and_ipv6_extension_headers() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
+    policy(&mut e, 0, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 17, 1, 2, 0, 0x2000)
+        ),
+        TC_ACT_SHOT,
+        "more fragments"
+    );
+    assert_eq!(
+        metric(&mut e, abi::drop::FRAG_NOSUPPORT, abi::DIR_EGRESS),
+        1
+    );
+
+    let a6: Ipv6Addr = "fd00:200::1".parse().unwrap();
+    let b6: Ipv6Addr = "fd00:200::2".parse().unwrap();
+    let tcp = l4(6, 40000, 80, SYN);
+    // Hop-by-hop options (8 bytes) before TCP are walked.
+    let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &v6(a6, b6, 0, &hbh, &tcp)),
+        TC_ACT_OK
+    );
+    // AH is not supported: dropped with its own reason.
+    let ah = [6u8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &v6(a6, b6, 51, &ah, &tcp)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        metric(&mut e, abi::drop::INVALID_EXTHDR, abi::DIR_EGRESS),
+        1
+    );
+}
+
+#[test]
+fn ipv6_policy_and_neighbour_discovery() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
+    let a6: Ipv6Addr = "fd00:200::1".parse().unwrap();
+    let b6: Ipv6Addr = "fd00:200::2".parse().unwrap();
+    // Neighbour solicitation passes with no rule at all.
+    let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &v6(a6, b6, 58, &[], &ns)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut e, programs::TO_ENDPOINT, &v6(b6, a6, 58, &[], &ns)),
+        TC_ACT_OK
+    );
+    // Echo request does not.
+    let echo = [128u8, 0, 0, 0, 0, 1, 0, 1];
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &v6(a6, b6, 58, &[], &echo)),
+        TC_ACT_SHOT
+    );
+    set_identity(&mut e, IpAddr::V6("fd00:200::".parse().unwrap()), 64, 500);
+    policy(&mut e, 500, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v6(a6, b6, 6, &[], &l4(6, 40000, 80, SYN))
+        ),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &v6(a6, b6, 58, &[], &echo)),
+        TC_ACT_OK
+    );
+    // And the echo reply comes back through conntrack.
+    let reply = [129u8, 0, 0, 0, 0, 1, 0, 1];
+    assert_eq!(
+        run(&mut e, programs::TO_ENDPOINT, &v6(b6, a6, 58, &[], &reply)),
+        TC_ACT_OK
+    );
+}
