@@ -18,7 +18,14 @@ if ! command -v clang-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ]; 
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19 libbpf-dev >/dev/null
 fi
-# The datapath tests load BPF programs: they need root, and fail (never skip) without it.
+for tool in ip sysctl python3; do
+  if ! command -v "$tool" >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 procps python3 >/dev/null
+    break
+  fi
+done
+# The datapath tests load BPF programs and create network namespaces: they need root, and fail
+# (never skip) without it.
 [ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2
 
 step "cargo fmt --check"

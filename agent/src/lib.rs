@@ -5,5 +5,6 @@
 //! endpoints and the REST API arrive with the datapath issue.
 
 pub mod cli;
+pub mod datapath;
 pub mod offline;
 pub mod policy_dir;

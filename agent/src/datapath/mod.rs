@@ -1,0 +1,210 @@
+//! The datapath at the edge: loads membrane-bpf's object with its maps pinned under the bpffs
+//! root, attaches the endpoint programs with pinned TCX links (so enforcement outlives the agent),
+//! and writes identities, endpoints and policy into the maps.
+
+pub mod sync;
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use membrane_bpf::abi::{ABI_VERSION, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use membrane_bpf::{OBJECT, maps, programs};
+
+/// Every map of the object, pinned by name under the root.
+const ALL_MAPS: &[&str] = &[
+    maps::IPCACHE4,
+    maps::IPCACHE6,
+    maps::ENDPOINTS,
+    maps::POLICY,
+    maps::CT,
+    maps::METRICS,
+    maps::EVENTS,
+];
+
+/// The loaded datapath.
+#[derive(Debug)]
+pub struct Datapath {
+    ebpf: Ebpf,
+    root: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps already pinned under `root` (a directory on a bpffs)
+    /// and pinning the ones that are not.
+    pub fn load(root: &Path) -> Result<Datapath> {
+        if OBJECT.is_empty() {
+            bail!(
+                "membrane was built without clang: the datapath object is empty (install clang-19 and rebuild)"
+            );
+        }
+        ensure_bpffs(root)?;
+        fs::create_dir_all(root.join("links"))
+            .with_context(|| format!("creating {}", root.display()))?;
+        let pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, root.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the datapath object")?;
+        for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            p.load().with_context(|| format!("verifying {name}"))?;
+        }
+        Ok(Datapath {
+            ebpf,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The pin of one TC hook of an interface.
+    fn link_pin(&self, ifname: &str, hook: &str) -> PathBuf {
+        self.root
+            .join("links")
+            .join(format!("{ifname}_{hook}_v{ABI_VERSION}"))
+    }
+
+    /// Attaches the endpoint programs to an endpoint's host-side veth. An existing pinned link
+    /// (left by an earlier agent) is updated in place, atomically, so enforcement never stops.
+    pub fn attach_endpoint(&mut self, ifname: &str) -> Result<()> {
+        for (prog, attach, hook) in [
+            (programs::FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
+            (programs::TO_ENDPOINT, TcAttachType::Egress, "egress"),
+        ] {
+            let pin = self.link_pin(ifname, hook);
+            let p: &mut SchedClassifier =
+                self.ebpf.program_mut(prog).context("program")?.try_into()?;
+            let id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    let id = p
+                        .attach_to_link(link)
+                        .with_context(|| format!("updating {}", pin.display()))?;
+                    fs::remove_file(&pin)
+                        .with_context(|| format!("replacing {}", pin.display()))?;
+                    id
+                }
+                Err(_) => p
+                    .attach_with_options(
+                        ifname,
+                        attach,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching {prog} to {ifname} {hook}"))?,
+            };
+            let link: FdLink = p.take_link(id)?.try_into()?;
+            // Without the pin the link, and enforcement with it, would die with this process.
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the programs from an interface by dropping its pinned links.
+    pub fn detach_endpoint(&mut self, ifname: &str) -> Result<()> {
+        for hook in ["ingress", "egress"] {
+            let pin = self.link_pin(ifname, hook);
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                drop(link.unpin()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps an address prefix to an identity.
+    pub fn set_ipcache(&mut self, net: IpNet, identity: u32) -> Result<()> {
+        let value = IpcacheValue { identity, flags: 0 };
+        let len = u32::from(net.prefix_len());
+        match net.network() {
+            IpAddr::V4(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE4).context("ipcache4")?)?;
+                m.insert(&Key::new(len, a.octets()), value, 0)?;
+            }
+            IpAddr::V6(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE6).context("ipcache6")?)?;
+                m.insert(&Key::new(len, a.octets()), value, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the endpoint behind a host veth.
+    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
+            HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
+        m.insert(ifindex, info, 0)?;
+        Ok(())
+    }
+
+    /// Makes an endpoint's policy entries exactly `entries`: stale keys are deleted, others
+    /// written. Returns (written, deleted).
+    pub fn sync_policy(
+        &mut self,
+        endpoint_id: u32,
+        entries: &[(PolicyKey, PolicyValue)],
+    ) -> Result<(usize, usize)> {
+        let mut m: HashMap<&mut MapData, PolicyKey, PolicyValue> =
+            HashMap::try_from(self.ebpf.map_mut(maps::POLICY).context("policy")?)?;
+        let current: Vec<(PolicyKey, PolicyValue)> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.endpoint_id == endpoint_id)
+            .collect();
+        let mut deleted = 0;
+        for (k, _) in &current {
+            if !entries.iter().any(|(nk, _)| nk == k) {
+                m.remove(k)?;
+                deleted += 1;
+            }
+        }
+        let mut written = 0;
+        for (k, v) in entries {
+            if !current.iter().any(|(ck, cv)| ck == k && cv == v) {
+                m.insert(*k, *v, 0)?;
+                written += 1;
+            }
+        }
+        Ok((written, deleted))
+    }
+}
+
+/// Makes sure `root` lies on a bpffs, mounting one at `root` when it does not.
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let canonical = fs::canonicalize(root)?;
+    let on_bpffs = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            Some((point.to_string(), fstype.to_string()))
+        })
+        .filter(|(point, _)| canonical.starts_with(point))
+        .max_by_key(|(point, _)| point.len())
+        .is_some_and(|(_, fstype)| fstype == "bpf");
+    if !on_bpffs {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(root)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            bail!("mounting a bpffs at {} failed", root.display());
+        }
+    }
+    Ok(())
+}
