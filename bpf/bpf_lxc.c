@@ -21,7 +21,7 @@ struct {
 	__uint(max_entries, 512000);
 	__type(key, struct ipcache_key4);
 	__type(value, struct ipcache_value);
-} mbr_ipcache4_v1 SEC(".maps");
+} mbr_ipcache4_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -29,58 +29,58 @@ struct {
 	__uint(max_entries, 512000);
 	__type(key, struct ipcache_key6);
 	__type(value, struct ipcache_value);
-} mbr_ipcache6_v1 SEC(".maps");
+} mbr_ipcache6_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
-} mbr_endpoints_v1 SEC(".maps");
+} mbr_endpoints_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1048576);
 	__type(key, struct policy_key);
 	__type(value, struct policy_value);
-} mbr_policy_v1 SEC(".maps");
+} mbr_policy_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
-} mbr_ct_v1 SEC(".maps");
+} mbr_ct_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 1024);
 	__type(key, struct metrics_key);
 	__type(value, struct metrics_value);
-} mbr_metrics_v1 SEC(".maps");
+} mbr_metrics_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
-} mbr_events_v1 SEC(".maps");
+} mbr_events_v2 SEC(".maps");
 
 static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 {
 	struct metrics_key k = {.reason = reason, .dir = dir};
-	struct metrics_value *v = bpf_map_lookup_elem(&mbr_metrics_v1, &k);
+	struct metrics_value *v = bpf_map_lookup_elem(&mbr_metrics_v2, &k);
 	if (v) {
 		v->packets += 1;
 		v->bytes += len;
 	} else {
 		struct metrics_value init = {.packets = 1, .bytes = len};
-		bpf_map_update_elem(&mbr_metrics_v1, &k, &init, BPF_NOEXIST);
+		bpf_map_update_elem(&mbr_metrics_v2, &k, &init, BPF_NOEXIST);
 	}
 }
 
 static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb, const struct flow *f,
 				 __u32 ep, __u32 src_id, __u32 dst_id)
 {
-	struct event *e = bpf_ringbuf_reserve(&mbr_events_v1, sizeof(*e), 0);
+	struct event *e = bpf_ringbuf_reserve(&mbr_events_v2, sizeof(*e), 0);
 	if (!e)
 		return;
 	e->type = type;
@@ -107,11 +107,11 @@ static __always_inline __u32 lookup_identity(const struct flow *f, const __u8 *a
 	if (f->family == 4) {
 		struct ipcache_key4 k = {.prefixlen = 32};
 		__builtin_memcpy(k.addr, addr + 12, 4);
-		v = bpf_map_lookup_elem(&mbr_ipcache4_v1, &k);
+		v = bpf_map_lookup_elem(&mbr_ipcache4_v2, &k);
 	} else {
 		struct ipcache_key6 k = {.prefixlen = 128};
 		__builtin_memcpy(k.addr, addr, 16);
-		v = bpf_map_lookup_elem(&mbr_ipcache6_v1, &k);
+		v = bpf_map_lookup_elem(&mbr_ipcache6_v2, &k);
 	}
 	return v ? v->identity : ID_WORLD;
 }
@@ -125,7 +125,7 @@ static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __
 	k.identity = (i);                                      \
 	k.dport = (p);                                         \
 	k.proto = (pr);                                        \
-	v = bpf_map_lookup_elem(&mbr_policy_v1, &k);           \
+	v = bpf_map_lookup_elem(&mbr_policy_v2, &k);           \
 	if (v)                                                 \
 		return v;
 	PROBE(id, port, proto)
@@ -138,9 +138,10 @@ static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __
 	return 0;
 }
 
-static __always_inline void tuple(struct ct_key *k, const struct flow *f, int reverse)
+static __always_inline void tuple(struct ct_key *k, const struct flow *f, __u32 ep, int reverse)
 {
 	__builtin_memset(k, 0, sizeof(*k));
+	k->endpoint_id = ep;
 	if (reverse) {
 		__builtin_memcpy(k->saddr, f->daddr, 16);
 		__builtin_memcpy(k->daddr, f->saddr, 16);
@@ -174,7 +175,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 
 	__u32 ifindex = skb->ifindex;
-	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v1, &ifindex);
+	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v2, &ifindex);
 	if (!ep)
 		return TC_ACT_OK; /* not a membrane endpoint */
 	__u32 ep_id = ep->endpoint_id;
@@ -194,8 +195,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct ct_key key;
 
 	/* A reply of a flow the other side started (and policy allowed) passes. */
-	tuple(&key, &f, 1);
-	struct ct_value *rev = bpf_map_lookup_elem(&mbr_ct_v1, &key);
+	tuple(&key, &f, ep_id, 1);
+	struct ct_value *rev = bpf_map_lookup_elem(&mbr_ct_v2, &key);
 	if (rev && rev->expires_ns > now) {
 		__u8 flags = rev->flags | CT_SEEN_REPLY;
 		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
@@ -214,26 +215,26 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	/* Policy is judged on every packet of the initiating direction, so a policy change also
 	 * reaches established flows. */
-	tuple(&key, &f, 0);
+	tuple(&key, &f, ep_id, 0);
 	struct policy_value *pv = 0;
 	if (enforce) {
 		pv = lookup_policy(ep_id, remote, f.dport, f.proto, dir);
 		if (!pv) {
-			bpf_map_delete_elem(&mbr_ct_v1, &key);
+			bpf_map_delete_elem(&mbr_ct_v2, &key);
 			count(DROP_POLICY, dir, skb->len);
 			emit(EVENT_DROP, DROP_POLICY, dir, skb, &f, ep_id, src_id, dst_id);
 			return TC_ACT_SHOT;
 		}
 		if (pv->action == POLICY_REDIRECT) {
 			/* The L7 proxy redirect (bpf_sk_assign) is not wired yet: fail closed. */
-			bpf_map_delete_elem(&mbr_ct_v1, &key);
+			bpf_map_delete_elem(&mbr_ct_v2, &key);
 			count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
 			emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
 			return TC_ACT_SHOT;
 		}
 	}
 
-	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v1, &key);
+	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
 	if (fwd && fwd->expires_ns > now) {
 		__u8 flags = fwd->flags;
 		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
@@ -250,7 +251,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		v.expires_ns = now + lifetime(&f, 0);
 		v.packets = 1;
 		v.bytes = skb->len;
-		bpf_map_update_elem(&mbr_ct_v1, &key, &v, BPF_ANY);
+		bpf_map_update_elem(&mbr_ct_v2, &key, &v, BPF_ANY);
 		emit(EVENT_VERDICT, 0, dir, skb, &f, ep_id, src_id, dst_id);
 	}
 	count(0, dir, skb->len);

@@ -178,6 +178,26 @@ impl Drop for Lab {
     }
 }
 
+/// `membrane ARGS --bpf-root <the lab's bpffs> -o json`.
+fn membrane(lab: &Lab, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_membrane"));
+    c.args(args)
+        .arg("--bpf-root")
+        .arg(&lab.bpffs)
+        .args(["-o", "json"]);
+    c
+}
+
+fn json(mut c: Command) -> serde_json::Value {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn ifindex(name: &str) -> u32 {
     fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
         .unwrap()
@@ -260,7 +280,54 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
     dp.attach_endpoint(&b_if).unwrap();
 
     assert!(lab.connects('a', &b_ip, 8080), "allowed by b-ingress");
+    let monitor = membrane(&lab, &["monitor", "--timeout", "4"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(300));
     assert!(!lab.connects('a', &b_ip, 8081), "8081 is not allowed");
+
+    // What the CLI shows of the maps and events.
+    let events = String::from_utf8(monitor.wait_with_output().unwrap().stdout).unwrap();
+    let dropped = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["dport"] == 8081 && e["verdict"] == "dropped")
+        .unwrap_or_else(|| panic!("no event for the denied connection in {events}"));
+    assert_eq!(
+        (dropped["verdict"].as_str(), dropped["drop_code"].as_i64()),
+        (Some("dropped"), Some(-133))
+    );
+    assert_eq!(
+        (
+            dropped["src_identity"].as_u64(),
+            dropped["dst_identity"].as_u64()
+        ),
+        (Some(id_a.id.0.into()), Some(id_b.id.0.into()))
+    );
+    assert_eq!(dropped["direction"], "ingress");
+
+    let ipcache = json(membrane(&lab, &["bpf", "ipcache", "list"]));
+    assert!(
+        ipcache
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["prefix"] == format!("{b_ip}/32") && e["identity"] == id_b.id.0)
+    );
+    let policy = json(membrane(&lab, &["bpf", "policy", "get", "2"]));
+    assert_eq!(
+        policy,
+        serde_json::json!([{"direction": "ingress", "identity": id_a.id.0, "port": 8080, "protocol": 6, "action": "allow", "proxy_port": 0}])
+    );
+    let ct = json(membrane(&lab, &["bpf", "ct", "list"]));
+    assert!(
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["dport"] == 8080 && e["src"] == a_ip.as_str() && e["replied"] == true),
+        "{ct}"
+    );
 
     // The loader goes away: pinned links and maps keep enforcing.
     drop(dp);

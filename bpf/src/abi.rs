@@ -5,7 +5,7 @@
 use std::mem::{offset_of, size_of};
 
 /// `MEMBRANE_ABI_VERSION`: map names end in `_v{ABI_VERSION}`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `DIR_INGRESS`.
 pub const DIR_INGRESS: u8 = 1;
@@ -114,7 +114,7 @@ pub struct PolicyValue {
     pub pad2: u32,
 }
 
-/// `struct ct_key`: the initiator's 5-tuple (IPv4 as v4-mapped IPv6).
+/// `struct ct_key`: the initiator's 5-tuple (IPv4 as v4-mapped IPv6), scoped to an endpoint.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -132,6 +132,8 @@ pub struct CtKey {
     pub family: u8,
     /// Reserved.
     pub pad: u16,
+    /// The endpoint whose policy admitted the flow.
+    pub endpoint_id: u32,
 }
 
 /// `struct ct_value`.
@@ -262,7 +264,8 @@ const _: () = {
     );
     assert!(size_of::<PolicyValue>() == 8);
     assert!(offset_of!(PolicyValue, proxy_port) == 2);
-    assert!(size_of::<CtKey>() == 40);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(offset_of!(CtKey, endpoint_id) == 40);
     assert!(
         offset_of!(CtKey, sport) == 32
             && offset_of!(CtKey, proto) == 36

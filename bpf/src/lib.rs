@@ -26,20 +26,20 @@ pub mod programs {
     pub const TO_ENDPOINT: &str = "to_endpoint";
 }
 
-/// Names of the maps in [`OBJECT`]; the `_v1` suffix is [`abi::ABI_VERSION`].
+/// Names of the maps in [`OBJECT`]; the `_v2` suffix is [`abi::ABI_VERSION`].
 pub mod maps {
     /// IPv4 ipcache.
-    pub const IPCACHE4: &str = "mbr_ipcache4_v1";
+    pub const IPCACHE4: &str = "mbr_ipcache4_v2";
     /// IPv6 ipcache.
-    pub const IPCACHE6: &str = "mbr_ipcache6_v1";
+    pub const IPCACHE6: &str = "mbr_ipcache6_v2";
     /// Endpoints by host veth ifindex.
-    pub const ENDPOINTS: &str = "mbr_endpoints_v1";
+    pub const ENDPOINTS: &str = "mbr_endpoints_v2";
     /// Policy.
-    pub const POLICY: &str = "mbr_policy_v1";
+    pub const POLICY: &str = "mbr_policy_v2";
     /// Connection tracking.
-    pub const CT: &str = "mbr_ct_v1";
+    pub const CT: &str = "mbr_ct_v2";
     /// Per-CPU metrics.
-    pub const METRICS: &str = "mbr_metrics_v1";
+    pub const METRICS: &str = "mbr_metrics_v2";
     /// Ring buffer of drop and verdict events.
-    pub const EVENTS: &str = "mbr_events_v1";
+    pub const EVENTS: &str = "mbr_events_v2";
 }

@@ -480,3 +480,49 @@ fn ipv6_policy_and_neighbour_discovery() {
         TC_ACT_OK
     );
 }
+
+#[test]
+fn conntrack_is_scoped_to_the_endpoint() {
+    let mut e = load();
+    // Endpoint 7 (on lo) allows egress to B; its flow must not let another endpoint's traffic
+    // pass as a reply. Re-registering lo as endpoint 8 stands in for the other endpoint.
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    policy(
+        &mut e,
+        B_ID,
+        80,
+        6,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 6, 40000, 80, SYN, 0)
+        ),
+        TC_ACT_OK
+    );
+    let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
+        HashMap::try_from(e.map_mut(maps::ENDPOINTS).unwrap()).unwrap();
+    m.insert(
+        LO,
+        EndpointInfo {
+            endpoint_id: 8,
+            identity: 999,
+            flags: abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS,
+            pad: 0,
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        run(
+            &mut e,
+            programs::TO_ENDPOINT,
+            &v4(B, A, 6, 80, 40000, SYN | ACK, 0)
+        ),
+        TC_ACT_SHOT
+    );
+}

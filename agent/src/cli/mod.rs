@@ -1,5 +1,6 @@
 //! The `membrane` command line.
 
+mod bpf;
 mod policy;
 
 use std::process::ExitCode;
@@ -19,6 +20,11 @@ enum Command {
     /// Validate, trace and resolve policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Inspect the datapath's pinned maps.
+    #[command(subcommand)]
+    Bpf(bpf::BpfCommand),
+    /// Print drop and verdict events from the datapath as they happen.
+    Monitor(bpf::MonitorArgs),
 }
 
 /// Output format.
@@ -36,5 +42,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Bpf(cmd) => exit_code(bpf::run(cmd)),
+        Command::Monitor(args) => exit_code(bpf::monitor(&args)),
+    }
+}
+
+fn exit_code(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("membrane: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 #include <linux/types.h>
 
-#define MEMBRANE_ABI_VERSION 1
+#define MEMBRANE_ABI_VERSION 2
 
 /* Reserved identities (Cilium's numbers). */
 #define ID_UNKNOWN 0
@@ -70,7 +70,11 @@ struct policy_value {
 	__u32 pad2;
 };
 
-/* conntrack: LRU hash keyed by the initiator's 5-tuple (addresses as 16 bytes, v4 mapped). */
+/*
+ * conntrack: LRU hash keyed by the initiator's 5-tuple (addresses as 16 bytes, v4 mapped) and the
+ * endpoint whose policy admitted it. Scoping entries to the endpoint keeps one endpoint's allowed
+ * flow from passing another endpoint's packets as "replies".
+ */
 struct ct_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -79,6 +83,7 @@ struct ct_key {
 	__u8 proto;
 	__u8 family;
 	__u16 pad;
+	__u32 endpoint_id;
 };
 
 #define CT_SEEN_REPLY 1

@@ -1,0 +1,303 @@
+//! `membrane bpf ...` and `membrane monitor`: read the pinned datapath maps directly, as
+//! `cilium bpf` does, so they work whether or not the agent is running.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, RingBuf};
+use clap::{Args, Subcommand};
+use membrane_bpf::abi::{self, CtKey, CtValue, Event, IpcacheValue, PolicyKey, PolicyValue};
+use membrane_bpf::maps;
+use serde_json::{Value, json};
+
+use super::Output;
+
+/// Where the datapath's maps are pinned.
+#[derive(Debug, Args)]
+pub(super) struct BpfRoot {
+    /// bpffs directory holding membrane's pinned maps and links.
+    #[arg(
+        long,
+        env = "MEMBRANE_BPF_ROOT",
+        default_value = "/sys/fs/bpf/membrane"
+    )]
+    bpf_root: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum BpfCommand {
+    /// The ipcache: address prefixes and their identities.
+    #[command(subcommand)]
+    Ipcache(ListOnly),
+    /// Policy map entries.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Connection tracking entries.
+    #[command(subcommand)]
+    Ct(ListOnly),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum ListOnly {
+    /// List every entry.
+    List(BpfRoot),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum PolicyCmd {
+    /// The entries of one endpoint (by endpoint id).
+    Get {
+        /// Endpoint id.
+        endpoint: u32,
+        #[command(flatten)]
+        root: BpfRoot,
+    },
+}
+
+/// `membrane monitor` options.
+#[derive(Debug, Args)]
+pub(super) struct MonitorArgs {
+    #[command(flatten)]
+    root: BpfRoot,
+    /// Stop after this many events.
+    #[arg(long)]
+    max_events: Option<usize>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+pub(super) fn run(cmd: BpfCommand) -> Result<()> {
+    match cmd {
+        BpfCommand::Ipcache(ListOnly::List(root)) => ipcache(&root),
+        BpfCommand::Policy(PolicyCmd::Get { endpoint, root }) => policy(&root, endpoint),
+        BpfCommand::Ct(ListOnly::List(root)) => ct(&root),
+    }
+}
+
+fn pinned(root: &Path, name: &str) -> Result<Map> {
+    let path = root.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {} (is the datapath loaded?)", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+fn print(root: &BpfRoot, rows: Vec<Value>, text: impl Fn(&Value) -> String) {
+    match root.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        ),
+        Output::Text => {
+            let mut s = String::new();
+            for r in &rows {
+                let _ = writeln!(s, "{}", text(r));
+            }
+            print!("{s}");
+        }
+    }
+}
+
+fn ipcache(root: &BpfRoot) -> Result<()> {
+    let mut rows = Vec::new();
+    let v4: LpmTrie<MapData, [u8; 4], IpcacheValue> =
+        pinned(&root.bpf_root, maps::IPCACHE4)?.try_into()?;
+    for entry in v4.iter() {
+        let (k, v) = entry?;
+        rows.push(json!({"prefix": format!("{}/{}", Ipv4Addr::from(k.data()), k.prefix_len()), "identity": v.identity}));
+    }
+    let v6: LpmTrie<MapData, [u8; 16], IpcacheValue> =
+        pinned(&root.bpf_root, maps::IPCACHE6)?.try_into()?;
+    for entry in v6.iter() {
+        let (k, v) = entry?;
+        rows.push(json!({"prefix": format!("{}/{}", Ipv6Addr::from(k.data()), k.prefix_len()), "identity": v.identity}));
+    }
+    print(root, rows, |r| {
+        format!(
+            "{:<45} {}",
+            r["prefix"].as_str().unwrap_or_default(),
+            r["identity"]
+        )
+    });
+    Ok(())
+}
+
+fn star(v: u64) -> Value {
+    if v == 0 { json!("*") } else { json!(v) }
+}
+
+fn dir_name(d: u8) -> &'static str {
+    match d {
+        abi::DIR_INGRESS => "ingress",
+        abi::DIR_EGRESS => "egress",
+        _ => "?",
+    }
+}
+
+fn policy(root: &BpfRoot, endpoint: u32) -> Result<()> {
+    let m: HashMap<MapData, PolicyKey, PolicyValue> =
+        pinned(&root.bpf_root, maps::POLICY)?.try_into()?;
+    let mut entries: Vec<(PolicyKey, PolicyValue)> = m
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.endpoint_id == endpoint)
+        .collect();
+    entries.sort_by_key(|(k, _)| (k.dir, k.identity, k.dport, k.proto));
+    let rows = entries
+        .iter()
+        .map(|(k, v)| {
+            json!({
+                "direction": dir_name(k.dir),
+                "identity": star(k.identity.into()),
+                "port": star(k.dport.into()),
+                "protocol": star(k.proto.into()),
+                "action": if v.action == abi::POLICY_REDIRECT { "redirect" } else { "allow" },
+                "proxy_port": v.proxy_port,
+            })
+        })
+        .collect();
+    print(root, rows, |r| {
+        format!(
+            "{:<8} identity {:>8}  port {:>5}  proto {:>3}  {}",
+            r["direction"].as_str().unwrap_or_default(),
+            r["identity"].to_string().trim_matches('"'),
+            r["port"].to_string().trim_matches('"'),
+            r["protocol"].to_string().trim_matches('"'),
+            r["action"].as_str().unwrap_or_default()
+        )
+    });
+    Ok(())
+}
+
+fn addr(bytes: [u8; 16], family: u8) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[12], bytes[13], bytes[14], bytes[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    }
+}
+
+fn ct(root: &BpfRoot) -> Result<()> {
+    let m: HashMap<MapData, CtKey, CtValue> = pinned(&root.bpf_root, maps::CT)?.try_into()?;
+    let rows = m
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            json!({
+                "src": addr(k.saddr, k.family).to_string(),
+                "dst": addr(k.daddr, k.family).to_string(),
+                "sport": k.sport,
+                "dport": k.dport,
+                "proto": k.proto,
+                "direction": dir_name(v.dir),
+                "endpoint": v.endpoint_id,
+                "remote_identity": v.remote_identity,
+                "packets": v.packets,
+                "bytes": v.bytes,
+                "replied": v.flags & 1 != 0,
+                "closing": v.flags & 2 != 0,
+            })
+        })
+        .collect();
+    print(root, rows, |r| {
+        format!(
+            "{} {}:{} -> {}:{} {} ep {} remote {} pkts {}{}",
+            r["proto"],
+            r["src"].as_str().unwrap_or_default(),
+            r["sport"],
+            r["dst"].as_str().unwrap_or_default(),
+            r["dport"],
+            r["direction"].as_str().unwrap_or_default(),
+            r["endpoint"],
+            r["remote_identity"],
+            r["packets"],
+            if r["closing"] == json!(true) {
+                " closing"
+            } else {
+                ""
+            }
+        )
+    });
+    Ok(())
+}
+
+fn drop_reason(reason: u8) -> &'static str {
+    match reason {
+        abi::drop::POLICY => "Policy denied",
+        abi::drop::INVALID => "Invalid packet",
+        abi::drop::CT_INVALID_HDR => "Invalid L4 header",
+        abi::drop::INVALID_EXTHDR => "Unsupported IPv6 extension header",
+        abi::drop::FRAG_NOSUPPORT => "Fragments not supported",
+        abi::drop::PROXY_LOOKUP_FAILED => "No proxy for L7 redirect",
+        _ => "Unknown",
+    }
+}
+
+pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
+    let map = pinned(&args.root.bpf_root, maps::EVENTS)?;
+    let mut rb: RingBuf<MapData> = map.try_into()?;
+    let deadline = args
+        .timeout
+        .map(|t| Instant::now() + Duration::from_secs_f64(t));
+    let mut seen = 0;
+    loop {
+        while let Some(item) = rb.next() {
+            let Some(e) = Event::from_bytes(&item) else {
+                continue;
+            };
+            let verdict = if e.kind == abi::EVENT_DROP {
+                "dropped"
+            } else {
+                "forwarded"
+            };
+            let v = json!({
+                "verdict": verdict,
+                "reason": if e.kind == abi::EVENT_DROP { Some(drop_reason(e.reason)) } else { None },
+                "drop_code": if e.kind == abi::EVENT_DROP { Some(-i32::from(e.reason)) } else { None },
+                "direction": dir_name(e.dir),
+                "endpoint": e.endpoint_id,
+                "src_identity": e.src_identity,
+                "dst_identity": e.dst_identity,
+                "src": addr(e.saddr, e.family).to_string(),
+                "dst": addr(e.daddr, e.family).to_string(),
+                "sport": e.sport,
+                "dport": e.dport,
+                "proto": e.proto,
+                "len": e.len,
+            });
+            match args.root.output {
+                Output::Json => println!("{v}"),
+                Output::Text => println!(
+                    "{verdict:<9} {} {}:{} (id {}) -> {}:{} (id {}) proto {} {}{}",
+                    dir_name(e.dir),
+                    v["src"].as_str().unwrap_or_default(),
+                    e.sport,
+                    e.src_identity,
+                    v["dst"].as_str().unwrap_or_default(),
+                    e.dport,
+                    e.dst_identity,
+                    e.proto,
+                    e.len,
+                    v["reason"]
+                        .as_str()
+                        .map(|r| format!(" ({r}, {})", v["drop_code"]))
+                        .unwrap_or_default()
+                ),
+            }
+            seen += 1;
+            if args.max_events.is_some_and(|m| seen >= m) {
+                return Ok(());
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
