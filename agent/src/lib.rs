@@ -5,6 +5,10 @@
 //! endpoints and the REST API arrive with the datapath issue.
 
 pub mod cli;
+pub mod client;
+pub mod daemon;
 pub mod datapath;
+pub mod ipam;
+pub mod netns;
 pub mod offline;
 pub mod policy_dir;

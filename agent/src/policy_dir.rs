@@ -67,6 +67,23 @@ fn io(path: &Path, source: std::io::Error) -> ReadError {
     }
 }
 
+/// A fingerprint of the policy files (names, sizes, modification times): it changes whenever a
+/// file is added, removed or written.
+pub fn fingerprint(paths: &[PathBuf]) -> Result<String, ReadError> {
+    let mut out = String::new();
+    for f in policy_files(paths)? {
+        let meta = fs::metadata(&f).map_err(|e| io(&f, e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        out.push_str(&format!("{}:{}:{}\n", f.display(), meta.len(), mtime));
+    }
+    Ok(out)
+}
+
 /// Reads and validates every policy file under `paths`. The outer error is an I/O failure; the
 /// inner one is the list of problems in the files.
 pub fn load(paths: &[PathBuf]) -> Result<Result<PolicySet, Vec<Diagnostic>>, ReadError> {

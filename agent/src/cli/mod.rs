@@ -1,5 +1,6 @@
 //! The `membrane` command line.
 
+mod agent;
 mod bpf;
 mod policy;
 
@@ -25,6 +26,14 @@ enum Command {
     Bpf(bpf::BpfCommand),
     /// Print drop and verdict events from the datapath as they happen.
     Monitor(bpf::MonitorArgs),
+    /// Manage endpoints (through the running agent).
+    #[command(subcommand)]
+    Endpoint(agent::EndpointCommand),
+    /// The agent's state: policy revision, rejected changes, endpoints, controllers.
+    Status(agent::Api),
+    /// Identities.
+    #[command(subcommand)]
+    Identity(agent::IdentityCommand),
 }
 
 /// Output format.
@@ -44,6 +53,9 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Bpf(cmd) => exit_code(bpf::run(cmd)),
         Command::Monitor(args) => exit_code(bpf::monitor(&args)),
+        Command::Endpoint(cmd) => exit_code(agent::endpoint(cmd)),
+        Command::Status(api) => exit_code(agent::status(api)),
+        Command::Identity(cmd) => exit_code(agent::identity(cmd)),
     }
 }
 

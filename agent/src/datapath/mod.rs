@@ -149,6 +149,32 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes a prefix from the ipcache.
+    pub fn remove_ipcache(&mut self, net: IpNet) -> Result<()> {
+        let len = u32::from(net.prefix_len());
+        match net.network() {
+            IpAddr::V4(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE4).context("ipcache4")?)?;
+                let _ = m.remove(&Key::new(len, a.octets()));
+            }
+            IpAddr::V6(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE6).context("ipcache6")?)?;
+                let _ = m.remove(&Key::new(len, a.octets()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the endpoint behind a host veth.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
+            HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
+        let _ = m.remove(&ifindex);
+        Ok(())
+    }
+
     /// Makes an endpoint's policy entries exactly `entries`: stale keys are deleted, others
     /// written. Returns (written, deleted).
     pub fn sync_policy(

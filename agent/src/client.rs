@@ -1,0 +1,60 @@
+//! The CLI's client for the agent's REST API on its unix socket.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Sends one request and returns the status and JSON body (Null when empty).
+pub fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent at {} (is membrane-agent running?)",
+                    socket.display()
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "membrane")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)?
+        };
+        Ok((status, value))
+    })
+}
+
+/// Like [`call`], but an error status becomes an error carrying the agent's message.
+pub fn expect_ok(socket: &Path, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+    let (status, value) = call(socket, method, path, body)?;
+    if !status.is_success() {
+        bail!("{}", value["error"].as_str().unwrap_or(status.as_str()));
+    }
+    Ok(value)
+}

@@ -1,0 +1,155 @@
+//! `membrane-agent` configuration: flags, each with an environment twin and a config-file key
+//! (the flag's name). Precedence: flag, then environment, then file, then default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use ipnet::IpNet;
+use membrane_policy::rule::EnforcementMode;
+
+/// membrane-agent: the node daemon (standalone mode: a policy directory, local identities).
+#[derive(Clone, Debug, Parser)]
+#[command(name = "membrane-agent", version)]
+pub struct Config {
+    /// Configuration file (YAML); keys are the long flag names.
+    #[arg(long, env = "MEMBRANE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of policy YAML, watched for changes.
+    #[arg(
+        long,
+        env = "MEMBRANE_POLICY_DIR",
+        default_value = "/etc/membrane/policy"
+    )]
+    pub policy_dir: PathBuf,
+    /// Where endpoint state is kept across restarts.
+    #[arg(long, env = "MEMBRANE_STATE_DIR", default_value = "/var/run/membrane")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links (a bpffs is mounted there when none is).
+    #[arg(
+        long,
+        env = "MEMBRANE_BPF_ROOT",
+        default_value = "/sys/fs/bpf/membrane"
+    )]
+    pub bpf_root: PathBuf,
+    /// External devices (not supported yet; see the datapath issue).
+    #[arg(long, env = "MEMBRANE_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// IPv4 range endpoint addresses come from.
+    #[arg(long, env = "MEMBRANE_IPV4_RANGE", default_value = "10.200.0.0/16")]
+    pub ipv4_range: Option<IpNet>,
+    /// IPv6 range endpoint addresses come from.
+    #[arg(long, env = "MEMBRANE_IPV6_RANGE")]
+    pub ipv6_range: Option<IpNet>,
+    /// Policy enforcement: default, always or never.
+    #[arg(long, env = "MEMBRANE_ENABLE_POLICY", default_value = "default")]
+    pub enable_policy: EnforcementMode,
+    /// Treat traffic from external devices as host rather than world (not supported yet).
+    #[arg(long, env = "MEMBRANE_K8S_LEGACY_HOST_ALLOWS_WORLD")]
+    pub k8s_legacy_host_allows_world: bool,
+    /// Remove all pinned state and endpoints of an earlier run first.
+    #[arg(long, env = "MEMBRANE_CLEAN_STATE")]
+    pub clean_state: bool,
+    /// The REST API's unix socket.
+    #[arg(
+        long,
+        env = "MEMBRANE_API_SOCKET",
+        default_value = "/var/run/membrane/membrane.sock"
+    )]
+    pub api_socket: PathBuf,
+    /// Prometheus listen address (not served yet).
+    #[arg(long, env = "MEMBRANE_PROMETHEUS_SERVE_ADDR")]
+    pub prometheus_serve_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Parses flags and environment, then fills what neither set from the config file.
+    pub fn load() -> Result<Config> {
+        let matches = Config::command().get_matches();
+        let mut config = Config::from_arg_matches(&matches)?;
+        if let Some(path) = config.config.clone() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let file: serde_json::Map<String, serde_json::Value> = serde_saphyr::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let mut args = vec!["membrane-agent".to_string()];
+            for (key, value) in &file {
+                let id = key.replace('-', "_");
+                if Config::command()
+                    .get_arguments()
+                    .all(|a| a.get_id().as_str() != id)
+                {
+                    bail!("{}: unknown key {key:?}", path.display());
+                }
+                // Flags and environment variables win over the file.
+                if matches!(
+                    matches.value_source(&id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                ) {
+                    continue;
+                }
+                match value {
+                    serde_json::Value::Bool(true) => args.push(format!("--{key}")),
+                    serde_json::Value::Bool(false) => {}
+                    serde_json::Value::Array(items) => {
+                        for i in items {
+                            args.push(format!(
+                                "--{key}={}",
+                                i.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| i.to_string())
+                            ));
+                        }
+                    }
+                    v => args.push(format!(
+                        "--{key}={}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    )),
+                }
+            }
+            let from_file =
+                Config::try_parse_from(&args).with_context(|| format!("in {}", path.display()))?;
+            for key in file.keys() {
+                let id = key.replace('-', "_");
+                if matches!(
+                    matches.value_source(&id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                ) {
+                    continue;
+                }
+                config.take_from(&from_file, &id);
+            }
+        }
+        if !config.devices.is_empty()
+            || config.k8s_legacy_host_allows_world
+            || config.prometheus_serve_addr.is_some()
+        {
+            bail!(
+                "--devices, --k8s-legacy-host-allows-world and --prometheus-serve-addr are not implemented yet"
+            );
+        }
+        Ok(config)
+    }
+
+    fn take_from(&mut self, other: &Config, id: &str) {
+        match id {
+            "policy_dir" => self.policy_dir = other.policy_dir.clone(),
+            "state_dir" => self.state_dir = other.state_dir.clone(),
+            "bpf_root" => self.bpf_root = other.bpf_root.clone(),
+            "devices" => self.devices = other.devices.clone(),
+            "ipv4_range" => self.ipv4_range = other.ipv4_range,
+            "ipv6_range" => self.ipv6_range = other.ipv6_range,
+            "enable_policy" => self.enable_policy = other.enable_policy,
+            "k8s_legacy_host_allows_world" => {
+                self.k8s_legacy_host_allows_world = other.k8s_legacy_host_allows_world
+            }
+            "clean_state" => self.clean_state = other.clean_state,
+            "api_socket" => self.api_socket = other.api_socket.clone(),
+            "prometheus_serve_addr" => self.prometheus_serve_addr = other.prometheus_serve_addr,
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! The node agent: policy from the watched directory, identities, endpoints with their plumbing,
+//! the resolver, and the datapath maps kept in step with all of it.
+//!
+//! ```text
+//!  policy dir ──(watcher)──> apply_policy ─┐
+//!  REST API ──> create/delete/relabel ─────┼─> resolver tables ──> sync ──> pinned BPF maps
+//!  reconcile controller (periodic) ────────┘        ipcache, endpoints, policy; TCX links
+//! ```
+//!
+//! Every operation runs under one lock; the REST handlers call in from blocking tasks.
+
+pub mod api;
+pub mod config;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
+use membrane_bpf::abi::EndpointInfo;
+use membrane_policy::endpoints::endpoint_labels;
+use membrane_policy::identity::{
+    Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
+};
+use membrane_policy::labels::{Label, LabelSet, Source};
+use membrane_policy::resolve::{ChangeSet, Resolver};
+use membrane_policy::{Diagnostic, PolicySet};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{Datapath, sync};
+use crate::ipam::Ipam;
+use crate::netns::{self, EndpointNet};
+use crate::policy_dir;
+pub use config::Config;
+
+/// One endpoint the agent manages.
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    /// Name (also the network namespace's).
+    pub name: String,
+    /// Kubernetes-style namespace.
+    pub namespace: String,
+    /// Labels as given (k8s: source unless stated).
+    pub labels: LabelSet,
+    /// Datapath endpoint id.
+    pub id: u32,
+    /// Its identity.
+    pub identity: Identity,
+    /// Plumbing.
+    pub net: EndpointNet,
+    /// Host veth ifindex.
+    pub ifindex: u32,
+}
+
+/// What is persisted per endpoint, so a restarted agent finds its endpoints again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct EndpointRecord {
+    name: String,
+    namespace: String,
+    labels: String,
+    id: u32,
+    net: EndpointNet,
+}
+
+/// The health of one controller.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ControllerStatus {
+    /// Successful runs.
+    pub successes: u64,
+    /// Failed runs.
+    pub failures: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u64,
+    /// The last error, if the last run failed.
+    pub last_error: Option<String>,
+    /// Unix time of the last run.
+    pub last_run: u64,
+}
+
+/// The policy source's state.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyStatus {
+    /// Bumped on every applied change.
+    pub revision: u64,
+    /// Rules in force.
+    pub rules: usize,
+    /// Problems of the last rejected change (the previous policy stays in force).
+    pub rejected: Vec<Diagnostic>,
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    policy: PolicySet,
+    /// Policy status.
+    pub policy_status: PolicyStatus,
+    policy_fingerprint: String,
+    allocator: LocalAllocator,
+    resolver: Resolver,
+    cidr_identities: BTreeMap<IpNet, NumericIdentity>,
+    ipam: Ipam,
+    endpoints: BTreeMap<String, Endpoint>,
+    datapath: Datapath,
+    /// Controller health by name.
+    pub controllers: BTreeMap<String, ControllerStatus>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Starts: loads and validates the policy (refusing to start on invalid policy, since there is
+    /// no last good one to keep), loads the datapath, restores persisted endpoints.
+    pub fn start(config: Config) -> Result<Agent> {
+        if config.clean_state {
+            clean_state(&config)?;
+        }
+        fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let policy = match policy_dir::load(std::slice::from_ref(&config.policy_dir))? {
+            Ok(set) => set,
+            Err(diags) => {
+                let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+                bail!(
+                    "the policy in {} is invalid:\n{}",
+                    config.policy_dir.display(),
+                    lines.join("\n")
+                );
+            }
+        };
+        let datapath = Datapath::load(&config.bpf_root)?;
+        // The node routes between its endpoints (and for them).
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        if config.ipv6_range.is_some() {
+            fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                .context("enabling IPv6 forwarding")?;
+        }
+        let ranges: Vec<IpNet> = config
+            .ipv4_range
+            .iter()
+            .chain(config.ipv6_range.iter())
+            .copied()
+            .collect();
+        for r in &ranges {
+            // Addresses of the node's ranges that no endpoint holds never leave the machine.
+            let fam = if matches!(r, IpNet::V4(_)) {
+                "-4"
+            } else {
+                "-6"
+            };
+            let _ = std::process::Command::new("ip")
+                .args([fam, "route", "replace", "unreachable", &r.to_string()])
+                .status();
+        }
+        let mut agent = Agent {
+            resolver: Resolver::new(config.enable_policy),
+            ipam: Ipam::new(&ranges),
+            policy_fingerprint: policy_dir::fingerprint(std::slice::from_ref(&config.policy_dir))
+                .unwrap_or_default(),
+            config,
+            policy: PolicySet::default(),
+            policy_status: PolicyStatus::default(),
+            allocator: LocalAllocator::new(),
+            cidr_identities: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            datapath,
+            controllers: BTreeMap::new(),
+        };
+        for (_, name) in RESERVED {
+            let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
+            let (identity, _) = agent.allocator.allocate(&labels)?;
+            agent.resolver.add_identity(identity);
+        }
+        agent.apply_policy(policy)?;
+        agent.write_host_addresses()?;
+        agent.restore_endpoints()?;
+        Ok(agent)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies a validated policy: new CIDR identities, rules, and every endpoint's maps.
+    pub fn apply_policy(&mut self, set: PolicySet) -> Result<()> {
+        let wanted = set.cidr_prefixes();
+        for net in &wanted {
+            if !self.cidr_identities.contains_key(net) {
+                let (identity, new) = self.allocator.allocate(&cidr_labels(net))?;
+                if new {
+                    self.resolver.add_identity(identity.clone());
+                }
+                self.datapath.set_ipcache(*net, identity.id.0)?;
+                self.cidr_identities.insert(*net, identity.id);
+            }
+        }
+        let stale: Vec<IpNet> = self
+            .cidr_identities
+            .keys()
+            .filter(|n| !wanted.contains(n))
+            .copied()
+            .collect();
+        for net in stale {
+            if let Some(id) = self.cidr_identities.remove(&net) {
+                self.datapath.remove_ipcache(net)?;
+                if self.allocator.release(id) {
+                    self.resolver.remove_identity(id);
+                }
+            }
+        }
+        self.resolver.set_rules(&set.rules);
+        self.policy_status.revision += 1;
+        self.policy_status.rules = set.rules.len();
+        self.policy_status.rejected.clear();
+        self.policy = set;
+        self.sync_all()
+    }
+
+    /// Re-reads the policy directory if it changed. An invalid change is recorded and rejected;
+    /// the policy in force stays.
+    pub fn poll_policy(&mut self) -> Result<bool> {
+        let fp = policy_dir::fingerprint(std::slice::from_ref(&self.config.policy_dir))?;
+        if fp == self.policy_fingerprint {
+            return Ok(false);
+        }
+        self.policy_fingerprint = fp;
+        match policy_dir::load(std::slice::from_ref(&self.config.policy_dir))? {
+            Ok(set) => {
+                self.apply_policy(set)?;
+                eprintln!(
+                    "membrane-agent: policy revision {} applied ({} rules)",
+                    self.policy_status.revision, self.policy_status.rules
+                );
+            }
+            Err(diags) => {
+                for d in &diags {
+                    eprintln!("membrane-agent: policy change rejected: {d}");
+                }
+                self.policy_status.rejected = diags;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The node's own addresses are the host identity.
+    fn write_host_addresses(&mut self) -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "addr", "show"])
+            .output()
+            .context("ip addr show")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut f = line.split_whitespace();
+            while let Some(w) = f.next() {
+                if (w == "inet" || w == "inet6")
+                    && let Some(addr) = f
+                        .next()
+                        .and_then(|a| a.split('/').next())
+                        .and_then(|a| a.parse::<IpAddr>().ok())
+                {
+                    self.datapath
+                        .set_ipcache(IpNet::from(addr), NumericIdentity::HOST.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.config.state_dir.join("endpoints.json")
+    }
+
+    fn persist(&self) -> Result<()> {
+        let records: Vec<EndpointRecord> = self
+            .endpoints
+            .values()
+            .map(|e| EndpointRecord {
+                name: e.name.clone(),
+                namespace: e.namespace.clone(),
+                labels: e.labels.to_string(),
+                id: e.id,
+                net: e.net.clone(),
+            })
+            .collect();
+        let tmp = self.state_file().with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&records)?)?;
+        fs::rename(&tmp, self.state_file())?;
+        Ok(())
+    }
+
+    fn restore_endpoints(&mut self) -> Result<()> {
+        let Ok(text) = fs::read_to_string(self.state_file()) else {
+            return Ok(());
+        };
+        let records: Vec<EndpointRecord> =
+            serde_json::from_str(&text).context("reading the endpoint state")?;
+        for r in records {
+            for a in &r.net.addresses {
+                self.ipam.reserve(*a);
+            }
+            let labels =
+                LabelSet::parse_list(&r.labels, Source::K8s).map_err(|e| anyhow!("{e}"))?;
+            self.install(r.name, r.namespace, labels, r.id, r.net)?;
+        }
+        Ok(())
+    }
+
+    fn next_id(&self) -> u32 {
+        (1..)
+            .find(|i| !self.endpoints.values().any(|e| e.id == *i))
+            .unwrap_or(1)
+    }
+
+    /// The identity for an endpoint's labels. A new identity may be a peer of other endpoints'
+    /// tables: those are written to the maps again.
+    fn identity_for(&mut self, labels: &LabelSet, namespace: &str) -> Result<Identity> {
+        let labels = endpoint_labels(labels, namespace, None, &self.policy.namespaces);
+        let (identity, new) = self.allocator.allocate(&labels)?;
+        if new {
+            let changes = self.resolver.add_identity(identity.clone());
+            self.sync_changed(&changes)?;
+        }
+        Ok(identity)
+    }
+
+    /// Writes the maps of the endpoints whose tables a resolver update changed.
+    fn sync_changed(&mut self, changes: &ChangeSet) -> Result<()> {
+        let names: Vec<String> = self
+            .endpoints
+            .values()
+            .filter(|e| changes.endpoints.contains(&e.identity.id))
+            .map(|e| e.name.clone())
+            .collect();
+        for n in names {
+            self.sync_endpoint(&n)?;
+        }
+        Ok(())
+    }
+
+    fn install(
+        &mut self,
+        name: String,
+        namespace: String,
+        labels: LabelSet,
+        id: u32,
+        net: EndpointNet,
+    ) -> Result<()> {
+        let ifindex = netns::ensure(&net)?;
+        let identity = self.identity_for(&labels, &namespace)?;
+        for a in &net.addresses {
+            self.datapath.set_ipcache(IpNet::from(*a), identity.id.0)?;
+        }
+        self.resolver.add_endpoint(identity.id);
+        let ep = Endpoint {
+            name: name.clone(),
+            namespace,
+            labels,
+            id,
+            identity,
+            net,
+            ifindex,
+        };
+        self.endpoints.insert(name.clone(), ep);
+        self.sync_endpoint(&name)?;
+        self.datapath
+            .attach_endpoint(&self.endpoints[&name].net.host_if)?;
+        Ok(())
+    }
+
+    /// Creates an endpoint: namespace, veth, addresses, routes, identity, maps, programs.
+    pub fn create_endpoint(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        labels: LabelSet,
+    ) -> Result<Endpoint> {
+        if self.endpoints.contains_key(name) {
+            bail!("endpoint {name:?} exists");
+        }
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            bail!("invalid endpoint name {name:?} (letters, digits, '-', '_', '.')");
+        }
+        let addresses = self
+            .ipam
+            .allocate()
+            .ok_or_else(|| anyhow!("no free addresses in the node ranges"))?;
+        let net = EndpointNet {
+            netns: name.to_string(),
+            host_if: netns::host_if_name(name),
+            addresses: addresses.clone(),
+            mtu: 1500,
+        };
+        let id = self.next_id();
+        if let Err(e) = self.install(
+            name.to_string(),
+            namespace.to_string(),
+            labels,
+            id,
+            net.clone(),
+        ) {
+            // Nothing half-made stays behind.
+            let _ = netns::remove(&net);
+            self.endpoints.remove(name);
+            for a in addresses {
+                self.ipam.release(a);
+            }
+            return Err(e);
+        }
+        self.persist()?;
+        Ok(self.endpoints[name].clone())
+    }
+
+    /// Deletes an endpoint and everything made for it.
+    pub fn delete_endpoint(&mut self, name: &str) -> Result<()> {
+        let ep = self
+            .endpoints
+            .remove(name)
+            .ok_or_else(|| anyhow!("no endpoint {name:?}"))?;
+        self.datapath.detach_endpoint(&ep.net.host_if)?;
+        self.datapath.sync_policy(ep.id, &[])?;
+        self.datapath.remove_endpoint(ep.ifindex)?;
+        for a in &ep.net.addresses {
+            self.datapath.remove_ipcache(IpNet::from(*a))?;
+            self.ipam.release(*a);
+        }
+        netns::remove(&ep.net)?;
+        self.release_identity(&ep.identity)?;
+        self.persist()
+    }
+
+    fn release_identity(&mut self, identity: &Identity) -> Result<()> {
+        let still_used = self
+            .endpoints
+            .values()
+            .any(|e| e.identity.id == identity.id);
+        if !still_used {
+            self.resolver.remove_endpoint(identity.id);
+        }
+        if self.allocator.release(identity.id) {
+            let changes = self.resolver.remove_identity(identity.id);
+            self.sync_changed(&changes)?;
+        }
+        Ok(())
+    }
+
+    /// Changes an endpoint's labels: new identity, policy recomputed, maps updated. Established
+    /// connections are judged by the new policy on their next packet.
+    pub fn relabel(&mut self, name: &str, set: &LabelSet, unset: &[String]) -> Result<Endpoint> {
+        let ep = self
+            .endpoints
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no endpoint {name:?}"))?;
+        let mut labels = ep.labels.clone();
+        for key in unset {
+            let (source, key) = membrane_policy::labels::split_source(key, Source::Any)
+                .map_err(|e| anyhow!("{e}"))?;
+            labels.remove(source, key);
+        }
+        for l in set.iter() {
+            labels.insert(l.clone());
+        }
+        let identity = self.identity_for(&labels, &ep.namespace)?;
+        self.resolver.add_endpoint(identity.id);
+        for a in &ep.net.addresses {
+            self.datapath.set_ipcache(IpNet::from(*a), identity.id.0)?;
+        }
+        {
+            let e = self.endpoints.get_mut(name).expect("present above");
+            e.labels = labels;
+            e.identity = identity;
+        }
+        self.release_identity(&ep.identity)?;
+        self.sync_all()?;
+        self.persist()?;
+        Ok(self.endpoints[name].clone())
+    }
+
+    /// Writes one endpoint's entry and policy into the maps.
+    fn sync_endpoint(&mut self, name: &str) -> Result<()> {
+        let ep = &self.endpoints[name];
+        let (id, ifindex, identity) = (ep.id, ep.ifindex, ep.identity.id);
+        let table = self
+            .resolver
+            .table(identity)
+            .ok_or_else(|| anyhow!("no policy table for {name}"))?;
+        let flags = sync::enforcement_flags(table);
+        // The L7 proxy does not exist yet: redirects carry no port and the datapath fails closed.
+        let entries = sync::policy_entries(id, table, |_| 0);
+        self.datapath.set_endpoint(
+            ifindex,
+            EndpointInfo {
+                endpoint_id: id,
+                identity: identity.0,
+                flags,
+                pad: 0,
+            },
+        )?;
+        self.datapath.sync_policy(id, &entries)?;
+        Ok(())
+    }
+
+    fn sync_all(&mut self) -> Result<()> {
+        let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        for n in names {
+            self.sync_endpoint(&n)?;
+        }
+        Ok(())
+    }
+
+    /// The reconcile controller: repairs drift in plumbing, links and maps.
+    pub fn reconcile(&mut self) -> Result<()> {
+        let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        for n in &names {
+            let ep = self.endpoints[n].clone();
+            let ifindex = netns::ensure(&ep.net)?;
+            self.endpoints.get_mut(n).expect("listed").ifindex = ifindex;
+            for a in &ep.net.addresses {
+                self.datapath
+                    .set_ipcache(IpNet::from(*a), ep.identity.id.0)?;
+            }
+            self.datapath.attach_endpoint(&ep.net.host_if)?;
+        }
+        for (net, id) in self.cidr_identities.clone() {
+            self.datapath.set_ipcache(net, id.0)?;
+        }
+        self.write_host_addresses()?;
+        self.sync_all()
+    }
+
+    /// Records a controller run.
+    pub fn record(&mut self, controller: &str, result: &Result<()>) {
+        let c = self.controllers.entry(controller.to_string()).or_default();
+        c.last_run = now();
+        match result {
+            Ok(()) => {
+                c.successes += 1;
+                c.consecutive_failures = 0;
+                c.last_error = None;
+            }
+            Err(e) => {
+                c.failures += 1;
+                c.consecutive_failures += 1;
+                c.last_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    /// Every endpoint.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    /// One endpoint.
+    pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.get(name)
+    }
+
+    /// Every identity in use.
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
+        self.allocator.identities()
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> &PolicySet {
+        &self.policy
+    }
+
+    /// Identities with the endpoints that hold them.
+    pub fn identity_users(&self) -> BTreeMap<NumericIdentity, BTreeSet<String>> {
+        let mut out: BTreeMap<NumericIdentity, BTreeSet<String>> = BTreeMap::new();
+        for e in self.endpoints.values() {
+            out.entry(e.identity.id).or_default().insert(e.name.clone());
+        }
+        out
+    }
+}
+
+/// `--clean-state`: remove pinned links and maps and the endpoints of an earlier run.
+fn clean_state(config: &Config) -> Result<()> {
+    if let Ok(text) = fs::read_to_string(config.state_dir.join("endpoints.json")) {
+        if let Ok(records) = serde_json::from_str::<Vec<EndpointRecord>>(&text) {
+            for r in records {
+                let _ = netns::remove(&r.net);
+            }
+        }
+        let _ = fs::remove_file(config.state_dir.join("endpoints.json"));
+    }
+    if config.bpf_root.exists() {
+        let links = config.bpf_root.join("links");
+        if links.exists() {
+            fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+        }
+        for e in fs::read_dir(&config.bpf_root)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("mbr_") {
+                fs::remove_file(e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the periodic work (policy watch, reconcile) on a thread until the process ends.
+pub fn spawn_controllers(
+    agent: std::sync::Arc<std::sync::Mutex<Agent>>,
+    policy_every: Duration,
+    reconcile_every: Duration,
+) {
+    std::thread::spawn(move || {
+        let mut since_reconcile = Duration::ZERO;
+        loop {
+            std::thread::sleep(policy_every);
+            since_reconcile += policy_every;
+            let Ok(mut a) = agent.lock() else { return };
+            let r = a.poll_policy().map(|_| ());
+            a.record("policy-watch", &r);
+            if since_reconcile >= reconcile_every {
+                since_reconcile = Duration::ZERO;
+                let r = a.reconcile();
+                if let Err(e) = &r {
+                    eprintln!("membrane-agent: reconcile failed: {e:#}");
+                }
+                a.record("reconcile", &r);
+            }
+        }
+    });
+}

@@ -1,0 +1,325 @@
+//! The agent end to end: `membrane-agent` started on a policy directory, endpoints created with
+//! `membrane endpoint create`, real TCP between them, label changes, policy edits (a bad one
+//! rejected with the last good policy kept), and `kill -9` plus restart without a gap. Needs root.
+//!
+//! Network rule: endpoint addresses come from 10.251.0.0/24, which the agent covers with an
+//! `unreachable` route; the test removes that route, the namespaces and the bpffs on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const RANGE: &str = "10.251.0.0/24";
+
+struct Env {
+    tag: u32,
+    forwarding_before: String,
+    dir: PathBuf,
+    agent: Option<Child>,
+    servers: Vec<Child>,
+}
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Env {
+    fn new() -> Env {
+        let tag = std::process::id() % 10000;
+        let dir = std::env::temp_dir().join(format!("membrane-agent-e2e-{tag}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("policy")).unwrap();
+        fs::create_dir_all(dir.join("bpf")).unwrap();
+        let forwarding_before = fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Env {
+            tag,
+            forwarding_before,
+            dir,
+            agent: None,
+            servers: Vec::new(),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("state/membrane.sock")
+    }
+
+    fn start_agent(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_membrane-agent"))
+            .arg("--policy-dir")
+            .arg(self.dir.join("policy"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--bpf-root")
+            .arg(self.dir.join("bpf"))
+            .arg("--api-socket")
+            .arg(self.socket())
+            .args(["--ipv4-range", RANGE])
+            .stderr(
+                fs::File::create(
+                    self.dir
+                        .join(format!("agent-{}.log", Instant::now().elapsed().as_nanos())),
+                )
+                .unwrap(),
+            )
+            .spawn()
+            .expect("membrane-agent starts");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.membrane(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "the agent did not come up");
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill(); // SIGKILL: the agent gets no chance to clean up
+            let _ = a.wait();
+        }
+    }
+
+    fn membrane(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_membrane"))
+            .args(args)
+            .arg("--api-socket")
+            .arg(self.socket())
+            .args(["-o", "json"])
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.membrane(args);
+        assert!(
+            out.status.success(),
+            "membrane {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{name}{}", self.tag)
+    }
+
+    fn serve(&mut self, ep: &str, addr: &str, ports: &[u16]) {
+        let ports = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let code = format!(
+            "import socket,threading\n\
+             def run(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('{addr}',p)); s.listen(16)\n  \
+             while True:\n    c,_=s.accept(); c.sendall(b'ok'); c.close()\n\
+             for p in [{ports}]: threading.Thread(target=run,args=(p,),daemon=True).start()\n\
+             threading.Event().wait()\n"
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ep), "python3", "-c", &code])
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+        sleep(Duration::from_millis(500));
+    }
+
+    fn connects(&self, from: &str, addr: &str, port: u16) -> bool {
+        let code = format!(
+            "import socket,sys\ns=socket.create_connection(('{addr}',{port}),timeout=1)\nsys.exit(0 if s.recv(2)==b'ok' else 1)\n"
+        );
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(from),
+            "python3",
+            "-c",
+            &code,
+        ])
+    }
+
+    /// Waits up to `secs` for a connection check to give `want`.
+    fn eventually(&self, from: &str, addr: &str, port: u16, want: bool, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.connects(from, addr, port) == want {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        if self.agent.is_some() {
+            for ep in ["web", "client"] {
+                let _ = self.membrane(&["endpoint", "delete", &self.ns(ep)]);
+            }
+        }
+        self.kill_agent();
+        for ep in ["web", "client"] {
+            sh(&["ip", "netns", "del", &self.ns(ep)]);
+        }
+        sh(&["ip", "route", "del", "unreachable", RANGE]);
+        // The agent turns forwarding on, as a node agent must; the machine gets back what it had.
+        sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_forward={}", self.forwarding_before),
+        ]);
+        let bpf = self.dir.join("bpf");
+        let _ = fs::remove_dir_all(bpf.join("links"));
+        if let Ok(entries) = fs::read_dir(&bpf) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        sh(&["umount", &bpf.display().to_string()]);
+        if std::env::var_os("MEMBRANE_KEEP_TEST_DIR").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn write_policy(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+fn web_policy(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{port: \"{p}\", protocol: TCP}}"))
+        .collect();
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: web}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts: [{{ports: [{}]}}]\n",
+        ports.join(", ")
+    )
+}
+
+#[test]
+fn agent_enforces_policy_between_endpoints() {
+    assert!(
+        fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
+        "this test creates namespaces and loads BPF programs: run it as root"
+    );
+    let mut env = Env::new();
+    let policy_dir = env.dir.join("policy");
+    write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
+    env.start_agent();
+
+    let (web, client) = (env.ns("web"), env.ns("client"));
+    let w = env.json(&["endpoint", "create", &web, "--labels", "app=web"]);
+    let c = env.json(&["endpoint", "create", &client, "--labels", "app=client"]);
+    let web_ip = w["addresses"][0].as_str().unwrap().to_string();
+    assert!(web_ip.starts_with("10.251.0."), "{w}");
+    assert_ne!(w["identity"], c["identity"]);
+    assert_eq!(env.json(&["endpoint", "list"]).as_array().unwrap().len(), 2);
+    assert!(
+        env.json(&["identity", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["identity"] == w["identity"])
+    );
+
+    env.serve("web", &web_ip, &[8080, 8081]);
+    assert!(
+        env.connects("client", &web_ip, 8080),
+        "allowed by the policy"
+    );
+    assert!(!env.connects("client", &web_ip, 8081), "not in the policy");
+
+    // A label change gives the client a new identity that the policy does not allow.
+    let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);
+    assert_ne!(relabeled["identity"], c["identity"]);
+    assert!(
+        !env.connects("client", &web_ip, 8080),
+        "the new identity is not allowed"
+    );
+    env.json(&["endpoint", "labels", &client, "--set", "app=client"]);
+    assert!(env.connects("client", &web_ip, 8080), "allowed again");
+
+    // A bad edit is rejected and reported; the last good policy stays enforced.
+    write_policy(
+        &policy_dir,
+        "web.yaml",
+        &web_policy(&[8080]).replace("toPorts", "toPortz"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.json(&["status"])["policy"]["rejected"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the bad edit was not noticed");
+        sleep(Duration::from_millis(100));
+    }
+    let status = env.json(&["status"]);
+    assert!(
+        status["policy"]["rejected"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `toPortz`"),
+        "{status}"
+    );
+    assert!(
+        env.connects("client", &web_ip, 8080) && !env.connects("client", &web_ip, 8081),
+        "last good policy kept"
+    );
+
+    // A good edit applies within seconds.
+    write_policy(&policy_dir, "web.yaml", &web_policy(&[8080, 8081]));
+    assert!(
+        env.eventually("client", &web_ip, 8081, true, 5),
+        "the new policy was not applied"
+    );
+
+    // kill -9 and restart: enforcement never stops and the endpoints come back.
+    env.kill_agent();
+    assert!(
+        env.connects("client", &web_ip, 8080),
+        "allowed while the agent is down"
+    );
+    write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
+    env.start_agent();
+    assert_eq!(
+        env.json(&["endpoint", "list"]).as_array().unwrap().len(),
+        2,
+        "endpoints restored"
+    );
+    assert!(
+        env.eventually("client", &web_ip, 8081, false, 5),
+        "the policy written while down applies after restart"
+    );
+    assert!(env.connects("client", &web_ip, 8080));
+
+    env.json(&["endpoint", "delete", &client]);
+    assert!(
+        !sh(&["ip", "netns", "exec", &client, "true"]),
+        "the namespace is gone"
+    );
+}
