@@ -298,6 +298,42 @@ fn agent_enforces_policy_between_endpoints() {
         "the new policy was not applied"
     );
 
+    // Something else deletes web's policy entries: the reconcile controller puts them back.
+    {
+        use aya::maps::{HashMap, Map, MapData};
+        use membrane_bpf::abi::{PolicyKey, PolicyValue};
+        let pin = env.dir.join("bpf").join(membrane_bpf::maps::POLICY);
+        let mut m: HashMap<MapData, PolicyKey, PolicyValue> =
+            Map::from_map_data(MapData::from_pin(&pin).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let web_id = w["id"].as_u64().unwrap() as u32;
+        let keys: Vec<PolicyKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.endpoint_id == web_id)
+            .collect();
+        assert!(!keys.is_empty());
+        for k in keys {
+            m.remove(&k).unwrap();
+        }
+    }
+    assert!(
+        !env.connects("client", &web_ip, 8080),
+        "tampered: the allow entry is gone"
+    );
+    assert!(
+        env.eventually("client", &web_ip, 8080, true, 15),
+        "the reconcile controller did not repair the map"
+    );
+    assert!(
+        env.json(&["status"])["controllers"]["reconcile"]["successes"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
     // kill -9 and restart: enforcement never stops and the endpoints come back.
     env.kill_agent();
     assert!(
