@@ -5,9 +5,11 @@
 //! Network rule: endpoint addresses come from 10.251.0.0/24, which the agent covers with an
 //! `unreachable` route; the test removes that route, the namespaces and the bpffs on drop.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -19,15 +21,6 @@ struct Env {
     dir: PathBuf,
     agent: Option<Child>,
     servers: Vec<Child>,
-}
-
-fn sh(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 impl Env {
@@ -114,18 +107,7 @@ impl Env {
     }
 
     fn serve(&mut self, ep: &str, addr: &str, ports: &[u16]) {
-        let ports = ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let code = format!(
-            "import socket,threading\n\
-             def run(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('{addr}',p)); s.listen(16)\n  \
-             while True:\n    c,_=s.accept(); c.sendall(b'ok'); c.close()\n\
-             for p in [{ports}]: threading.Thread(target=run,args=(p,),daemon=True).start()\n\
-             threading.Event().wait()\n"
-        );
+        let code = common::server_code(addr, ports);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(ep), "python3", "-c", &code])
             .spawn()
@@ -135,10 +117,8 @@ impl Env {
     }
 
     fn connects(&self, from: &str, addr: &str, port: u16) -> bool {
-        let code = format!(
-            "import socket,sys\ns=socket.create_connection(('{addr}',{port}),timeout=1)\nsys.exit(0 if s.recv(2)==b'ok' else 1)\n"
-        );
-        sh(&[
+        let code = common::client_code(addr, port);
+        common::sh(&[
             "ip",
             "netns",
             "exec",
@@ -177,23 +157,16 @@ impl Drop for Env {
         }
         self.kill_agent();
         for ep in ["web", "client"] {
-            sh(&["ip", "netns", "del", &self.ns(ep)]);
+            common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
-        sh(&["ip", "route", "del", "unreachable", RANGE]);
+        common::sh(&["ip", "route", "del", "unreachable", RANGE]);
         // The agent turns forwarding on, as a node agent must; the machine gets back what it had.
-        sh(&[
+        common::sh(&[
             "sysctl",
             "-qw",
             &format!("net.ipv4.ip_forward={}", self.forwarding_before),
         ]);
-        let bpf = self.dir.join("bpf");
-        let _ = fs::remove_dir_all(bpf.join("links"));
-        if let Ok(entries) = fs::read_dir(&bpf) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        sh(&["umount", &bpf.display().to_string()]);
+        common::remove_bpffs(&self.dir.join("bpf"));
         if std::env::var_os("MEMBRANE_KEEP_TEST_DIR").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
@@ -219,13 +192,7 @@ fn web_policy(ports: &[u16]) -> String {
 
 #[test]
 fn agent_enforces_policy_between_endpoints() {
-    assert!(
-        fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
-        "this test creates namespaces and loads BPF programs: run it as root"
-    );
+    common::require_root();
     let mut env = Env::new();
     let policy_dir = env.dir.join("policy");
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
@@ -355,7 +322,7 @@ fn agent_enforces_policy_between_endpoints() {
 
     env.json(&["endpoint", "delete", &client]);
     assert!(
-        !sh(&["ip", "netns", "exec", &client, "true"]),
+        !common::sh(&["ip", "netns", "exec", &client, "true"]),
         "the namespace is gone"
     );
 }

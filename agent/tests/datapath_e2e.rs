@@ -6,6 +6,8 @@
 //! host namespace; the namespaces only route that prefix; everything created is removed on drop,
 //! also when an assertion fails.
 
+mod common;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,15 +23,6 @@ use membrane_policy::resolve::Resolver;
 use membrane_policy::rule::EnforcementMode;
 
 const PREFIX: &str = "10.250.0.0/16";
-
-fn sh(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn must(args: &[&str]) {
     let out = Command::new(args[0])
@@ -118,18 +111,7 @@ impl Lab {
     /// A TCP server in the pod's namespace that answers "ok" on each port.
     fn serve(&mut self, name: char, addr: &str, ports: &[u16]) {
         let ns = format!("mbrt{}{name}", self.tag);
-        let ports = ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let code = format!(
-            "import socket,threading\n\
-             def run(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('{addr}',p)); s.listen(16)\n  \
-             while True:\n    c,_=s.accept(); c.sendall(b'ok'); c.close()\n\
-             for p in [{ports}]: threading.Thread(target=run,args=(p,),daemon=True).start()\n\
-             threading.Event().wait()\n"
-        );
+        let code = common::server_code(addr, ports);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c", &code])
             .spawn()
@@ -141,10 +123,8 @@ impl Lab {
     /// Whether a TCP connection from the pod gets the server's answer within a second.
     fn connects(&self, from: char, addr: &str, port: u16) -> bool {
         let ns = format!("mbrt{}{from}", self.tag);
-        let code = format!(
-            "import socket,sys\ns=socket.create_connection(('{addr}',{port}),timeout=1)\nsys.exit(0 if s.recv(2)==b'ok' else 1)\n"
-        );
-        sh(&["ip", "netns", "exec", &ns, "python3", "-c", &code])
+        let code = common::client_code(addr, port);
+        common::sh(&["ip", "netns", "exec", &ns, "python3", "-c", &code])
     }
 }
 
@@ -154,23 +134,16 @@ impl Drop for Lab {
             let _ = s.kill();
             let _ = s.wait();
         }
-        // Pinned links and maps go with the bpffs mount.
-        let _ = fs::remove_dir_all(self.bpffs.join("links"));
-        if let Ok(entries) = fs::read_dir(&self.bpffs) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        sh(&["umount", &self.bpffs.display().to_string()]);
+        common::remove_bpffs(&self.bpffs);
         let _ = fs::remove_dir(&self.bpffs);
         for ns in &self.namespaces {
-            sh(&["ip", "netns", "del", ns]);
+            common::sh(&["ip", "netns", "del", ns]);
         }
         for r in &self.routes {
-            sh(&["ip", "route", "del", r]);
+            common::sh(&["ip", "route", "del", r]);
         }
-        sh(&["ip", "route", "del", "unreachable", PREFIX]);
-        sh(&[
+        common::sh(&["ip", "route", "del", "unreachable", PREFIX]);
+        common::sh(&[
             "sysctl",
             "-qw",
             &format!("net.ipv4.ip_forward={}", self.forwarding_before),
@@ -211,13 +184,7 @@ const DENY_ALL: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmet
 
 #[test]
 fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
-    assert!(
-        fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
-        "this test creates namespaces and loads BPF programs: run it as root"
-    );
+    common::require_root();
     let mut lab = Lab::new();
     let (a_if, a_ip) = lab.pod('a', 1);
     let (b_if, b_ip) = lab.pod('b', 2);
