@@ -50,6 +50,37 @@ pub fn call(
     })
 }
 
+/// Fetches a text resource (the metrics).
+pub fn text(socket: &Path, path: &str) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent at {} (is membrane-agent running?)",
+                    socket.display()
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(path)
+            .header("host", "membrane")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+        if !status.is_success() {
+            bail!("{status}: {body}");
+        }
+        Ok(body)
+    })
+}
+
 /// Like [`call`], but an error status becomes an error carrying the agent's message.
 pub fn expect_ok(socket: &Path, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
     let (status, value) = call(socket, method, path, body)?;

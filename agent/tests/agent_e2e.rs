@@ -58,6 +58,10 @@ impl Env {
             .arg("--api-socket")
             .arg(self.socket())
             .args(["--ipv4-range", RANGE])
+            .args([
+                "--prometheus-serve-addr",
+                &format!("127.0.0.1:{}", 19000 + self.tag % 1000),
+            ])
             .stderr(
                 fs::File::create(
                     self.dir
@@ -219,6 +223,25 @@ fn agent_enforces_policy_between_endpoints() {
         "allowed by the policy"
     );
     assert!(!env.connects("client", &web_ip, 8081), "not in the policy");
+
+    // Metrics: datapath counters by reason and direction, on the API and on the Prometheus port.
+    let metrics = String::from_utf8(env.membrane(&["metrics"]).stdout).unwrap();
+    assert!(
+        metrics.contains("membrane_drop_packets_total{reason=\"-133\",direction=\"ingress\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("membrane_endpoints 2"), "{metrics}");
+    let scraped = Command::new("curl")
+        .args([
+            "-sf",
+            &format!("http://127.0.0.1:{}/metrics", 19000 + env.tag % 1000),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&scraped.stdout).contains("membrane_forward_packets_total"),
+        "Prometheus endpoint"
+    );
 
     // A label change gives the client a new identity that the policy does not allow.
     let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);

@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let config = Config::load()?;
     let socket = config.api_socket.clone();
+    let prometheus = config.prometheus_serve_addr;
     let agent = Agent::start(config)?;
     eprintln!(
         "membrane-agent: policy revision {} ({} rules), {} endpoints restored; API on {}",
@@ -43,6 +44,13 @@ fn run() -> Result<()> {
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding {}", socket.display()))?;
+        if let Some(addr) = prometheus {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            let router = api::metrics_router(agent.clone());
+            tokio::spawn(async move { axum::serve(tcp, router).await });
+        }
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

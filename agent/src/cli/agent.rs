@@ -225,6 +225,11 @@ pub(super) fn status(api: Api) -> Result<()> {
     Ok(())
 }
 
+pub(super) fn metrics(api: Api) -> Result<()> {
+    print!("{}", crate::client::text(&api.api_socket, "/v1/metrics")?);
+    Ok(())
+}
+
 pub(super) fn identity(cmd: IdentityCommand) -> Result<()> {
     let IdentityCommand::List(api) = cmd;
     let v = expect_ok(&api.api_socket, Method::GET, "/v1/identities", None)?;

@@ -34,6 +34,8 @@ enum Command {
     /// Identities.
     #[command(subcommand)]
     Identity(agent::IdentityCommand),
+    /// The agent's Prometheus metrics (datapath counters, endpoints, identities, policy, controllers).
+    Metrics(agent::Api),
 }
 
 /// Output format.
@@ -56,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Endpoint(cmd) => exit_code(agent::endpoint(cmd)),
         Command::Status(api) => exit_code(agent::status(api)),
         Command::Identity(cmd) => exit_code(agent::identity(cmd)),
+        Command::Metrics(api) => exit_code(agent::metrics(api)),
     }
 }
 

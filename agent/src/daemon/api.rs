@@ -19,6 +19,7 @@ type Shared = Arc<Mutex<Agent>>;
 pub fn router(agent: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/metrics", get(metrics_text))
         .route("/v1/identities", get(identities))
         .route("/v1/endpoints", get(list))
         .route(
@@ -91,6 +92,27 @@ async fn status(State(agent): State<Shared>) -> Result<Json<Value>, ApiError> {
         })))
     })
     .await
+}
+
+/// Prometheus text exposition (served on the API socket and on `--prometheus-serve-addr`).
+async fn metrics_text(State(agent): State<Shared>) -> Result<Response, ApiError> {
+    let text = with_agent(agent, |a| {
+        super::metrics::render(a)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
+    })
+    .await?;
+    Ok((
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response())
+}
+
+/// The routes of the metrics listener.
+pub fn metrics_router(agent: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(agent)
 }
 
 async fn identities(State(agent): State<Shared>) -> Result<Json<Value>, ApiError> {

@@ -58,7 +58,7 @@ pub struct Config {
         default_value = "/var/run/membrane/membrane.sock"
     )]
     pub api_socket: PathBuf,
-    /// Prometheus listen address (not served yet).
+    /// Address to serve Prometheus metrics on (`/metrics`), e.g. 127.0.0.1:9962.
     #[arg(long, env = "MEMBRANE_PROMETHEUS_SERVE_ADDR")]
     pub prometheus_serve_addr: Option<SocketAddr>,
 }
@@ -123,13 +123,8 @@ impl Config {
                 config.take_from(&from_file, &id);
             }
         }
-        if !config.devices.is_empty()
-            || config.k8s_legacy_host_allows_world
-            || config.prometheus_serve_addr.is_some()
-        {
-            bail!(
-                "--devices, --k8s-legacy-host-allows-world and --prometheus-serve-addr are not implemented yet"
-            );
+        if !config.devices.is_empty() || config.k8s_legacy_host_allows_world {
+            bail!("--devices and --k8s-legacy-host-allows-world are not implemented yet");
         }
         Ok(config)
     }

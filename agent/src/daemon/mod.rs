@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod config;
+pub mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

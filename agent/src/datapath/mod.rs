@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
-use membrane_bpf::abi::{ABI_VERSION, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use membrane_bpf::abi::{
+    ABI_VERSION, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyKey, PolicyValue,
+};
 use membrane_bpf::{OBJECT, maps, programs};
 
 /// Every map of the object, pinned by name under the root.
@@ -173,6 +175,23 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
         let _ = m.remove(&ifindex);
         Ok(())
+    }
+
+    /// The datapath's counters, summed over CPUs: (key, packets and bytes).
+    pub fn metrics(&mut self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
+        let m: PerCpuHashMap<&mut MapData, MetricsKey, MetricsValue> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::METRICS).context("metrics")?)?;
+        let mut out = Vec::new();
+        for entry in m.iter() {
+            let (k, per_cpu) = entry?;
+            let mut total = MetricsValue::default();
+            for v in per_cpu.iter() {
+                total.packets += v.packets;
+                total.bytes += v.bytes;
+            }
+            out.push((k, total));
+        }
+        Ok(out)
     }
 
     /// Makes an endpoint's policy entries exactly `entries`: stale keys are deleted, others
