@@ -2,8 +2,9 @@
 //! `membrane endpoint create`, real TCP between them, label changes, policy edits (a bad one
 //! rejected with the last good policy kept), and `kill -9` plus restart without a gap. Needs root.
 //!
-//! Network rule: endpoint addresses come from 10.251.0.0/24, which the agent covers with an
-//! `unreachable` route; the test removes that route, the namespaces and the bpffs on drop.
+//! Network rule: endpoint addresses come from 10.251.0.0/24 and fd00:251::/120, which the agent
+//! covers with `unreachable` routes; the test removes those routes, the namespaces and the bpffs
+//! on drop, and gives the machine back its forwarding settings.
 
 mod common;
 
@@ -14,10 +15,12 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 const RANGE: &str = "10.251.0.0/24";
+const RANGE6: &str = "fd00:251::/120";
 
 struct Env {
     tag: u32,
     forwarding_before: String,
+    forwarding6_before: String,
     dir: PathBuf,
     agent: Option<Child>,
     servers: Vec<Child>,
@@ -34,9 +37,14 @@ impl Env {
             .unwrap_or_default()
             .trim()
             .to_string();
+        let forwarding6_before = fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         Env {
             tag,
             forwarding_before,
+            forwarding6_before,
             dir,
             agent: None,
             servers: Vec::new(),
@@ -57,7 +65,7 @@ impl Env {
             .arg(self.dir.join("bpf"))
             .arg("--api-socket")
             .arg(self.socket())
-            .args(["--ipv4-range", RANGE])
+            .args(["--ipv4-range", RANGE, "--ipv6-range", RANGE6])
             .args([
                 "--prometheus-serve-addr",
                 &format!("127.0.0.1:{}", 19000 + self.tag % 1000),
@@ -110,8 +118,8 @@ impl Env {
         format!("{name}{}", self.tag)
     }
 
-    fn serve(&mut self, ep: &str, addr: &str, ports: &[u16]) {
-        let code = common::server_code(addr, ports);
+    fn serve(&mut self, ep: &str, addr: &str, ports: &[u16], udp: &[u16]) {
+        let code = common::server_code(addr, ports, udp);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(ep), "python3", "-c", &code])
             .spawn()
@@ -122,6 +130,19 @@ impl Env {
 
     fn connects(&self, from: &str, addr: &str, port: u16) -> bool {
         let code = common::client_code(addr, port);
+        common::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(from),
+            "python3",
+            "-c",
+            &code,
+        ])
+    }
+
+    fn udp(&self, from: &str, addr: &str, port: u16) -> bool {
+        let code = common::udp_client_code(addr, port);
         common::sh(&[
             "ip",
             "netns",
@@ -164,6 +185,12 @@ impl Drop for Env {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
         common::sh(&["ip", "route", "del", "unreachable", RANGE]);
+        common::sh(&["ip", "-6", "route", "del", "unreachable", RANGE6]);
+        common::sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.all.forwarding={}", self.forwarding6_before),
+        ]);
         // The agent turns forwarding on, as a node agent must; the machine gets back what it had.
         common::sh(&[
             "sysctl",
@@ -206,6 +233,8 @@ fn agent_enforces_policy_between_endpoints() {
     let w = env.json(&["endpoint", "create", &web, "--labels", "app=web"]);
     let c = env.json(&["endpoint", "create", &client, "--labels", "app=client"]);
     let web_ip = w["addresses"][0].as_str().unwrap().to_string();
+    let web_ip6 = w["addresses"][1].as_str().unwrap().to_string();
+    assert!(web_ip6.starts_with("fd00:251::"), "{w}");
     assert!(web_ip.starts_with("10.251.0."), "{w}");
     assert_ne!(w["identity"], c["identity"]);
     assert_eq!(env.json(&["endpoint", "list"]).as_array().unwrap().len(), 2);
@@ -217,12 +246,25 @@ fn agent_enforces_policy_between_endpoints() {
             .any(|i| i["identity"] == w["identity"])
     );
 
-    env.serve("web", &web_ip, &[8080, 8081]);
+    env.serve("web", &web_ip, &[8080, 8081], &[5353]);
+    env.serve("web", &web_ip6, &[8080, 8081], &[]);
     assert!(
         env.connects("client", &web_ip, 8080),
         "allowed by the policy"
     );
     assert!(!env.connects("client", &web_ip, 8081), "not in the policy");
+    assert!(
+        env.connects("client", &web_ip6, 8080),
+        "IPv6: allowed by the policy"
+    );
+    assert!(
+        !env.connects("client", &web_ip6, 8081),
+        "IPv6: not in the policy"
+    );
+    assert!(
+        !env.udp("client", &web_ip, 5353),
+        "UDP is not in the policy"
+    );
 
     // Metrics: datapath counters by reason and direction, on the API and on the Prometheus port.
     let metrics = String::from_utf8(env.membrane(&["metrics"]).stdout).unwrap();

@@ -111,7 +111,7 @@ impl Lab {
     /// A TCP server in the pod's namespace that answers "ok" on each port.
     fn serve(&mut self, name: char, addr: &str, ports: &[u16]) {
         let ns = format!("mbrt{}{name}", self.tag);
-        let code = common::server_code(addr, ports);
+        let code = common::server_code(addr, ports, &[]);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c", &code])
             .spawn()

@@ -27,19 +27,35 @@ pub fn require_root() {
     );
 }
 
-/// Python for a TCP server that answers "ok" on each port of `addr`.
-pub fn server_code(addr: &str, ports: &[u16]) -> String {
-    let ports = ports
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+/// Python for a server on `addr` (IPv4 or IPv6) that answers "ok" on each TCP port and echoes
+/// "ok" to each datagram on each UDP port.
+pub fn server_code(addr: &str, tcp: &[u16], udp: &[u16]) -> String {
+    let list = |v: &[u16]| {
+        v.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (tcp, udp) = (list(tcp), list(udp));
     format!(
         "import socket,threading\n\
-         def run(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('{addr}',p)); s.listen(16)\n  \
+         fam=socket.AF_INET6 if ':' in '{addr}' else socket.AF_INET\n\
+         def tcp(p):\n  s=socket.socket(fam); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('{addr}',p)); s.listen(16)\n  \
          while True:\n    c,_=s.accept(); c.sendall(b'ok'); c.close()\n\
-         for p in [{ports}]: threading.Thread(target=run,args=(p,),daemon=True).start()\n\
+         def udp(p):\n  s=socket.socket(fam,socket.SOCK_DGRAM); s.bind(('{addr}',p))\n  \
+         while True:\n    _,a=s.recvfrom(64); s.sendto(b'ok',a)\n\
+         for p in [{tcp}]: threading.Thread(target=tcp,args=(p,),daemon=True).start()\n\
+         for p in [{udp}]: threading.Thread(target=udp,args=(p,),daemon=True).start()\n\
          threading.Event().wait()\n"
+    )
+}
+
+/// Python that exits 0 when a UDP datagram to `addr:port` is answered with "ok" within a second.
+pub fn udp_client_code(addr: &str, port: u16) -> String {
+    format!(
+        "import socket,sys\nfam=socket.AF_INET6 if ':' in '{addr}' else socket.AF_INET\n\
+         s=socket.socket(fam,socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'hi',('{addr}',{port}))\n\
+         sys.exit(0 if s.recv(2)==b'ok' else 1)\n"
     )
 }
 
