@@ -12,3 +12,4 @@ pub mod ipam;
 pub mod netns;
 pub mod offline;
 pub mod policy_dir;
+pub mod trace_view;

@@ -266,6 +266,18 @@ fn agent_enforces_policy_between_endpoints() {
         "UDP is not in the policy"
     );
 
+    // The live trace explains what the datapath just did, with endpoints by name.
+    let t = env.json(&[
+        "policy", "trace", "--live", "--src", &client, "--dst", &web, "--dport", "8081",
+    ]);
+    assert_eq!(t["verdict"], "denied", "{t}");
+    assert_eq!(t["src"]["endpoint"], client.as_str());
+    let t = env.json(&[
+        "policy", "trace", "--live", "--src", &client, "--dst", &web, "--dport", "8080",
+    ]);
+    assert_eq!(t["verdict"], "allowed", "{t}");
+    assert_eq!(t["directions"][1]["matches"][0]["rule"]["name"], "web");
+
     // Metrics: datapath counters by reason and direction, on the API and on the Prometheus port.
     let metrics = String::from_utf8(env.membrane(&["metrics"]).stdout).unwrap();
     assert!(

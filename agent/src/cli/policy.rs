@@ -13,7 +13,7 @@ use membrane_policy::l7::kafka::api_key_from_name;
 use membrane_policy::labels::{LabelSet, Source};
 use membrane_policy::resolve::{DirectionTable, Verdict};
 use membrane_policy::rule::{EnforcementMode, L7Rules, Proto};
-use membrane_policy::trace::{self, Flow, L7Facts, Trace, TraceVerdict};
+use membrane_policy::trace::{self, Flow, L7Facts};
 use membrane_policy::{Diagnostic, PolicySet};
 use serde_json::json;
 
@@ -39,8 +39,18 @@ pub(super) enum PolicyCommand {
 #[derive(Debug, Args)]
 pub(super) struct TraceArgs {
     /// Directory (or file) of policy YAML.
-    #[arg(long, env = "MEMBRANE_POLICY_DIR")]
-    policy_dir: PathBuf,
+    #[arg(long, env = "MEMBRANE_POLICY_DIR", required_unless_present = "live")]
+    policy_dir: Option<PathBuf>,
+    /// Ask the running agent: its policy in force, its endpoints (--src/--dst may name them).
+    #[arg(long)]
+    live: bool,
+    /// The agent's API socket (with --live).
+    #[arg(
+        long,
+        env = "MEMBRANE_API_SOCKET",
+        default_value = "/var/run/membrane/membrane.sock"
+    )]
+    api_socket: PathBuf,
     /// Source labels: comma-separated `[source:]key=value` (no source means k8s:).
     #[arg(long, required_unless_present = "src_ip", conflicts_with = "src_ip")]
     src: Option<String>,
@@ -260,8 +270,67 @@ fn party(
     Ok((offline.identity_for_labels(&set, namespace)?, None))
 }
 
+fn trace_live(a: &TraceArgs) -> Result<()> {
+    let (port, proto) = parse_dport(&a.dport)?;
+    let side = |labels: &Option<String>, ip: Option<IpAddr>| {
+        labels
+            .clone()
+            .or(ip.map(|i| i.to_string()))
+            .unwrap_or_default()
+    };
+    let req = crate::trace_view::TraceRequest {
+        src: side(&a.src, a.src_ip),
+        dst: side(&a.dst, a.dst_ip),
+        src_namespace: Some(a.src_namespace.clone()),
+        dst_namespace: Some(a.dst_namespace.clone()),
+        dport: port,
+        proto: proto.to_string(),
+        http: match l7_facts(a)? {
+            L7Facts::Http {
+                method,
+                path,
+                host,
+                headers,
+            } => Some(crate::trace_view::HttpFacts {
+                method,
+                path,
+                host,
+                headers,
+            }),
+            _ => None,
+        },
+        kafka: a
+            .kafka_api_key
+            .clone()
+            .map(|api_key| crate::trace_view::KafkaFacts {
+                api_key,
+                api_version: a.kafka_api_version.unwrap_or(0),
+                client_id: a.kafka_client_id.clone(),
+                topics: a.kafka_topic.clone(),
+            }),
+    };
+    let v = crate::client::expect_ok(
+        &a.api_socket,
+        hyper::Method::POST,
+        "/v1/trace",
+        Some(serde_json::to_value(&req)?),
+    )?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v["trace"])?),
+        Output::Text => print!("{}", v["text"].as_str().unwrap_or_default()),
+    }
+    Ok(())
+}
+
 fn trace_cmd(a: &TraceArgs) -> Result<()> {
-    let set = load_policy(&a.policy_dir)?;
+    if a.live {
+        return trace_live(a);
+    }
+    let dir = a
+        .policy_dir
+        .as_ref()
+        .ok_or_else(|| anyhow!("--policy-dir is required without --live"))?;
+    let set = load_policy(dir)?;
     let specs = match &a.endpoints {
         Some(p) => load_endpoints(p)?,
         None => Vec::new(),
@@ -286,147 +355,9 @@ fn trace_cmd(a: &TraceArgs) -> Result<()> {
             v["dst"]["endpoint"] = json!(dst_name);
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        Output::Text => print!("{}", render_trace(&result, &flow)),
+        Output::Text => print!("{}", crate::trace_view::render(&result, &flow.l7)),
     }
     Ok(())
-}
-
-fn render_trace(t: &Trace, flow: &Flow<'_>) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "From: identity {} [{}]", t.src.identity, t.src.labels);
-    let _ = writeln!(s, "To:   identity {} [{}]", t.dst.identity, t.dst.labels);
-    let _ = write!(s, "Flow: {}/{}", t.dport, t.protocol);
-    match &flow.l7 {
-        L7Facts::Http {
-            method,
-            path,
-            host,
-            headers,
-        } => {
-            let _ = write!(s, "  HTTP {method} {path}");
-            if !host.is_empty() {
-                let _ = write!(s, " host={host}");
-            }
-            for (k, v) in headers {
-                let _ = write!(s, " [{k}: {v}]");
-            }
-        }
-        L7Facts::Kafka {
-            api_key,
-            api_version,
-            client_id,
-            topics,
-        } => {
-            let name = membrane_policy::l7::kafka::api_key_name(*api_key).unwrap_or("?");
-            let _ = write!(s, "  Kafka {name}({api_key}) v{api_version}");
-            if let Some(c) = client_id {
-                let _ = write!(s, " client={c}");
-            }
-            if !topics.is_empty() {
-                let _ = write!(s, " topics={}", topics.join(","));
-            }
-        }
-        L7Facts::None => {}
-    }
-    s.push_str("\n\n");
-    for d in &t.directions {
-        let verdict = match d.verdict {
-            TraceVerdict::Allowed => "allowed",
-            TraceVerdict::Denied => "DENIED",
-        };
-        let _ = writeln!(
-            s,
-            "{} of {} ({}): {verdict}",
-            capitalize(d.direction.as_str()),
-            d.endpoint,
-            serde_json::to_value(d.stage)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        );
-        if !d.selecting_rules.is_empty() {
-            let _ = writeln!(s, "  rules selecting {}:", d.endpoint);
-            for r in &d.selecting_rules {
-                let ns = r
-                    .namespace
-                    .as_ref()
-                    .map(|n| format!("{n}/"))
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    s,
-                    "    {} {ns}{} spec[{}]  ({})",
-                    r.kind.as_str(),
-                    r.name,
-                    r.rule_index,
-                    r.file
-                );
-            }
-        }
-        for q in &d.requires {
-            let _ = writeln!(s, "  requires: {q}");
-        }
-        for m in &d.matches {
-            let ns = m
-                .rule
-                .namespace
-                .as_ref()
-                .map(|n| format!("{n}/"))
-                .unwrap_or_default();
-            let ports = m
-                .to_ports
-                .map(|p| format!(" toPorts[{p}]"))
-                .unwrap_or_default();
-            let l7 =
-                m.l7.map(|k| format!("  -> {k:?} rules"))
-                    .unwrap_or_default();
-            let _ = writeln!(
-                s,
-                "  L3/L4 match: {} {ns}{} spec[{}] {}{ports} via {}{l7}",
-                m.rule.kind.as_str(),
-                m.rule.name,
-                m.rule.rule_index,
-                m.item,
-                m.peer
-            );
-        }
-        if let Some(l7) = &d.l7 {
-            for m in &l7.allowed_by {
-                let ns = m
-                    .rule
-                    .namespace
-                    .as_ref()
-                    .map(|n| format!("{n}/"))
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    s,
-                    "  L7 match:    {} {ns}{} spec[{}] {} toPorts[{}] {}",
-                    m.rule.kind.as_str(),
-                    m.rule.name,
-                    m.rule.rule_index,
-                    m.item,
-                    m.to_ports,
-                    m.l7_rule
-                );
-            }
-        }
-        let _ = writeln!(s, "  {}\n", d.reason);
-    }
-    let _ = writeln!(
-        s,
-        "Verdict: {}",
-        match t.verdict {
-            TraceVerdict::Allowed => "allowed",
-            TraceVerdict::Denied => "denied",
-        }
-    );
-    s
-}
-
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
 }
 
 fn resolve_cmd(a: &ResolveArgs) -> Result<()> {

@@ -20,6 +20,7 @@ pub fn router(agent: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/metrics", get(metrics_text))
+        .route("/v1/trace", axum::routing::post(trace))
         .route("/v1/identities", get(identities))
         .route("/v1/endpoints", get(list))
         .route(
@@ -90,6 +91,16 @@ async fn status(State(agent): State<Shared>) -> Result<Json<Value>, ApiError> {
             "enforcement": a.config().enable_policy,
             "controllers": a.controllers,
         })))
+    })
+    .await
+}
+
+async fn trace(
+    State(agent): State<Shared>,
+    Json(req): Json<crate::trace_view::TraceRequest>,
+) -> Result<Json<Value>, ApiError> {
+    with_agent(agent, move |a| {
+        a.trace(&req).map(Json).map_err(|e| bad(format!("{e:#}")))
     })
     .await
 }

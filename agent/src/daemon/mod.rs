@@ -560,6 +560,65 @@ impl Agent {
         }
     }
 
+    /// Traces a flow against the policy in force. Parties are endpoint names, label lists or
+    /// addresses (an endpoint's, or else world with its CIDR labels).
+    pub fn trace(&mut self, req: &crate::trace_view::TraceRequest) -> Result<serde_json::Value> {
+        let proto = req.proto()?;
+        let facts = req.facts()?;
+        let src = self.party(&req.src, req.src_namespace.as_deref())?;
+        let dst = self.party(&req.dst, req.dst_namespace.as_deref())?;
+        let flow = membrane_policy::trace::Flow {
+            src: &src.0,
+            dst: &dst.0,
+            port: req.dport,
+            proto,
+            l7: facts.clone(),
+        };
+        let t = membrane_policy::trace::trace(&self.policy.rules, self.config.enable_policy, &flow);
+        let mut v = serde_json::to_value(&t)?;
+        v["src"]["endpoint"] = serde_json::json!(src.1);
+        v["dst"]["endpoint"] = serde_json::json!(dst.1);
+        Ok(serde_json::json!({ "trace": v, "text": crate::trace_view::render(&t, &facts) }))
+    }
+
+    fn party(&self, text: &str, namespace: Option<&str>) -> Result<(Identity, Option<String>)> {
+        if let Some(e) = self.endpoints.get(text) {
+            return Ok((e.identity.clone(), Some(e.name.clone())));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            if let Some(e) = self
+                .endpoints
+                .values()
+                .find(|e| e.net.addresses.contains(&ip))
+            {
+                return Ok((e.identity.clone(), Some(e.name.clone())));
+            }
+            let labels = cidr_labels(&IpNet::from(ip));
+            let id = self
+                .allocator
+                .lookup_labels(&labels)
+                .map(|i| i.id)
+                .unwrap_or(NumericIdentity::WORLD);
+            return Ok((Identity { id, labels }, None));
+        }
+        if !text.contains('=') && !text.contains(':') {
+            bail!("no endpoint named {text:?}");
+        }
+        let labels = LabelSet::parse_list(text, Source::K8s).map_err(|e| anyhow!("{e}"))?;
+        let labels = endpoint_labels(
+            &labels,
+            namespace.unwrap_or("default"),
+            None,
+            &self.policy.namespaces,
+        );
+        let id = self
+            .allocator
+            .lookup_labels(&labels)
+            .map(|i| i.id)
+            .unwrap_or(NumericIdentity::UNKNOWN);
+        Ok((Identity { id, labels }, None))
+    }
+
     /// Every endpoint.
     pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.values()
