@@ -278,6 +278,18 @@ fn agent_enforces_policy_between_endpoints() {
     assert_eq!(t["verdict"], "allowed", "{t}");
     assert_eq!(t["directions"][1]["matches"][0]["rule"]["name"], "web");
 
+    // The datapath's view of web, by name.
+    let bpf = env.dir.join("bpf").display().to_string();
+    let entries = env.json(&["bpf", "policy", "get", &web, "--bpf-root", &bpf]);
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["port"] == 8080 && e["identity"] == c["identity"]),
+        "{entries}"
+    );
+
     // Metrics: datapath counters by reason and direction, on the API and on the Prometheus port.
     let metrics = String::from_utf8(env.membrane(&["metrics"]).stdout).unwrap();
     assert!(
@@ -378,14 +390,41 @@ fn agent_enforces_policy_between_endpoints() {
             >= 1
     );
 
-    // kill -9 and restart: enforcement never stops and the endpoints come back.
+    // kill -9 and restart under load: every allowed request succeeds and nothing denied passes,
+    // all along (8082 has no server: a packet that got through would come back refused).
+    let load_code = format!(
+        "import socket,time,json\nok=fail=passed=0\nend=time.time()+6\n\
+         while time.time()<end:\n  \
+           try:\n    s=socket.create_connection(('{web_ip}',8080),timeout=1); ok+=s.recv(2)==b'ok'; s.close()\n  \
+           except OSError: fail+=1\n  \
+           try:\n    socket.create_connection(('{web_ip}',8082),timeout=0.2); passed+=1\n  \
+           except ConnectionRefusedError: passed+=1\n  \
+           except OSError: pass\n  \
+           time.sleep(0.05)\n\
+         print(json.dumps(dict(ok=ok,fail=fail,passed=passed)))\n"
+    );
+    let load = Command::new("ip")
+        .args(["netns", "exec", &client, "python3", "-c", &load_code])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(500));
     env.kill_agent();
     assert!(
         env.connects("client", &web_ip, 8080),
         "allowed while the agent is down"
     );
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
+    sleep(Duration::from_millis(500));
     env.start_agent();
+    let counts: serde_json::Value =
+        serde_json::from_slice(&load.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(
+        (counts["fail"].as_u64(), counts["passed"].as_u64()),
+        (Some(0), Some(0)),
+        "{counts}"
+    );
+    assert!(counts["ok"].as_u64().unwrap() > 10, "{counts}");
     assert_eq!(
         env.json(&["endpoint", "list"]).as_array().unwrap().len(),
         2,

@@ -120,8 +120,11 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct flow *f)
 		int ret = parse_l4(data, data_end, off, f);
 		if (ret != PARSE_OK)
 			return ret;
-		/* Neighbour discovery always passes, or IPv6 dies when neighbour entries expire. */
-		if (f->proto == IPPROTO_ICMPV6 && f->icmp_type >= 133 && f->icmp_type <= 137)
+		/* Neighbour discovery always passes, or IPv6 dies when neighbour entries expire; so
+		 * does multicast listener discovery (130-132, 143), link-local control traffic. */
+		if (f->proto == IPPROTO_ICMPV6 &&
+		    ((f->icmp_type >= 133 && f->icmp_type <= 137) || (f->icmp_type >= 130 && f->icmp_type <= 132) ||
+		     f->icmp_type == 143))
 			return PARSE_PASS_NDP;
 		return PARSE_OK;
 	}

@@ -453,6 +453,12 @@ fn ipv6_policy_and_neighbour_discovery() {
         run(&mut e, programs::TO_ENDPOINT, &v6(b6, a6, 58, &[], &ns)),
         TC_ACT_OK
     );
+    // Neither do MLD reports (143).
+    let mld = [143u8, 0, 0, 0, 0, 0, 0, 1];
+    assert_eq!(
+        run(&mut e, programs::TO_ENDPOINT, &v6(b6, a6, 58, &[], &mld)),
+        TC_ACT_OK
+    );
     // Echo request does not.
     let echo = [128u8, 0, 0, 0, 0, 1, 0, 1];
     assert_eq!(

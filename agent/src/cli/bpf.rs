@@ -51,10 +51,17 @@ pub(super) enum ListOnly {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCmd {
-    /// The entries of one endpoint (by endpoint id).
+    /// The entries of one endpoint.
     Get {
-        /// Endpoint id.
-        endpoint: u32,
+        /// Endpoint name (looked up through the agent) or numeric endpoint id.
+        endpoint: String,
+        /// The agent's API socket, to look names up.
+        #[arg(
+            long,
+            env = "MEMBRANE_API_SOCKET",
+            default_value = "/var/run/membrane/membrane.sock"
+        )]
+        api_socket: PathBuf,
         #[command(flatten)]
         root: BpfRoot,
     },
@@ -76,7 +83,28 @@ pub(super) struct MonitorArgs {
 pub(super) fn run(cmd: BpfCommand) -> Result<()> {
     match cmd {
         BpfCommand::Ipcache(ListOnly::List(root)) => ipcache(&root),
-        BpfCommand::Policy(PolicyCmd::Get { endpoint, root }) => policy(&root, endpoint),
+        BpfCommand::Policy(PolicyCmd::Get {
+            endpoint,
+            api_socket,
+            root,
+        }) => {
+            let id = match endpoint.parse::<u32>() {
+                Ok(id) => id,
+                Err(_) => {
+                    let e = crate::client::expect_ok(
+                        &api_socket,
+                        hyper::Method::GET,
+                        &format!("/v1/endpoints/{endpoint}"),
+                        None,
+                    )?;
+                    e["id"]
+                        .as_u64()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .context("the agent returned no endpoint id")?
+                }
+            };
+            policy(&root, id)
+        }
         BpfCommand::Ct(ListOnly::List(root)) => ct(&root),
     }
 }
