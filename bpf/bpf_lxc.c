@@ -40,6 +40,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct device_info);
+} mbr_devices_v2 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1048576);
 	__type(key, struct policy_key);
 	__type(value, struct policy_value);
@@ -210,6 +217,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	remote = lookup_identity(&f, remote_addr);
+	if (dir == DIR_INGRESS) {
+		/* From outside the node: world (or host, in legacy mode), never a local identity. */
+		__u32 in_if = skb->ingress_ifindex;
+		struct device_info *dev = bpf_map_lookup_elem(&mbr_devices_v2, &in_if);
+		if (dev && !(remote & ID_LOCAL_SCOPE))
+			remote = dev->identity;
+	}
 	__u32 src_id = dir == DIR_EGRESS ? ep_identity : remote;
 	__u32 dst_id = dir == DIR_EGRESS ? remote : ep_identity;
 

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 const RANGE: &str = "10.251.0.0/24";
 const RANGE6: &str = "fd00:251::/120";
+/// "The world": a namespace behind an external device of the node.
+const WORLD: &str = "10.252.0.0/24";
+const WORLD_IN: &str = "10.252.0.2";
+const WORLD_EXCEPT: &str = "10.252.0.200";
 
 struct Env {
     tag: u32,
@@ -66,6 +70,7 @@ impl Env {
             .arg("--api-socket")
             .arg(self.socket())
             .args(["--ipv4-range", RANGE, "--ipv6-range", RANGE6])
+            .args(["--devices", &format!("mbw{}", self.tag)])
             .args([
                 "--prometheus-serve-addr",
                 &format!("127.0.0.1:{}", 19000 + self.tag % 1000),
@@ -112,6 +117,47 @@ impl Env {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The world namespace and its veth, the node's "external device".
+    fn world(&self) {
+        let (ns, dev) = (self.ns("world"), format!("mbw{}", self.tag));
+        let ip = |args: &[&str]| assert!(common::sh(&[&["ip"], args].concat()), "ip {args:?}");
+        ip(&["route", "add", "unreachable", WORLD]);
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["link", "set", &dev, "up"]);
+        common::sh(&["sysctl", "-qw", &format!("net.ipv4.conf.{dev}.proxy_arp=1")]);
+        common::sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.neigh.{dev}.proxy_delay=0"),
+        ]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        for a in [WORLD_IN, WORLD_EXCEPT] {
+            ip(&["-n", &ns, "addr", "add", &format!("{a}/32"), "dev", "eth0"]);
+            ip(&["route", "add", &format!("{a}/32"), "dev", &dev]);
+        }
+        ip(&["-n", &ns, "route", "add", RANGE, "dev", "eth0"]);
+    }
+
+    /// A TCP connection from the world namespace, from a given source address.
+    fn world_connects(&self, src: &str, addr: &str, port: u16) -> bool {
+        let code = format!(
+            "import socket,sys\ns=socket.create_connection(('{addr}',{port}),timeout=1,source_address=('{src}',0))\nsys.exit(0 if s.recv(2)==b'ok' else 1)\n"
+        );
+        common::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns("world"),
+            "python3",
+            "-c",
+            &code,
+        ])
     }
 
     fn ns(&self, name: &str) -> String {
@@ -181,9 +227,14 @@ impl Drop for Env {
             }
         }
         self.kill_agent();
-        for ep in ["web", "client"] {
+        for ep in ["web", "client", "world"] {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
+        common::sh(&["ip", "link", "del", &format!("mbw{}", self.tag)]);
+        for a in [WORLD_IN, WORLD_EXCEPT] {
+            common::sh(&["ip", "route", "del", &format!("{a}/32")]);
+        }
+        common::sh(&["ip", "route", "del", "unreachable", WORLD]);
         common::sh(&["ip", "route", "del", "unreachable", RANGE]);
         common::sh(&["ip", "-6", "route", "del", "unreachable", RANGE6]);
         common::sh(&[
@@ -227,6 +278,14 @@ fn agent_enforces_policy_between_endpoints() {
     let mut env = Env::new();
     let policy_dir = env.dir.join("policy");
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
+    write_policy(
+        &policy_dir,
+        "world.yaml",
+        &format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: from-world}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromCIDRSet: [{{cidr: {WORLD}, except: [10.252.0.128/25]}}]\n    toPorts: [{{ports: [{{port: \"8080\", protocol: TCP}}]}}]\n"
+        ),
+    );
+    env.world();
     env.start_agent();
 
     let (web, client) = (env.ns("web"), env.ns("client"));
@@ -264,6 +323,19 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(
         !env.udp("client", &web_ip, 5353),
         "UDP is not in the policy"
+    );
+    // From the world, through the external device: the CIDR rule with its exception.
+    assert!(
+        env.world_connects(WORLD_IN, &web_ip, 8080),
+        "world inside the CIDR"
+    );
+    assert!(
+        !env.world_connects(WORLD_EXCEPT, &web_ip, 8080),
+        "world inside the except"
+    );
+    assert!(
+        !env.world_connects(WORLD_IN, &web_ip, 8081),
+        "world on another port"
     );
 
     // The live trace explains what the datapath just did, with endpoints by name.

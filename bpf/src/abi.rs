@@ -84,6 +84,16 @@ pub struct EndpointInfo {
     pub pad: u32,
 }
 
+/// `struct device_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The identity of traffic from this device that the ipcache knows no better.
+    pub identity: u32,
+    /// Reserved.
+    pub flags: u32,
+}
+
 /// `struct policy_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -256,6 +266,7 @@ const _: () = {
     assert!(size_of::<IpcacheKey6>() == 20);
     assert!(size_of::<IpcacheValue>() == 8);
     assert!(size_of::<EndpointInfo>() == 16);
+    assert!(size_of::<DeviceInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(
         offset_of!(PolicyKey, dport) == 8
@@ -297,6 +308,7 @@ macro_rules! pod {
     )*};
 }
 pod!(
+    DeviceInfo,
     IpcacheKey4,
     IpcacheKey6,
     IpcacheValue,

@@ -32,6 +32,8 @@ pub mod maps {
     pub const IPCACHE4: &str = "mbr_ipcache4_v2";
     /// IPv6 ipcache.
     pub const IPCACHE6: &str = "mbr_ipcache6_v2";
+    /// External devices by ifindex.
+    pub const DEVICES: &str = "mbr_devices_v2";
     /// Endpoints by host veth ifindex.
     pub const ENDPOINTS: &str = "mbr_endpoints_v2";
     /// Policy.

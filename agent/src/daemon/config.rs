@@ -33,7 +33,7 @@ pub struct Config {
         default_value = "/sys/fs/bpf/membrane"
     )]
     pub bpf_root: PathBuf,
-    /// External devices (not supported yet; see the datapath issue).
+    /// External devices: traffic arriving through them is world (or host, see below).
     #[arg(long, env = "MEMBRANE_DEVICES", value_delimiter = ',')]
     pub devices: Vec<String>,
     /// IPv4 range endpoint addresses come from.
@@ -45,7 +45,7 @@ pub struct Config {
     /// Policy enforcement: default, always or never.
     #[arg(long, env = "MEMBRANE_ENABLE_POLICY", default_value = "default")]
     pub enable_policy: EnforcementMode,
-    /// Treat traffic from external devices as host rather than world (not supported yet).
+    /// Treat traffic from external devices as host rather than world.
     #[arg(long, env = "MEMBRANE_K8S_LEGACY_HOST_ALLOWS_WORLD")]
     pub k8s_legacy_host_allows_world: bool,
     /// Remove all pinned state and endpoints of an earlier run first.
@@ -122,9 +122,6 @@ impl Config {
                 }
                 config.take_from(&from_file, &id);
             }
-        }
-        if !config.devices.is_empty() || config.k8s_legacy_host_allows_world {
-            bail!("--devices and --k8s-legacy-host-allows-world are not implemented yet");
         }
         Ok(config)
     }

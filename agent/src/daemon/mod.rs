@@ -180,6 +180,7 @@ impl Agent {
             let (identity, _) = agent.allocator.allocate(&labels)?;
             agent.resolver.add_identity(identity);
         }
+        agent.write_devices()?;
         agent.apply_policy(policy)?;
         agent.write_host_addresses()?;
         agent.restore_endpoints()?;
@@ -250,6 +251,20 @@ impl Agent {
             }
         }
         Ok(true)
+    }
+
+    /// External devices: what arrives through them is world, or host in legacy mode.
+    fn write_devices(&mut self) -> Result<()> {
+        let identity = if self.config.k8s_legacy_host_allows_world {
+            NumericIdentity::HOST
+        } else {
+            NumericIdentity::WORLD
+        };
+        for d in self.config.devices.clone() {
+            let ifindex = netns::ifindex(&d).with_context(|| format!("--devices: {d}"))?;
+            self.datapath.set_device(ifindex, identity.0)?;
+        }
+        Ok(())
     }
 
     /// The node's own addresses are the host identity.
@@ -539,6 +554,7 @@ impl Agent {
             self.datapath.set_ipcache(net, id.0)?;
         }
         self.write_host_addresses()?;
+        self.write_devices()?;
         self.sync_all()
     }
 

@@ -17,7 +17,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use membrane_bpf::abi::{
-    ABI_VERSION, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyKey, PolicyValue,
+    ABI_VERSION, DeviceInfo, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
+    PolicyValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -26,6 +27,7 @@ const ALL_MAPS: &[&str] = &[
     maps::IPCACHE4,
     maps::IPCACHE6,
     maps::ENDPOINTS,
+    maps::DEVICES,
     maps::POLICY,
     maps::CT,
     maps::METRICS,
@@ -140,6 +142,15 @@ impl Datapath {
                 m.insert(&Key::new(len, a.octets()), value, 0)?;
             }
         }
+        Ok(())
+    }
+
+    /// Declares an external device: what arrives through it is `identity` (world, or host in
+    /// legacy mode) unless the ipcache maps its source to a CIDR identity.
+    pub fn set_device(&mut self, ifindex: u32, identity: u32) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, DeviceInfo> =
+            HashMap::try_from(self.ebpf.map_mut(maps::DEVICES).context("devices")?)?;
+        m.insert(ifindex, DeviceInfo { identity, flags: 0 }, 0)?;
         Ok(())
     }
 

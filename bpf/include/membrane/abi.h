@@ -15,6 +15,8 @@
 #define ID_UNKNOWN 0
 #define ID_HOST 1
 #define ID_WORLD 2
+/* Node-local identities (CIDRs) carry this bit. */
+#define ID_LOCAL_SCOPE (1U << 24)
 
 /* Directions, from the endpoint's point of view. */
 #define DIR_INGRESS 1
@@ -45,6 +47,16 @@ struct endpoint_info {
 	__u32 identity;
 	__u32 flags;
 	__u32 pad;
+};
+
+/*
+ * devices: ifindex of an external device -> the identity its traffic has when the ipcache knows no
+ * better (world; host with --k8s-legacy-host-allows-world). Traffic that arrives from an external
+ * device never carries a local endpoint's or the host's identity, whatever its source address.
+ */
+struct device_info {
+	__u32 identity;
+	__u32 flags;
 };
 
 /*
