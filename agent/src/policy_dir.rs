@@ -109,3 +109,60 @@ pub fn load(paths: &[PathBuf]) -> Result<Result<PolicySet, Vec<Diagnostic>>, Rea
         texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
     ))
 }
+
+/// Policy read from a directory, re-parsing only the files whose size or modification time
+/// changed since the last load: a change to one policy among thousands costs one file's parse,
+/// and the unchanged files' rules stay the same `Arc`s (the resolver skips them).
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    files: std::collections::BTreeMap<PathBuf, (String, ParsedResult)>,
+}
+
+type ParsedResult = Result<membrane_policy::parse::ParsedFile, Vec<Diagnostic>>;
+
+impl PolicyCache {
+    /// Reads the policy under `paths`, reusing unchanged files' parses.
+    pub fn load(
+        &mut self,
+        paths: &[PathBuf],
+    ) -> Result<Result<PolicySet, Vec<Diagnostic>>, ReadError> {
+        let mut next = std::collections::BTreeMap::new();
+        for f in policy_files(paths)? {
+            let meta = fs::metadata(&f).map_err(|e| io(&f, e))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let stamp = format!("{}:{mtime}", meta.len());
+            let parsed = match self.files.remove(&f) {
+                Some((s, parsed)) if s == stamp => parsed,
+                _ => {
+                    let name = f.display().to_string();
+                    let bytes = fs::read(&f).map_err(|e| io(&f, e))?;
+                    match String::from_utf8(bytes) {
+                        Ok(text) => membrane_policy::parse_file(&name, &text),
+                        Err(_) => Err(vec![Diagnostic {
+                            file: name,
+                            line: 0,
+                            column: 0,
+                            field: String::new(),
+                            message: "not valid UTF-8".into(),
+                        }]),
+                    }
+                }
+            };
+            next.insert(f, (stamp, parsed));
+        }
+        self.files = next;
+        let names: Vec<(String, &ParsedResult)> = self
+            .files
+            .iter()
+            .map(|(f, (_, p))| (f.display().to_string(), p))
+            .collect();
+        Ok(PolicySet::from_parsed(
+            names.iter().map(|(n, p)| (n.as_str(), *p)),
+        ))
+    }
+}

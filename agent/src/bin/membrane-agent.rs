@@ -20,6 +20,7 @@ fn run() -> Result<()> {
     let config = Config::load()?;
     let socket = config.api_socket.clone();
     let prometheus = config.prometheus_serve_addr;
+    let policy_dir = config.policy_dir.clone();
     let agent = Agent::start(config)?;
     eprintln!(
         "membrane-agent: policy revision {} ({} rules), {} endpoints restored; API on {}",
@@ -31,6 +32,7 @@ fn run() -> Result<()> {
     let agent = Arc::new(Mutex::new(agent));
     spawn_controllers(
         agent.clone(),
+        policy_dir,
         Duration::from_millis(500),
         Duration::from_secs(10),
     );

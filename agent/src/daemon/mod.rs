@@ -100,6 +100,7 @@ pub struct Agent {
     /// Policy status.
     pub policy_status: PolicyStatus,
     policy_fingerprint: String,
+    policy_cache: policy_dir::PolicyCache,
     allocator: LocalAllocator,
     resolver: Resolver,
     cidr_identities: BTreeMap<IpNet, NumericIdentity>,
@@ -126,7 +127,8 @@ impl Agent {
         }
         fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
-        let policy = match policy_dir::load(std::slice::from_ref(&config.policy_dir))? {
+        let mut policy_cache = policy_dir::PolicyCache::default();
+        let policy = match policy_cache.load(std::slice::from_ref(&config.policy_dir))? {
             Ok(set) => set,
             Err(diags) => {
                 let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
@@ -166,6 +168,7 @@ impl Agent {
             ipam: Ipam::new(&ranges),
             policy_fingerprint: policy_dir::fingerprint(std::slice::from_ref(&config.policy_dir))
                 .unwrap_or_default(),
+            policy_cache,
             config,
             policy: PolicySet::default(),
             policy_status: PolicyStatus::default(),
@@ -235,12 +238,19 @@ impl Agent {
             return Ok(false);
         }
         self.policy_fingerprint = fp;
-        match policy_dir::load(std::slice::from_ref(&self.config.policy_dir))? {
+        let started = std::time::Instant::now();
+        match self
+            .policy_cache
+            .load(std::slice::from_ref(&self.config.policy_dir))?
+        {
             Ok(set) => {
+                let read = started.elapsed();
                 self.apply_policy(set)?;
                 eprintln!(
-                    "membrane-agent: policy revision {} applied ({} rules)",
-                    self.policy_status.revision, self.policy_status.rules
+                    "membrane-agent: policy revision {} applied ({} rules; read in {read:?}, applied in {:?})",
+                    self.policy_status.revision,
+                    self.policy_status.rules,
+                    started.elapsed() - read
                 );
             }
             Err(diags) => {
@@ -689,22 +699,46 @@ fn clean_state(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Runs the periodic work (policy watch, reconcile) on a thread until the process ends.
+/// Runs the controllers on a thread until the process ends: the policy watch (woken by inotify
+/// on the policy directory, with a periodic check as a safety net) and the reconcile loop.
 pub fn spawn_controllers(
     agent: std::sync::Arc<std::sync::Mutex<Agent>>,
-    policy_every: Duration,
+    policy_dir: PathBuf,
+    safety_poll: Duration,
     reconcile_every: Duration,
 ) {
     std::thread::spawn(move || {
-        let mut since_reconcile = Duration::ZERO;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            let _ = tx.send(());
+        })
+        .and_then(|mut w| {
+            use notify::Watcher as _;
+            w.watch(&policy_dir, notify::RecursiveMode::Recursive)
+                .map(|_| w)
+        });
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!(
+                    "membrane-agent: cannot watch {} ({e}); checking it every {safety_poll:?}",
+                    policy_dir.display()
+                );
+                None
+            }
+        };
+        let mut last_reconcile = std::time::Instant::now();
         loop {
-            std::thread::sleep(policy_every);
-            since_reconcile += policy_every;
+            if rx.recv_timeout(safety_poll).is_ok() {
+                // Let a burst of events (an editor's save) settle, then read once.
+                std::thread::sleep(Duration::from_millis(5));
+                while rx.try_recv().is_ok() {}
+            }
             let Ok(mut a) = agent.lock() else { return };
             let r = a.poll_policy().map(|_| ());
             a.record("policy-watch", &r);
-            if since_reconcile >= reconcile_every {
-                since_reconcile = Duration::ZERO;
+            if last_reconcile.elapsed() >= reconcile_every {
+                last_reconcile = std::time::Instant::now();
                 let r = a.reconcile();
                 if let Err(e) = &r {
                     eprintln!("membrane-agent: reconcile failed: {e:#}");

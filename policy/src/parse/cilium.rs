@@ -1,6 +1,7 @@
 //! `cilium.io/v2` CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::peers::{
     ENTITIES, cidr, cidr_block, cidr_peers, entity, port_rule, scope_peer, selector,
@@ -54,7 +55,7 @@ pub(super) fn policy(
     let mut n = 0;
     if let Some(s) = spec {
         if let Some(r) = rule(ctx, s, &f.child("spec"), meta, kind, n) {
-            out.rules.push(r);
+            out.rules.push(Arc::new(r));
         }
         n += 1;
     }
@@ -66,7 +67,7 @@ pub(super) fn policy(
             }
             for (i, item) in items.iter().enumerate() {
                 if let Some(r) = rule(ctx, item, &index(&path, i), meta, kind, n) {
-                    out.rules.push(r);
+                    out.rules.push(Arc::new(r));
                 }
                 n += 1;
             }

@@ -105,7 +105,7 @@ pub(super) fn policy(ctx: &mut Ctx<'_>, f: &mut Fields<'_>, meta: &Meta, out: &m
         rule.endpoint_selector = sel.in_namespace(&ns);
     }
     if ctx.diags.len() == errors_before {
-        out.rules.push(rule);
+        out.rules.push(Arc::new(rule));
     }
 }
 

@@ -26,8 +26,8 @@ pub struct Namespace {
 /// Everything read from one file.
 #[derive(Clone, Debug, Default)]
 pub struct ParsedFile {
-    /// The rules, in file order.
-    pub rules: Vec<Rule>,
+    /// The rules, in file order (shared: an unchanged file's rules are the same `Arc`s next time).
+    pub rules: Vec<Arc<Rule>>,
     /// The namespaces.
     pub namespaces: Vec<Namespace>,
     /// Objects read, as (kind, namespace, name, position), for duplicate checks.
@@ -49,37 +49,51 @@ impl PolicySet {
     pub fn from_sources<'a>(
         sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<PolicySet, Vec<Diagnostic>> {
+        let parsed: Vec<(String, Result<ParsedFile, Vec<Diagnostic>>)> = sources
+            .into_iter()
+            .map(|(file, text)| (file.to_string(), parse_file(file, text)))
+            .collect();
+        PolicySet::from_parsed(parsed.iter().map(|(f, p)| (f.as_str(), p)))
+    }
+
+    /// Assembles files parsed earlier (a caller that re-parses only the files that changed keeps
+    /// the others' results). Objects defined twice across files are reported here.
+    pub fn from_parsed<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a Result<ParsedFile, Vec<Diagnostic>>)>,
+    ) -> Result<PolicySet, Vec<Diagnostic>> {
         let mut diags = Vec::new();
         let mut set = PolicySet::default();
         let mut seen: BTreeMap<(String, Option<String>, String), String> = BTreeMap::new();
-        for (file, text) in sources {
-            match parse_file(file, text) {
-                Ok(parsed) => {
-                    for (kind, ns, name, pos) in &parsed.objects {
-                        let key = (kind.clone(), ns.clone(), name.clone());
-                        if let Some(first) = seen.get(&key) {
-                            diags.push(Diagnostic {
-                                file: file.to_string(),
-                                line: pos.line,
-                                column: pos.col,
-                                field: "metadata.name".into(),
-                                message: format!(
-                                    "{kind} {} is defined twice (first in {first})",
-                                    ns.as_ref()
-                                        .map(|n| format!("{n}/{name}"))
-                                        .unwrap_or_else(|| name.clone())
-                                ),
-                            });
-                        } else {
-                            seen.insert(key, format!("{file}:{}", pos.line));
-                        }
-                    }
-                    set.rules.extend(parsed.rules.into_iter().map(Arc::new));
-                    for ns in parsed.namespaces {
-                        set.namespaces.insert(ns.name, ns.labels);
-                    }
+        for (file, parsed) in files {
+            let parsed = match parsed {
+                Ok(p) => p,
+                Err(d) => {
+                    diags.extend(d.iter().cloned());
+                    continue;
                 }
-                Err(mut d) => diags.append(&mut d),
+            };
+            for (kind, ns, name, pos) in &parsed.objects {
+                let key = (kind.clone(), ns.clone(), name.clone());
+                if let Some(first) = seen.get(&key) {
+                    diags.push(Diagnostic {
+                        file: file.to_string(),
+                        line: pos.line,
+                        column: pos.col,
+                        field: "metadata.name".into(),
+                        message: format!(
+                            "{kind} {} is defined twice (first in {first})",
+                            ns.as_ref()
+                                .map(|n| format!("{n}/{name}"))
+                                .unwrap_or_else(|| name.clone())
+                        ),
+                    });
+                } else {
+                    seen.insert(key, format!("{file}:{}", pos.line));
+                }
+            }
+            set.rules.extend(parsed.rules.iter().cloned());
+            for ns in &parsed.namespaces {
+                set.namespaces.insert(ns.name.clone(), ns.labels.clone());
             }
         }
         if diags.is_empty() {

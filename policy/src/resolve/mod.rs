@@ -262,16 +262,38 @@ impl Resolver {
     /// Replaces the rule set. Rules that did not change keep their state; endpoints selected by
     /// an added, removed or changed rule are recomputed, and only those.
     pub fn set_rules(&mut self, rules: &[Arc<Rule>]) -> ChangeSet {
+        // The same Arc is the same rule (a caller that kept an unchanged file's parse); other
+        // rules are compared by content.
+        let mut by_ptr: HashMap<*const Rule, Vec<RuleId>> = HashMap::new();
+        for (id, r) in &self.rules {
+            by_ptr.entry(Arc::as_ptr(r)).or_default().push(*id);
+        }
+        let mut unmatched_new = Vec::new();
+        for r in rules {
+            if by_ptr
+                .get_mut(&Arc::as_ptr(r))
+                .and_then(|ids| ids.pop())
+                .is_none()
+            {
+                unmatched_new.push(r.clone());
+            }
+        }
+        let unmatched_old: Vec<RuleId> = by_ptr.into_values().flatten().collect();
         let fingerprint = |r: &Rule| format!("{r:?}");
         let mut old: HashMap<String, Vec<RuleId>> = HashMap::new();
-        for (id, r) in &self.rules {
-            old.entry(fingerprint(r)).or_default().push(*id);
+        for id in unmatched_old {
+            old.entry(fingerprint(&self.rules[&id]))
+                .or_default()
+                .push(id);
         }
         let mut added = Vec::new();
-        for r in rules {
-            match old.get_mut(&fingerprint(r)).and_then(|ids| ids.pop()) {
-                Some(_) => {}
-                None => added.push(r.clone()),
+        for r in unmatched_new {
+            if old
+                .get_mut(&fingerprint(&r))
+                .and_then(|ids| ids.pop())
+                .is_none()
+            {
+                added.push(r);
             }
         }
         let removed: Vec<RuleId> = old.into_values().flatten().collect();
