@@ -32,8 +32,9 @@ fn identity(i: usize) -> Identity {
             i / APPS,
             ns_of(app)
         )
-        .parse()
-        .expect("valid labels"),
+        .parse::<membrane_policy::labels::LabelSet>()
+        .expect("valid labels")
+        .into(),
     }
 }
 
@@ -113,8 +114,9 @@ fn benches(c: &mut Criterion) {
                 let new = Identity {
                     id: NumericIdentity(900_000),
                     labels: format!("app=app7,version=new{n},io.kubernetes.pod.namespace=ns7")
-                        .parse()
-                        .expect("labels"),
+                        .parse::<membrane_policy::labels::LabelSet>()
+                        .expect("labels")
+                        .into(),
                 };
                 let start = Instant::now();
                 r.add_identity(new);

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -69,8 +70,8 @@ pub fn reserved_identity(name: &str) -> Option<NumericIdentity> {
 pub struct Identity {
     /// The number.
     pub id: NumericIdentity,
-    /// The identity-relevant labels.
-    pub labels: LabelSet,
+    /// The identity-relevant labels (shared: an identity is cloned into many places).
+    pub labels: Arc<LabelSet>,
 }
 
 impl Identity {
@@ -190,7 +191,7 @@ pub trait IdentityAllocator {
 #[derive(Debug, Default)]
 pub struct LocalAllocator {
     by_id: BTreeMap<NumericIdentity, (Identity, usize)>,
-    by_labels: HashMap<LabelSet, NumericIdentity>,
+    by_labels: HashMap<Arc<LabelSet>, NumericIdentity>,
     next_global: u32,
     next_local: u32,
     free_global: Vec<u32>,
@@ -205,7 +206,7 @@ impl LocalAllocator {
             ..Default::default()
         };
         for (id, name) in RESERVED {
-            let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
+            let labels: Arc<LabelSet> = Arc::new([Label::reserved(name)].into_iter().collect());
             a.by_labels.insert(labels.clone(), *id);
             // Reserved identities are never freed: start them with one reference that nobody holds.
             a.by_id.insert(*id, (Identity { id: *id, labels }, 1));
@@ -215,7 +216,50 @@ impl LocalAllocator {
 
     /// Every identity currently allocated (including the reserved ones).
     pub fn identities(&self) -> impl Iterator<Item = &Identity> {
-        self.by_id.values().map(|(i, _)| i)
+        self.by_id
+            .values()
+            .filter(|(_, refs)| *refs > 0)
+            .map(|(i, _)| i)
+    }
+
+    /// Re-creates an identity with the number it had before a restart, without a reference, so
+    /// that numbers stay stable (the datapath's maps still hold them). The next `allocate` of its
+    /// labels takes it; [`drop_unclaimed`](Self::drop_unclaimed) frees those nobody took.
+    pub fn restore(&mut self, identity: &Identity) -> bool {
+        let taken =
+            self.by_id.contains_key(&identity.id) || self.by_labels.contains_key(&*identity.labels);
+        if taken || identity.id.is_reserved() || identity.id.0 < NumericIdentity::MIN_GLOBAL {
+            return false;
+        }
+        let n = identity.id.0;
+        if n & NumericIdentity::LOCAL_SCOPE != 0 {
+            self.next_local = self.next_local.max((n & !NumericIdentity::LOCAL_SCOPE) + 1);
+        } else {
+            self.next_global = self.next_global.max(n + 1);
+            self.free_global.retain(|f| *f != n);
+        }
+        self.by_labels.insert(identity.labels.clone(), identity.id);
+        self.by_id.insert(identity.id, (identity.clone(), 0));
+        true
+    }
+
+    /// Frees restored identities that nothing claimed; returns them.
+    pub fn drop_unclaimed(&mut self) -> Vec<NumericIdentity> {
+        let unclaimed: Vec<NumericIdentity> = self
+            .by_id
+            .iter()
+            .filter(|(id, (_, refs))| *refs == 0 && !id.is_reserved())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &unclaimed {
+            if let Some((identity, _)) = self.by_id.remove(id) {
+                self.by_labels.remove(&*identity.labels);
+                if id.0 & NumericIdentity::LOCAL_SCOPE == 0 {
+                    self.free_global.push(id.0);
+                }
+            }
+        }
+        unclaimed
     }
 
     fn next_number(&mut self, labels: &LabelSet) -> Result<NumericIdentity, AllocError> {
@@ -249,19 +293,24 @@ impl IdentityAllocator for LocalAllocator {
                 .get_mut(id)
                 .expect("by_labels and by_id are kept in step");
             entry.1 += 1;
-            return Ok((entry.0.clone(), false));
+            // A restored identity's first reference makes it live.
+            return Ok((entry.0.clone(), entry.1 == 1));
         }
         let id = self.next_number(labels)?;
+        let labels = Arc::new(labels.clone());
         let identity = Identity {
             id,
             labels: labels.clone(),
         };
-        self.by_labels.insert(labels.clone(), id);
+        self.by_labels.insert(labels, id);
         self.by_id.insert(id, (identity.clone(), 1));
         Ok((identity, true))
     }
 
     fn release(&mut self, id: NumericIdentity) -> bool {
+        if self.by_id.get(&id).is_some_and(|(_, refs)| *refs == 0) {
+            return false;
+        }
         if id.is_reserved() {
             return false;
         }
@@ -345,5 +394,33 @@ mod tests {
             !a.release(NumericIdentity::WORLD),
             "reserved identities are never freed"
         );
+    }
+
+    #[test]
+    fn restored_numbers_are_kept() {
+        let mut a = LocalAllocator::new();
+        let old = Identity {
+            id: NumericIdentity(300),
+            labels: Arc::new("app=web".parse().unwrap()),
+        };
+        let gone = Identity {
+            id: NumericIdentity(301),
+            labels: Arc::new("app=gone".parse().unwrap()),
+        };
+        assert!(a.restore(&old) && a.restore(&gone));
+        assert_eq!(
+            a.identities().count(),
+            RESERVED.len(),
+            "restored identities are not live yet"
+        );
+        let (web, new) = a.allocate(&"app=web".parse().unwrap()).unwrap();
+        assert_eq!(
+            (web.id, new),
+            (NumericIdentity(300), true),
+            "same number, and live from now on"
+        );
+        assert_eq!(a.drop_unclaimed(), vec![NumericIdentity(301)]);
+        let (other, _) = a.allocate(&"app=other".parse().unwrap()).unwrap();
+        assert_eq!(other.id, NumericIdentity(301), "freed numbers are reused");
     }
 }

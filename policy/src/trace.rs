@@ -249,11 +249,11 @@ pub fn trace(rules: &[Arc<Rule>], mode: EnforcementMode, flow: &Flow<'_>) -> Tra
         verdict,
         src: Party {
             identity: flow.src.id.0,
-            labels: flow.src.labels.clone(),
+            labels: (*flow.src.labels).clone(),
         },
         dst: Party {
             identity: flow.dst.id.0,
-            labels: flow.dst.labels.clone(),
+            labels: (*flow.dst.labels).clone(),
         },
         dport: flow.port,
         protocol: flow.proto,

@@ -178,6 +178,20 @@ impl Agent {
             datapath,
             controllers: BTreeMap::new(),
         };
+        // Identities keep their numbers across restarts: the pinned maps still hold them, and a
+        // renumbering would deny flows until every map caught up.
+        if let Ok(text) = fs::read_to_string(agent.config.state_dir.join("identities.json")) {
+            let saved: Vec<(u32, String)> =
+                serde_json::from_str(&text).context("reading the identity state")?;
+            for (id, labels) in saved {
+                if let Ok(labels) = LabelSet::parse_list(&labels, Source::K8s) {
+                    agent.allocator.restore(&Identity {
+                        id: NumericIdentity(id),
+                        labels: labels.into(),
+                    });
+                }
+            }
+        }
         for (_, name) in RESERVED {
             let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
             let (identity, _) = agent.allocator.allocate(&labels)?;
@@ -187,6 +201,8 @@ impl Agent {
         agent.apply_policy(policy)?;
         agent.write_host_addresses()?;
         agent.restore_endpoints()?;
+        agent.allocator.drop_unclaimed();
+        agent.persist()?;
         Ok(agent)
     }
 
@@ -227,7 +243,8 @@ impl Agent {
         self.policy_status.rules = set.rules.len();
         self.policy_status.rejected.clear();
         self.policy = set;
-        self.sync_all()
+        self.sync_all()?;
+        self.persist_identities()
     }
 
     /// Re-reads the policy directory if it changed. An invalid change is recorded and rejected;
@@ -319,6 +336,20 @@ impl Agent {
         let tmp = self.state_file().with_extension("json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(&records)?)?;
         fs::rename(&tmp, self.state_file())?;
+        self.persist_identities()
+    }
+
+    fn persist_identities(&self) -> Result<()> {
+        let identities: Vec<(u32, String)> = self
+            .allocator
+            .identities()
+            .filter(|i| !i.id.is_reserved())
+            .map(|i| (i.id.0, i.labels.to_string()))
+            .collect();
+        let path = self.config.state_dir.join("identities.json");
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec(&identities)?)?;
+        fs::rename(&tmp, path)?;
         Ok(())
     }
 
@@ -625,7 +656,13 @@ impl Agent {
                 .lookup_labels(&labels)
                 .map(|i| i.id)
                 .unwrap_or(NumericIdentity::WORLD);
-            return Ok((Identity { id, labels }, None));
+            return Ok((
+                Identity {
+                    id,
+                    labels: labels.into(),
+                },
+                None,
+            ));
         }
         if !text.contains('=') && !text.contains(':') {
             bail!("no endpoint named {text:?}");
@@ -642,7 +679,13 @@ impl Agent {
             .lookup_labels(&labels)
             .map(|i| i.id)
             .unwrap_or(NumericIdentity::UNKNOWN);
-        Ok((Identity { id, labels }, None))
+        Ok((
+            Identity {
+                id,
+                labels: labels.into(),
+            },
+            None,
+        ))
     }
 
     /// Every endpoint.

@@ -84,7 +84,7 @@ mod tests {
         ] {
             r.add_identity(Identity {
                 id: NumericIdentity(id),
-                labels: l.parse().unwrap(),
+                labels: std::sync::Arc::new(l.parse().unwrap()),
             });
         }
         r.add_endpoint(NumericIdentity(257));

@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::identity::{Identity, NumericIdentity};
-use crate::labels::LabelSet;
 use crate::rule::{Direction, EnforcementMode, Peers, Rule};
 use crate::selector::Selector;
 pub use table::{
@@ -595,11 +594,6 @@ impl Resolver {
         }
         true
     }
-}
-
-/// Labels of an identity, for callers that only have the resolver.
-pub fn labels_of(resolver: &Resolver, id: NumericIdentity) -> Option<&LabelSet> {
-    resolver.identity(id).map(|i| &i.labels)
 }
 
 #[cfg(test)]

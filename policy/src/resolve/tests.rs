@@ -19,7 +19,7 @@ use crate::trace::{self, Flow, L7Facts, TraceVerdict};
 fn id(n: u32, labels: &str) -> Identity {
     Identity {
         id: NumericIdentity(n),
-        labels: labels.parse().unwrap(),
+        labels: Arc::new(labels.parse().unwrap()),
     }
 }
 
@@ -333,10 +333,10 @@ fn arb_rule() -> impl Strategy<Value = Rule> {
 fn identities(labels: Vec<LabelSet>) -> Vec<Identity> {
     let mut out = vec![id(2, "reserved:world"), id(1, "reserved:host")];
     for (i, l) in labels.into_iter().enumerate() {
-        if out.iter().all(|o| o.labels != l) {
+        if out.iter().all(|o| *o.labels != l) {
             out.push(Identity {
                 id: NumericIdentity(256 + i as u32),
-                labels: l,
+                labels: Arc::new(l),
             });
         }
     }
