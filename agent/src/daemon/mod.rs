@@ -214,6 +214,7 @@ impl Agent {
     /// Applies a validated policy: new CIDR identities, rules, and every endpoint's maps.
     pub fn apply_policy(&mut self, set: PolicySet) -> Result<()> {
         let wanted = set.cidr_prefixes();
+        let mut identities_changed = false;
         for net in &wanted {
             if !self.cidr_identities.contains_key(net) {
                 let (identity, new) = self.allocator.allocate(&cidr_labels(net))?;
@@ -222,6 +223,7 @@ impl Agent {
                 }
                 self.datapath.set_ipcache(*net, identity.id.0)?;
                 self.cidr_identities.insert(*net, identity.id);
+                identities_changed = true;
             }
         }
         let stale: Vec<IpNet> = self
@@ -232,6 +234,7 @@ impl Agent {
             .collect();
         for net in stale {
             if let Some(id) = self.cidr_identities.remove(&net) {
+                identities_changed = true;
                 self.datapath.remove_ipcache(net)?;
                 if self.allocator.release(id) {
                     self.resolver.remove_identity(id);
@@ -244,7 +247,11 @@ impl Agent {
         self.policy_status.rejected.clear();
         self.policy = set;
         self.sync_all()?;
-        self.persist_identities()
+        // Only when the set changed: with thousands of CIDR identities the file is megabytes.
+        if identities_changed {
+            self.persist_identities()?;
+        }
+        Ok(())
     }
 
     /// Re-reads the policy directory if it changed. An invalid change is recorded and rejected;
