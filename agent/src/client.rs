@@ -9,6 +9,35 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+/// One request over the socket: the status and the raw body.
+fn send(socket: &Path, method: Method, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent at {} (is membrane-agent running?)",
+                    socket.display()
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "membrane")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    })
+}
+
 /// Sends one request and returns the status and JSON body (Null when empty).
 pub fn call(
     socket: &Path,
@@ -16,69 +45,28 @@ pub fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<(StatusCode, Value)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the agent at {} (is membrane-agent running?)",
-                    socket.display()
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "membrane")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body)?
-        };
-        Ok((status, value))
-    })
+    let (status, bytes) = send(
+        socket,
+        method,
+        path,
+        body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
+    )?;
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)?
+    };
+    Ok((status, value))
 }
 
 /// Fetches a text resource (the metrics).
 pub fn text(socket: &Path, path: &str) -> Result<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the agent at {} (is membrane-agent running?)",
-                    socket.display()
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .uri(path)
-            .header("host", "membrane")
-            .body(Full::new(Bytes::new()))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
-        if !status.is_success() {
-            bail!("{status}: {body}");
-        }
-        Ok(body)
-    })
+    let (status, bytes) = send(socket, Method::GET, path, Vec::new())?;
+    let body = String::from_utf8(bytes.to_vec())?;
+    if !status.is_success() {
+        bail!("{status}: {body}");
+    }
+    Ok(body)
 }
 
 /// Like [`call`], but an error status becomes an error carrying the agent's message.
