@@ -222,12 +222,12 @@ impl Drop for Env {
             let _ = s.wait();
         }
         if self.agent.is_some() {
-            for ep in ["web", "client"] {
+            for ep in ["web", "client", "init"] {
                 let _ = self.membrane(&["endpoint", "delete", &self.ns(ep)]);
             }
         }
         self.kill_agent();
-        for ep in ["web", "client", "world"] {
+        for ep in ["web", "client", "world", "init"] {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
         common::sh(&["ip", "link", "del", &format!("mbw{}", self.tag)]);
@@ -278,6 +278,12 @@ fn agent_enforces_policy_between_endpoints() {
     let mut env = Env::new();
     let policy_dir = env.dir.join("policy");
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
+    // Endpoints whose labels are not known yet get reserved:init and the init policy.
+    write_policy(
+        &policy_dir,
+        "init.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: init}\nspec:\n  endpointSelector: {matchLabels: {reserved:init: \"\"}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"7070\", protocol: TCP}]}]\n",
+    );
     write_policy(
         &policy_dir,
         "world.yaml",
@@ -307,6 +313,22 @@ fn agent_enforces_policy_between_endpoints() {
 
     env.serve("web", &web_ip, &[8080, 8081], &[5353]);
     env.serve("web", &web_ip6, &[8080, 8081], &[]);
+
+    // An endpoint without labels has the init identity (5) and the init policy's egress.
+    let init = env.ns("init");
+    let i = env.json(&["endpoint", "create", &init]);
+    assert_eq!(i["identity"], 5, "{i}");
+    let client_ip = c["addresses"][0].as_str().unwrap().to_string();
+    env.serve("client", &client_ip, &[7070, 7071], &[]);
+    assert!(
+        env.connects("init", &client_ip, 7070),
+        "the init policy allows 7070"
+    );
+    assert!(
+        !env.connects("init", &client_ip, 7071),
+        "init egress is default-deny elsewhere"
+    );
+    env.json(&["endpoint", "delete", &init]);
     assert!(
         env.connects("client", &web_ip, 8080),
         "allowed by the policy"
