@@ -174,30 +174,19 @@ impl Env {
         sleep(Duration::from_millis(500));
     }
 
+    /// Runs Python in an endpoint's namespace; true when it exits 0.
+    fn python(&self, from: &str, code: &str) -> bool {
+        common::sh(&["ip", "netns", "exec", &self.ns(from), "python3", "-c", code])
+    }
+
     fn connects(&self, from: &str, addr: &str, port: u16) -> bool {
         let code = common::client_code(addr, port);
-        common::sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(from),
-            "python3",
-            "-c",
-            &code,
-        ])
+        self.python(from, &code)
     }
 
     fn udp(&self, from: &str, addr: &str, port: u16) -> bool {
         let code = common::udp_client_code(addr, port);
-        common::sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(from),
-            "python3",
-            "-c",
-            &code,
-        ])
+        self.python(from, &code)
     }
 
     /// Waits up to `secs` for a connection check to give `want`.

@@ -84,23 +84,20 @@ fn show(api: &Api, v: &Value, text: impl Fn(&Value) -> String) {
     }
 }
 
+/// The strings of a JSON array (empty when it is not one).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn endpoint_line(e: &Value) -> String {
-    let addrs: Vec<String> = e["addresses"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let labels: Vec<String> = e["labels"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let addrs: Vec<String> = strings(&e["addresses"]);
+    let labels: Vec<String> = strings(&e["labels"]);
     format!(
         "{:<16} {:<12} id {:<4} identity {:<8} {:<32} {}\n",
         e["name"].as_str().unwrap_or_default(),
@@ -238,14 +235,7 @@ pub(super) fn identity(cmd: IdentityCommand) -> Result<()> {
             .map(|a| {
                 a.iter()
                     .map(|i| {
-                        let labels: Vec<String> = i["labels"]
-                            .as_array()
-                            .map(|l| {
-                                l.iter()
-                                    .filter_map(|x| x.as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
+                        let labels = strings(&i["labels"]);
                         format!("{:<10} {}\n", i["identity"], labels.join(","))
                     })
                     .collect()
