@@ -11,5 +11,5 @@ pub mod datapath;
 pub mod ipam;
 pub mod netns;
 pub mod offline;
-pub mod policy_dir;
+pub use membrane_source::policy_dir;
 pub mod trace_view;

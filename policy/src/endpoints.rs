@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::decode::{Ctx, Diagnostic, Fields, index, seq, string, strings};
 use crate::identity::identity_labels;
 use crate::labels::{Label, LabelSet, Source};
@@ -24,6 +26,9 @@ pub struct EndpointSpec {
     pub service_account: Option<String>,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
+    /// Address ranges whose every address is this workload (a subnet behind a gateway, a VM's
+    /// range); used where workloads are known by prefix rather than by address.
+    pub cidrs: Vec<IpNet>,
 }
 
 /// The identity labels of an endpoint.
@@ -75,7 +80,14 @@ pub fn endpoint_labels(
 }
 
 const FILE_FIELDS: &[&str] = &["endpoints"];
-const ENDPOINT_FIELDS: &[&str] = &["name", "namespace", "labels", "serviceAccount", "ips"];
+const ENDPOINT_FIELDS: &[&str] = &[
+    "name",
+    "namespace",
+    "labels",
+    "serviceAccount",
+    "ips",
+    "cidrs",
+];
 
 /// Parses an endpoints file:
 ///
@@ -86,6 +98,7 @@ const ENDPOINT_FIELDS: &[&str] = &["name", "namespace", "labels", "serviceAccoun
 ///     labels: {org: empire, class: deathstar}
 ///     serviceAccount: deathstar   # optional
 ///     ips: [10.200.0.10]          # optional
+///     cidrs: [10.200.8.0/24]      # optional
 /// ```
 pub fn parse_endpoints(file: &str, text: &str) -> Result<Vec<EndpointSpec>, Vec<Diagnostic>> {
     let docs = yaml::parse_documents(text).map_err(|e| {
@@ -164,6 +177,30 @@ pub fn parse_endpoints(file: &str, text: &str) -> Result<Vec<EndpointSpec>, Vec<
                     }
                 }
             }
+            let mut cidrs = Vec::new();
+            if let Some(n) = e.get("cidrs") {
+                let cpath = format!("{path}.cidrs");
+                for (j, (pos, text)) in strings(&mut ctx, n, &cpath)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                {
+                    match text.parse::<IpNet>() {
+                        // A host prefix with bits below the length set is a typo worth refusing.
+                        Ok(net) if net.trunc() == net => cidrs.push(net),
+                        Ok(net) => ctx.error(
+                            pos,
+                            &index(&cpath, j),
+                            format!("{text:?} has host bits set (did you mean {}?)", net.trunc()),
+                        ),
+                        Err(_) => ctx.error(
+                            pos,
+                            &index(&cpath, j),
+                            format!("invalid CIDR {text:?} (expected ADDRESS/LENGTH)"),
+                        ),
+                    }
+                }
+            }
             e.finish(&mut ctx, &[]);
             let Some(name) = name else {
                 ctx.error(item.pos, &format!("{path}.name"), "missing field `name`");
@@ -183,6 +220,7 @@ pub fn parse_endpoints(file: &str, text: &str) -> Result<Vec<EndpointSpec>, Vec<
                 labels,
                 service_account,
                 ips,
+                cidrs,
             });
         }
     }
@@ -235,5 +273,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.len(), 2, "{err:?}");
         assert_eq!(err[0].line, 3);
+    }
+
+    #[test]
+    fn parses_cidrs_and_refuses_host_bits() {
+        let eps = parse_endpoints(
+            "ids.yaml",
+            "endpoints:\n  - name: lan\n    labels: {zone: lan}\n    cidrs: [10.9.0.0/16, \"fd00:9::/64\"]\n",
+        )
+        .unwrap();
+        assert_eq!(eps[0].cidrs.len(), 2);
+        let err = parse_endpoints(
+            "ids.yaml",
+            "endpoints:\n  - name: lan\n    cidrs: [10.9.0.1/16, 10.9.0.0]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 2, "{err:?}");
+        assert!(
+            err[0].message.contains("did you mean 10.9.0.0/16"),
+            "{err:?}"
+        );
+        assert_eq!(err[1].field, "endpoints[0].cidrs[1]");
     }
 }

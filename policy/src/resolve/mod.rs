@@ -22,7 +22,8 @@ use crate::identity::{Identity, NumericIdentity};
 use crate::rule::{Direction, EnforcementMode, Peers, Rule};
 use crate::selector::Selector;
 pub use table::{
-    Contribution, DirectionTable, Effective, L7Policy, PROBE_ORDER, PolicyKey, PolicyTable, Verdict,
+    Contribution, DirectionTable, Effective, L7Policy, PROBE_ORDER, PolicyKey, PolicyTable,
+    Verdict, first_allowing_http,
 };
 
 /// An interned selector.

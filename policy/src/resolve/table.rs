@@ -144,10 +144,7 @@ impl L7Policy<'_> {
     /// rule sets disagree on the protocol denies everything.
     pub fn judge_http(&self, req: &HttpRequest<'_>) -> bool {
         self.kind == Some(L7Kind::Http)
-            && self.rules.iter().any(|r| match r {
-                L7Rules::Http(rules) => rules.first_match(req).is_some(),
-                L7Rules::Kafka(_) => false,
-            })
+            && first_allowing_http(self.rules.iter().copied(), req).is_some()
     }
 
     /// Judges a Kafka request against the union of every Kafka rule of every rule set.
@@ -163,6 +160,25 @@ impl L7Policy<'_> {
         });
         kafka::judge(rules, req)
     }
+}
+
+/// The index of the first rule set that allows an HTTP request, among the ORed rule sets of one
+/// key; `None` denies. A key that mixes protocols denies everything. This is the one HTTP judge:
+/// [`L7Policy::judge_http`], the proxy (which keeps owned rule sets per connection) and the wasm
+/// filter all call it.
+pub fn first_allowing_http<'r, I>(sets: I, req: &HttpRequest<'_>) -> Option<usize>
+where
+    I: IntoIterator<Item = &'r L7Rules>,
+    I::IntoIter: Clone,
+{
+    let sets = sets.into_iter();
+    if sets.clone().any(|r| r.kind() != L7Kind::Http) {
+        return None;
+    }
+    sets.enumerate().find_map(|(i, r)| match r {
+        L7Rules::Http(rules) => rules.first_match(req).map(|_| i),
+        L7Rules::Kafka(_) => None,
+    })
 }
 
 /// A verdict with the contributions that produced it.
