@@ -1,5 +1,25 @@
-//! membrane L7 proxy (skeleton).
+//! membrane's L7 proxy.
 //!
-//! The transparent hyper-based HTTP proxy and the Kafka proxy will live here. They will judge
-//! requests with the matchers in `membrane_policy::l7`, the same code the wasm filter uses. Nothing
-//! in this crate runs yet.
+//! Connections that policy sends to the proxy (redirected by the datapath, by the redirect rules
+//! of `membrane-proxy redirect`, or addressed to a reverse-mode listener) are decided at L3/L4
+//! when accepted and then judged request by request with the HTTP matcher of `membrane_policy`
+//! (the same code the wasm filter runs). Allowed requests go to the original destination over a
+//! pooled upstream connection; denied ones get `403 Access denied` on a connection that stays
+//! usable. HTTP/1 heads pass a strict framing guard before hyper sees them ([`guard`]), and paths
+//! are normalized before matching and forwarding ([`normalize`]).
+//!
+//! ```text
+//!  accept ─> identities (src, dst) ─> L3/L4 decision ─deny─> RST
+//!                                        │allow
+//!  guard (HTTP/1 framing) ─> hyper (h1 / h2c) ─> per request: policy snapshot ─> judge
+//!        ─> 403 locally  |  pooled upstream client ─> response streamed back
+//! ```
+
+pub mod admin;
+pub mod guard;
+pub mod normalize;
+pub mod policy;
+pub mod redirect;
+pub mod server;
+pub mod service;
+pub mod telemetry;

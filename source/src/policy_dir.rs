@@ -166,3 +166,21 @@ impl PolicyCache {
         ))
     }
 }
+
+/// Reads and validates an endpoints file (workloads with labels and addresses or prefixes).
+pub fn load_endpoints(
+    path: &Path,
+) -> Result<Result<Vec<membrane_policy::endpoints::EndpointSpec>, Vec<Diagnostic>>, ReadError> {
+    let bytes = fs::read(path).map_err(|e| io(path, e))?;
+    let name = path.display().to_string();
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => membrane_policy::endpoints::parse_endpoints(&name, &text),
+        Err(_) => Err(vec![Diagnostic {
+            file: name,
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: "not valid UTF-8".into(),
+        }]),
+    })
+}

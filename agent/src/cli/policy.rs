@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use membrane_policy::endpoints::parse_endpoints;
 use membrane_policy::identity::Identity;
 use membrane_policy::l7::kafka::api_key_from_name;
 use membrane_policy::labels::{LabelSet, Source};
@@ -184,9 +183,7 @@ fn load_policy(dir: &PathBuf) -> Result<PolicySet> {
 }
 
 fn load_endpoints(path: &PathBuf) -> Result<Vec<membrane_policy::endpoints::EndpointSpec>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_endpoints(&path.display().to_string(), &text).map_err(|diags| {
+    policy_dir::load_endpoints(path)?.map_err(|diags| {
         print_diagnostics(&diags);
         anyhow!("{} is invalid ({} problem(s))", path.display(), diags.len())
     })

@@ -1,0 +1,462 @@
+//! `membrane-proxy`: membrane's L7 proxy without the agent, for a gateway host or a VM.
+//!
+//! ```text
+//! membrane-proxy --policy-dir DIR --listen ADDR --upstream HOST:PORT [--identities FILE]
+//! membrane-proxy --policy-dir DIR --listen ADDR --transparent        [--identities FILE]
+//! membrane-proxy redirect print|install|remove --proxy-port P --port 80 --interface eth1
+//! ```
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use membrane_l7_proxy::guard::Limits;
+use membrane_l7_proxy::policy::{PolicyHandle, Snapshot, SnapshotBuilder};
+use membrane_l7_proxy::redirect::{self, RedirectSpec};
+use membrane_l7_proxy::server::{self, Mode, Proxy};
+use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
+use membrane_policy::Diagnostic;
+use membrane_policy::endpoints::EndpointSpec;
+use membrane_policy::rule::EnforcementMode;
+use membrane_source::policy_dir;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "membrane-proxy",
+    version,
+    about = "membrane's HTTP L7 proxy, standalone: enforces CiliumNetworkPolicy HTTP rules per request",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Redirect rules that feed a `--transparent` listener (nftables tproxy + policy routing).
+    Redirect {
+        #[command(subcommand)]
+        action: RedirectAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RedirectAction {
+    /// Print the rules as a shell script.
+    Print(RedirectArgs),
+    /// Install the rules (replaces an earlier install).
+    Install(RedirectArgs),
+    /// Remove the rules.
+    Remove,
+}
+
+#[derive(Args, Debug)]
+struct RedirectArgs {
+    /// The transparent listener's port.
+    #[arg(long, default_value_t = 15001)]
+    proxy_port: u16,
+    /// A destination port to intercept (repeatable).
+    #[arg(long = "port", required = true)]
+    ports: Vec<u16>,
+    /// An interface whose arriving traffic is intercepted (repeatable; `veth+` matches a prefix).
+    #[arg(long = "interface", required = true)]
+    interfaces: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PolicyMode {
+    Default,
+    Always,
+    Never,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Directory (or file) of CiliumNetworkPolicy / NetworkPolicy YAML; watched for changes.
+    #[arg(long, env = "MEMBRANE_PROXY_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// Address to accept connections on (`[::]:15001` accepts IPv4 too).
+    #[arg(long, env = "MEMBRANE_PROXY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Accept redirected connections (IP_TRANSPARENT) and forward each to its original destination.
+    #[arg(long, conflicts_with = "upstream")]
+    transparent: bool,
+    /// Reverse mode: forward every connection to this HOST:PORT.
+    #[arg(long, env = "MEMBRANE_PROXY_UPSTREAM")]
+    upstream: Option<String>,
+    /// Workloads by address or prefix, with labels (the endpoints-file format, `cidrs:` allowed).
+    /// Addresses not listed are world, or the most specific CIDR a policy names.
+    #[arg(long, env = "MEMBRANE_PROXY_IDENTITIES")]
+    identities: Option<PathBuf>,
+    /// Reverse mode: the workload of --identities that the upstream is (default: the one holding
+    /// the upstream's address).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Policy enforcement: default (selected workloads only), always, never.
+    #[arg(long, value_enum, default_value = "default")]
+    enable_policy: PolicyMode,
+    /// Admin endpoint (/metrics, /healthz, /flows), e.g. 127.0.0.1:9964.
+    #[arg(long, env = "MEMBRANE_PROXY_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Write every flow record as a JSON line to this file (`-` for standard output).
+    #[arg(long)]
+    access_log: Option<String>,
+    /// Body of the 403 answer to a denied request.
+    #[arg(long, default_value = "Access denied\r\n")]
+    deny_body: String,
+    /// Normalize request paths (dot segments, duplicate slashes, percent-encoded unreserved
+    /// characters) before matching and forwarding.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    normalize_path: bool,
+    /// Most header fields in a request.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// Most bytes in a request head.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_header_bytes: usize,
+    /// Most bytes in a request target.
+    #[arg(long, default_value_t = 8 * 1024)]
+    max_uri_bytes: usize,
+    /// Seconds allowed for a request head to arrive.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a connection may sit idle.
+    #[arg(long, default_value_t = 300.0)]
+    idle_timeout: f64,
+    /// Seconds allowed to connect upstream.
+    #[arg(long, default_value_t = 5.0)]
+    connect_timeout: f64,
+    /// Seconds allowed for upstream response headers (0: no limit).
+    #[arg(long, default_value_t = 60.0)]
+    upstream_timeout: f64,
+    /// Seconds of TCP idle before keepalive probes, both sides.
+    #[arg(long, default_value_t = 60.0)]
+    tcp_keepalive: f64,
+    /// Speak HTTP/2 (prior knowledge) to upstreams.
+    #[arg(long)]
+    upstream_http2: bool,
+    /// Seconds open connections get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 15.0)]
+    drain_timeout: f64,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seconds between checks of the policy files for changes.
+    #[arg(long, default_value_t = 0.5)]
+    reload_interval: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Redirect { action }) => redirect_cmd(action),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("membrane-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn redirect_cmd(action: RedirectAction) -> Result<()> {
+    let spec = |a: RedirectArgs| RedirectSpec {
+        proxy_port: a.proxy_port,
+        ports: a.ports,
+        interfaces: a.interfaces,
+    };
+    match action {
+        RedirectAction::Print(a) => print!("{}", redirect::script(&spec(a))?),
+        RedirectAction::Install(a) => redirect::install(&spec(a))?,
+        RedirectAction::Remove => redirect::remove()?,
+    }
+    Ok(())
+}
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).map_err(|_| anyhow!("--{flag}: {v} is not a duration in seconds"))
+}
+
+fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("membrane-proxy: {d}");
+    }
+}
+
+/// Policy and workloads as read from disk now.
+struct Sources {
+    policy_dir: PathBuf,
+    identities: Option<PathBuf>,
+    cache: policy_dir::PolicyCache,
+}
+
+impl Sources {
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut p = vec![self.policy_dir.clone()];
+        p.extend(self.identities.clone());
+        p
+    }
+
+    fn fingerprint(&self) -> Result<String> {
+        Ok(policy_dir::fingerprint(&self.paths())?)
+    }
+
+    /// Builds a snapshot, or returns the problems (each naming file, line and field).
+    fn snapshot(&mut self, builder: &mut SnapshotBuilder) -> Result<Result<(Snapshot, Vec<EndpointSpec>), Vec<Diagnostic>>> {
+        let set = match self.cache.load(std::slice::from_ref(&self.policy_dir))? {
+            Ok(set) => set,
+            Err(d) => return Ok(Err(d)),
+        };
+        let workloads = match &self.identities {
+            Some(path) => match policy_dir::load_endpoints(path)? {
+                Ok(w) => w,
+                Err(d) => return Ok(Err(d)),
+            },
+            None => Vec::new(),
+        };
+        Ok(Ok((builder.build(&set, &workloads)?, workloads)))
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let policy_dir = args
+        .policy_dir
+        .clone()
+        .context("--policy-dir is required")?;
+    let listen = args.listen.context("--listen is required")?;
+    let mode = match (&args.upstream, args.transparent) {
+        (Some(u), false) => {
+            let upstream = u
+                .to_socket_addrs()
+                .with_context(|| format!("--upstream {u}"))?
+                .next()
+                .with_context(|| format!("--upstream {u}: no address"))?;
+            Mode::Reverse { upstream }
+        }
+        (None, true) => Mode::Transparent,
+        _ => bail!("give either --upstream HOST:PORT (reverse mode) or --transparent"),
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(w) = args.workers {
+        runtime.worker_threads(w.max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
+    runtime.block_on(serve(args, policy_dir, listen, mode))
+}
+
+async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mode) -> Result<()> {
+    let enforcement = match args.enable_policy {
+        PolicyMode::Default => EnforcementMode::Default,
+        PolicyMode::Always => EnforcementMode::Always,
+        PolicyMode::Never => EnforcementMode::Never,
+    };
+    let mut builder = SnapshotBuilder::new(enforcement);
+    let mut sources = Sources {
+        policy_dir,
+        identities: args.identities.clone(),
+        cache: policy_dir::PolicyCache::default(),
+    };
+    let mut fingerprint = sources.fingerprint()?;
+    let (snapshot, workloads) = match sources.snapshot(&mut builder)? {
+        Ok(s) => s,
+        Err(diags) => {
+            print_diagnostics(&diags);
+            bail!("refusing to start: the policy or identities are invalid ({} problem(s))", diags.len());
+        }
+    };
+    if let Mode::Reverse { upstream } = mode {
+        check_reverse_endpoint(&snapshot, &workloads, args.endpoint.as_deref(), upstream)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    metrics.policy_generation.set(snapshot.generation as i64);
+    let policy = Arc::new(PolicyHandle::new(snapshot));
+    let flows = FlowSink::new();
+    let config = ProxyConfig {
+        limits: Limits {
+            max_head_bytes: args.max_header_bytes,
+            max_headers: args.max_headers,
+            max_uri_bytes: args.max_uri_bytes,
+        },
+        normalize_paths: args.normalize_path,
+        deny_body: Bytes::from(args.deny_body.clone()),
+        header_timeout: secs(args.header_timeout, "header-timeout")?,
+        idle_timeout: secs(args.idle_timeout, "idle-timeout")?,
+        connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
+        upstream_timeout: secs(args.upstream_timeout, "upstream-timeout")?,
+        tcp_keepalive: secs(args.tcp_keepalive, "tcp-keepalive")?,
+        upstream_http2: args.upstream_http2,
+        ..ProxyConfig::default()
+    };
+    let drain = secs(args.drain_timeout, "drain-timeout")?;
+    let reload_every = secs(args.reload_interval, "reload-interval")?.max(Duration::from_millis(50));
+    let shared = Arc::new(Shared::new(config, policy.clone(), metrics.clone(), flows.clone()));
+    let proxy = Proxy::new(shared);
+    let listener = server::bind(listen, mode).with_context(|| format!("listening on {listen}"))?;
+    if let Some(addr) = args.admin {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin endpoint {addr}"))?;
+        tokio::spawn(membrane_l7_proxy::admin::serve(l, metrics.clone(), flows.clone()));
+    }
+    if let Some(target) = &args.access_log {
+        spawn_access_log(target, &flows)?;
+    }
+    eprintln!(
+        "membrane-proxy: listening on {} ({})",
+        listener.local_addr()?,
+        match mode {
+            Mode::Reverse { upstream } => format!("reverse to {upstream}"),
+            Mode::Transparent => "transparent".into(),
+        }
+    );
+
+    // Reload: poll the files' fingerprint (and reload at once on SIGHUP).
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let reload_metrics = metrics.clone();
+    let endpoint = args.endpoint.clone();
+    tokio::spawn(async move {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let forced = tokio::select! {
+                _ = tokio::time::sleep(reload_every) => false,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+            };
+            let fp = match sources.fingerprint() {
+                Ok(fp) => fp,
+                Err(e) => {
+                    eprintln!("membrane-proxy: reading policy: {e:#}");
+                    continue;
+                }
+            };
+            if fp == fingerprint && !forced {
+                continue;
+            }
+            fingerprint = fp;
+            match sources.snapshot(&mut builder) {
+                Ok(Ok((snap, workloads))) => {
+                    if let Mode::Reverse { upstream } = mode
+                        && let Err(e) = check_reverse_endpoint(&snap, &workloads, endpoint.as_deref(), upstream)
+                    {
+                        eprintln!("membrane-proxy: policy change rejected, last good policy kept: {e:#}");
+                        reload_metrics.policy_rejected.inc();
+                        continue;
+                    }
+                    reload_metrics.policy_generation.set(snap.generation as i64);
+                    eprintln!("membrane-proxy: policy generation {} in force", snap.generation);
+                    policy.store(snap);
+                }
+                Ok(Err(diags)) => {
+                    print_diagnostics(&diags);
+                    eprintln!(
+                        "membrane-proxy: policy change rejected ({} problem(s)); last good policy kept",
+                        diags.len()
+                    );
+                    reload_metrics.policy_rejected.inc();
+                }
+                Err(e) => {
+                    eprintln!("membrane-proxy: policy change rejected, last good policy kept: {e:#}");
+                    reload_metrics.policy_rejected.inc();
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("membrane-proxy: draining");
+        let _ = shutdown_tx.send(true);
+    });
+    proxy.serve(listener, mode, shutdown_rx, drain).await?;
+    eprintln!("membrane-proxy: stopped");
+    Ok(())
+}
+
+/// In reverse mode the upstream is the protected workload: it must be a listed workload
+/// (named by --endpoint, or holding the upstream's address) for its policy to apply.
+fn check_reverse_endpoint(
+    snap: &Snapshot,
+    workloads: &[EndpointSpec],
+    name: Option<&str>,
+    upstream: SocketAddr,
+) -> Result<()> {
+    let id = snap.identity_of(upstream.ip());
+    match name {
+        Some(name) => {
+            let w = workloads
+                .iter()
+                .find(|w| w.name == name)
+                .with_context(|| format!("--endpoint {name}: no such workload in --identities"))?;
+            let holds = w.ips.contains(&upstream.ip()) || w.cidrs.iter().any(|c| c.contains(&upstream.ip()));
+            if !holds {
+                bail!(
+                    "--endpoint {name}: the upstream {} is not among its ips or cidrs; add it there",
+                    upstream.ip()
+                );
+            }
+        }
+        None => {
+            if snap.name_of(id).is_none() {
+                eprintln!(
+                    "membrane-proxy: warning: the upstream {} is not a workload of --identities, so no policy selects it and every request is forwarded",
+                    upstream.ip()
+                );
+                return Ok(());
+            }
+        }
+    }
+    if !snap.enforces(id) {
+        eprintln!(
+            "membrane-proxy: warning: no policy selects the upstream's workload; every request is forwarded"
+        );
+    }
+    Ok(())
+}
+
+fn spawn_access_log(target: &str, flows: &FlowSink) -> Result<()> {
+    use std::io::Write;
+    let mut out: Box<dyn Write + Send> = if target == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(target)
+                .with_context(|| format!("--access-log {target}"))?,
+        )
+    };
+    let mut rx = flows.subscribe();
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            loop {
+                match rx.blocking_recv() {
+                    Ok(r) => {
+                        let line = serde_json::to_string(&r).unwrap_or_default();
+                        let _ = writeln!(out, "{line}");
+                        let _ = out.flush();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = writeln!(out, "{{\"lost\":{n}}}");
+                    }
+                    Err(_) => return,
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! The proxy's view of policy: who a peer is (identity by address) and what a connection from
+//! one identity to another may do, rebuilt whole on every policy change and swapped in
+//! atomically, so that a request is judged by exactly one policy version.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use membrane_policy::PolicySet;
+use membrane_policy::endpoints::{EndpointSpec, endpoint_labels};
+use membrane_policy::identity::{
+    IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
+};
+use membrane_policy::l7::http::HttpRequest;
+use membrane_policy::labels::{Label, LabelSet};
+use membrane_policy::resolve::{DirectionTable, Resolver, Verdict, first_allowing_http};
+use membrane_policy::rule::{Direction, EnforcementMode, L7Rules, PortRule, Proto};
+
+/// One direction's L7 requirement on a connection: a request must match one of `sets`.
+#[derive(Clone, Debug)]
+pub struct L7Requirement {
+    /// Which endpoint's policy this is: the destination's ingress or the source's egress.
+    pub direction: Direction,
+    /// The ORed port rules (each carries its L7 rules) and the policy each came from.
+    pub sets: Vec<(Arc<PortRule>, Arc<str>)>,
+}
+
+impl L7Requirement {
+    /// The policy whose rules allow `req`, or `None` when none does.
+    pub fn allowing_policy(&self, req: &HttpRequest<'_>) -> Option<&Arc<str>> {
+        let rules = self.sets.iter().filter_map(|(p, _)| p.l7.as_ref());
+        first_allowing_http(rules, req).map(|i| {
+            // `first_allowing_http` counts only sets with L7 rules; a redirected key has no
+            // others, so the index is the set's index.
+            &self.sets[i].1
+        })
+    }
+}
+
+/// What policy says about a connection.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    /// L3/L4 denies it.
+    Deny {
+        /// The direction whose policy denies.
+        direction: Direction,
+    },
+    /// Allowed; every request must satisfy every requirement (none: forward everything).
+    Allow(Vec<L7Requirement>),
+}
+
+/// Identities of the two ends of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peers {
+    /// Source identity.
+    pub src: NumericIdentity,
+    /// Destination identity.
+    pub dst: NumericIdentity,
+}
+
+/// One policy version with everything needed to judge connections and requests.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases with every swap; connections cache their decision per generation.
+    pub generation: u64,
+    resolver: Resolver,
+    /// Prefix -> identity, most specific first (workloads before policy CIDRs on ties).
+    prefixes: Vec<(IpNet, NumericIdentity)>,
+    names: HashMap<NumericIdentity, String>,
+}
+
+impl Snapshot {
+    /// The identity of an address: the most specific listed workload or policy CIDR holding it,
+    /// else world.
+    pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
+        let ip = canonical(ip);
+        self.prefixes
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map_or(NumericIdentity::WORLD, |(_, id)| *id)
+    }
+
+    /// A workload name for an identity, for flow records.
+    pub fn name_of(&self, id: NumericIdentity) -> Option<&str> {
+        self.names.get(&id).map(String::as_str)
+    }
+
+    /// Identities of a connection's ends.
+    pub fn peers(&self, src: SocketAddr, dst: SocketAddr) -> Peers {
+        Peers {
+            src: self.identity_of(src.ip()),
+            dst: self.identity_of(dst.ip()),
+        }
+    }
+
+    /// The decision for a TCP connection to `port`: the destination's ingress policy and the
+    /// source's egress policy, both of which must allow it (each L7 part applies on its own).
+    pub fn decide(&self, peers: Peers, port: u16) -> Decision {
+        let mut reqs = Vec::new();
+        let sides = [
+            (Direction::Ingress, peers.dst, peers.src),
+            (Direction::Egress, peers.src, peers.dst),
+        ];
+        for (direction, endpoint, remote) in sides {
+            let Some(table) = self.resolver.table(endpoint) else {
+                continue;
+            };
+            match judge_l4(table.direction(direction), remote, port) {
+                L4::Deny => return Decision::Deny { direction },
+                L4::Allow => {}
+                L4::Redirect(sets) => reqs.push(L7Requirement { direction, sets }),
+            }
+        }
+        Decision::Allow(reqs)
+    }
+
+    /// Whether any endpoint is selected by policy at all (a reverse proxy in front of nothing
+    /// selected forwards everything, which its operator should hear about).
+    pub fn enforces(&self, endpoint: NumericIdentity) -> bool {
+        self.resolver
+            .table(endpoint)
+            .is_some_and(|t| t.ingress.enforced || t.egress.enforced)
+    }
+}
+
+enum L4 {
+    Deny,
+    Allow,
+    Redirect(Vec<(Arc<PortRule>, Arc<str>)>),
+}
+
+fn judge_l4(table: &DirectionTable, remote: NumericIdentity, port: u16) -> L4 {
+    if !table.enforced {
+        return L4::Allow;
+    }
+    match table.lookup(remote, port, Proto::Tcp) {
+        None => L4::Deny,
+        Some((_, eff)) => match eff.verdict {
+            Verdict::Allow => L4::Allow,
+            Verdict::Redirect(_) => L4::Redirect(
+                eff.derived_from
+                    .iter()
+                    .filter_map(|c| {
+                        let port_rule = c.port_rule.clone()?;
+                        Some((port_rule, Arc::from(c.rule.origin.to_string())))
+                    })
+                    .collect(),
+            ),
+        },
+    }
+}
+
+/// `::ffff:a.b.c.d` is the IPv4 address it carries (a dual-stack listener reports those).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Builds snapshots, keeping identity numbers stable across policy versions.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    allocator: LocalAllocator,
+    generation: u64,
+    mode: EnforcementMode,
+}
+
+impl SnapshotBuilder {
+    /// A builder for an enforcement mode.
+    pub fn new(mode: EnforcementMode) -> SnapshotBuilder {
+        SnapshotBuilder {
+            allocator: LocalAllocator::new(),
+            generation: 0,
+            mode,
+        }
+    }
+
+    /// A snapshot of `set` with the workloads of `workloads` (each an endpoint with a table).
+    pub fn build(&mut self, set: &PolicySet, workloads: &[EndpointSpec]) -> Result<Snapshot> {
+        let mut resolver = Resolver::new(self.mode);
+        resolver.set_rules(&set.rules);
+        for (_, name) in RESERVED {
+            let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
+            let (identity, _) = self.allocator.allocate(&labels)?;
+            resolver.add_identity(identity);
+        }
+        let mut workload_prefixes = Vec::new();
+        let mut names = HashMap::new();
+        for w in workloads {
+            let labels = endpoint_labels(
+                &w.labels,
+                &w.namespace,
+                w.service_account.as_deref(),
+                &set.namespaces,
+            );
+            let (identity, _) = self
+                .allocator
+                .allocate(&labels)
+                .with_context(|| format!("identity of workload {}", w.name))?;
+            let id = identity.id;
+            resolver.add_identity(identity);
+            resolver.add_endpoint(id);
+            names.entry(id).or_insert_with(|| w.name.clone());
+            workload_prefixes.extend(w.ips.iter().map(|ip| (IpNet::from(canonical(*ip)), id)));
+            workload_prefixes.extend(w.cidrs.iter().map(|net| (*net, id)));
+        }
+        let mut cidr_prefixes = Vec::new();
+        for net in set.cidr_prefixes() {
+            let (identity, _) = self.allocator.allocate(&cidr_labels(&net))?;
+            cidr_prefixes.push((net, identity.id));
+            resolver.add_identity(identity);
+        }
+        // Stable sort: on equal length a workload (listed first) wins over a policy CIDR.
+        let mut prefixes: Vec<(IpNet, NumericIdentity)> =
+            workload_prefixes.into_iter().chain(cidr_prefixes).collect();
+        prefixes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        self.generation += 1;
+        Ok(Snapshot {
+            generation: self.generation,
+            resolver,
+            prefixes,
+            names,
+        })
+    }
+}
+
+/// The current snapshot, swapped atomically.
+#[derive(Debug)]
+pub struct PolicyHandle {
+    current: ArcSwap<Snapshot>,
+}
+
+impl PolicyHandle {
+    /// A handle holding `snapshot`.
+    pub fn new(snapshot: Snapshot) -> PolicyHandle {
+        PolicyHandle {
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The snapshot in force now.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Puts a new snapshot in force; requests whose headers arrive from now on see it.
+    pub fn store(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+}
+
+/// Whether rule sets of a requirement are all HTTP (a Kafka rule on an HTTP proxy's port denies).
+pub fn is_http(req: &L7Requirement) -> bool {
+    req.sets
+        .iter()
+        .all(|(p, _)| matches!(p.l7, Some(L7Rules::Http(_))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use membrane_policy::endpoints::parse_endpoints;
+    use membrane_policy::l7::http::HeaderLookup;
+
+    struct NoHeaders;
+    impl HeaderLookup for NoHeaders {
+        fn any_value(&self, _: &str, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+            false
+        }
+    }
+
+    fn req<'a>(method: &'a str, path: &'a str) -> HttpRequest<'a> {
+        HttpRequest {
+            method,
+            path,
+            host: "svc",
+            headers: &NoHeaders,
+        }
+    }
+
+    const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/public.*"}]
+  - fromCIDR: [192.0.2.0/24]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"#;
+
+    const WORKLOADS: &str = "endpoints:
+  - name: web
+    labels: {app: web}
+    ips: [10.0.0.1]
+  - name: client
+    labels: {app: client}
+    cidrs: [10.1.0.0/16]
+";
+
+    fn snapshot() -> Snapshot {
+        let set = PolicySet::from_sources([("p.yaml", POLICY)]).unwrap();
+        let workloads = parse_endpoints("w.yaml", WORKLOADS).unwrap();
+        SnapshotBuilder::new(EnforcementMode::Default)
+            .build(&set, &workloads)
+            .unwrap()
+    }
+
+    #[test]
+    fn identities_by_longest_prefix_default_world() {
+        let s = snapshot();
+        let web = s.identity_of("10.0.0.1".parse().unwrap());
+        let client = s.identity_of("::ffff:10.1.2.3".parse().unwrap());
+        assert_eq!(s.name_of(web), Some("web"));
+        assert_eq!(s.name_of(client), Some("client"));
+        assert_eq!(
+            s.identity_of("203.0.113.9".parse().unwrap()),
+            NumericIdentity::WORLD
+        );
+        let cidr = s.identity_of("192.0.2.7".parse().unwrap());
+        assert!(cidr != NumericIdentity::WORLD && cidr != web && cidr != client);
+    }
+
+    #[test]
+    fn decisions_follow_the_tables() {
+        let s = snapshot();
+        let web: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let from = |a: &str| s.peers(format!("{a}:5555").parse().unwrap(), web);
+        // L7-governed: GET /public allowed, anything else not.
+        let Decision::Allow(reqs) = s.decide(from("10.1.0.9"), 80) else {
+            panic!("client denied")
+        };
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].direction, Direction::Ingress);
+        assert!(is_http(&reqs[0]));
+        assert!(reqs[0].allowing_policy(&req("GET", "/public/x")).is_some());
+        assert!(reqs[0].allowing_policy(&req("GET", "/private")).is_none());
+        assert!(reqs[0].allowing_policy(&req("POST", "/public")).is_none());
+        // CIDR peer: L4 only.
+        assert!(matches!(s.decide(from("192.0.2.1"), 80), Decision::Allow(r) if r.is_empty()));
+        // World and other ports: denied at L3/L4.
+        assert!(matches!(
+            s.decide(from("203.0.113.1"), 80),
+            Decision::Deny {
+                direction: Direction::Ingress
+            }
+        ));
+        assert!(matches!(s.decide(from("10.1.0.9"), 81), Decision::Deny { .. }));
+        assert!(s.enforces(s.identity_of(web.ip())));
+    }
+
+    #[test]
+    fn identity_numbers_survive_rebuilds() {
+        let set = PolicySet::from_sources([("p.yaml", POLICY)]).unwrap();
+        let workloads = parse_endpoints("w.yaml", WORKLOADS).unwrap();
+        let mut b = SnapshotBuilder::new(EnforcementMode::Default);
+        let a = b.build(&set, &workloads).unwrap();
+        let c = b.build(&set, &workloads).unwrap();
+        assert!(c.generation > a.generation);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(a.identity_of(ip), c.identity_of(ip));
+    }
+}

@@ -1,0 +1,235 @@
+//! Listeners and connections: accept, decide at L3/L4, serve HTTP/1.1 and HTTP/2 through the
+//! guard, close idle connections, and drain gracefully on shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::guard::{Guard, GuardState};
+use crate::policy::{Decision, canonical};
+use crate::service::{Connection, Shared};
+use crate::telemetry::ConnectionLabels;
+
+/// Where a listener's connections go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every connection goes to one upstream (reverse proxy).
+    Reverse {
+        /// The upstream.
+        upstream: SocketAddr,
+    },
+    /// Each connection goes to its original destination: the listener is `IP_TRANSPARENT` and
+    /// redirected connections arrive with their original destination as the local address.
+    Transparent,
+}
+
+/// Binds a listener. A transparent one sets `IP_TRANSPARENT`/`IPV6_TRANSPARENT` (needs
+/// CAP_NET_ADMIN), and a `[::]` address accepts IPv4 too.
+pub fn bind(addr: SocketAddr, mode: Mode) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    if mode == Mode::Transparent {
+        if addr.is_ipv6() {
+            socket.set_ip_transparent_v6(true)?;
+        }
+        socket.set_ip_transparent_v4(true).or_else(|e| {
+            // An IPv6-only socket may refuse the IPv4 option; IPV6_TRANSPARENT then covers it.
+            if addr.is_ipv6() { Ok(()) } else { Err(e) }
+        })?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A running proxy: shared state plus the HTTP server settings.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    /// A proxy over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Proxy {
+        let cfg = &shared.config;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_timeout)
+            .max_headers(cfg.limits.max_headers)
+            .max_buf_size((cfg.limits.max_head_bytes * 2).max(64 * 1024))
+            .keep_alive(true)
+            .pipeline_flush(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .max_header_list_size(cfg.limits.max_head_bytes as u32)
+            .keep_alive_interval(Some(cfg.tcp_keepalive));
+        Proxy {
+            shared,
+            builder,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Accepts and serves until `shutdown` turns true, then lets open connections finish their
+    /// requests for up to `drain` before returning.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        mode: Mode,
+        mut shutdown: watch::Receiver<bool>,
+        drain: Duration,
+    ) -> io::Result<()> {
+        let local = listener.local_addr()?;
+        let per_connection = shutdown.clone();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        // Out of descriptors and the like: back off instead of spinning.
+                        Err(e) => {
+                            eprintln!("membrane-proxy: accept on {local}: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    self.spawn_connection(stream, peer, local, mode, per_connection.clone());
+                }
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        drop(listener);
+        let deadline = Instant::now() + drain;
+        while self.open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn spawn_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        mode: Mode,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let shared = self.shared.clone();
+        let src = SocketAddr::new(canonical(peer.ip()), peer.port());
+        let dst = match mode {
+            Mode::Reverse { upstream } => upstream,
+            Mode::Transparent => match stream.local_addr() {
+                Ok(a) => SocketAddr::new(canonical(a.ip()), a.port()),
+                Err(_) => return,
+            },
+        };
+        // Connecting to the transparent listener itself would loop back into the proxy.
+        if mode == Mode::Transparent && dst.port() == local.port() {
+            reset(stream);
+            return;
+        }
+        let snap = shared.policy.load();
+        let peers = snap.peers(src, dst);
+        let decision = snap.decide(peers, dst.port());
+        if matches!(decision, Decision::Deny { .. }) {
+            shared
+                .metrics
+                .connections
+                .get_or_create(&ConnectionLabels { outcome: "denied" })
+                .inc();
+            reset(stream);
+            return;
+        }
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ConnectionLabels {
+                outcome: "accepted",
+            })
+            .inc();
+        let _ = stream.set_nodelay(true);
+        let _ = SockRef::from(&stream).set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(shared.config.tcp_keepalive)
+                .with_interval(Duration::from_secs(10)),
+        );
+        let guard_state = Arc::new(GuardState::default());
+        let conn = Arc::new(Connection::new(
+            shared.clone(),
+            src,
+            dst,
+            guard_state.clone(),
+            &snap,
+            peers,
+            decision,
+        ));
+        drop(snap);
+        let io = TokioIo::new(Guard::new(stream, shared.config.limits, guard_state.clone()));
+        let builder = self.builder.clone();
+        let open = self.open.clone();
+        open.fetch_add(1, Ordering::AcqRel);
+        shared.metrics.open_connections.inc();
+        let idle = shared.config.idle_timeout;
+        tokio::spawn(async move {
+            let svc_conn = conn.clone();
+            let svc = service_fn(move |req| svc_conn.clone().handle(req));
+            let served = builder.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(served);
+            let mut closing = false;
+            let mut last_activity = guard_state.activity();
+            let mut idle_since = Instant::now();
+            let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(10));
+            loop {
+                tokio::select! {
+                    _ = served.as_mut() => break,
+                    _ = shutdown.wait_for(|s| *s), if !closing => {
+                        closing = true;
+                        served.as_mut().graceful_shutdown();
+                    }
+                    _ = tokio::time::sleep(tick), if !closing => {
+                        let now = guard_state.activity();
+                        if now != last_activity || conn.busy() {
+                            last_activity = now;
+                            idle_since = Instant::now();
+                        } else if idle_since.elapsed() >= idle {
+                            closing = true;
+                            served.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+            shared.metrics.open_connections.dec();
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// Closes with RST so that a refused peer learns at once (and no FIN handshake lingers).
+fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

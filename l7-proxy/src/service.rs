@@ -1,0 +1,598 @@
+//! Per-request handling: judge by the policy in force when the headers arrived, answer a refusal
+//! locally, or forward to the connection's destination and stream the answer back.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::MapErr;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
+use membrane_policy::rule::Direction;
+
+use crate::guard::{GuardState, Limits, Refusal};
+use crate::normalize::normalize_target;
+use crate::policy::{Decision, Peers, PolicyHandle, Snapshot};
+use crate::telemetry::{DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, rfc3339};
+
+/// The body of a response: a local answer or the upstream's stream.
+pub type ResponseBody = Either<MapErr<Full<Bytes>, fn(Infallible) -> hyper::Error>, Incoming>;
+
+/// Settings of the HTTP proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Head, header-count and URI limits.
+    pub limits: Limits,
+    /// Normalize request paths before matching and forwarding (see [`crate::normalize`]).
+    pub normalize_paths: bool,
+    /// Body of a `403` answer.
+    pub deny_body: Bytes,
+    /// Time allowed for a request head to arrive.
+    pub header_timeout: Duration,
+    /// A connection with no bytes moving and no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed to connect to an upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed for an upstream's response headers (zero: no limit).
+    pub upstream_timeout: Duration,
+    /// TCP keepalive idle time on both sides (so idle long-lived connections survive conntrack).
+    pub tcp_keepalive: Duration,
+    /// Speak HTTP/2 (prior knowledge) to upstreams instead of HTTP/1.1.
+    pub upstream_http2: bool,
+    /// Concurrent streams per downstream HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            limits: Limits::default(),
+            normalize_paths: true,
+            deny_body: Bytes::from_static(b"Access denied\r\n"),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            tcp_keepalive: Duration::from_secs(60),
+            upstream_http2: false,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// What every connection of a proxy shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Settings.
+    pub config: ProxyConfig,
+    /// The policy in force.
+    pub policy: Arc<PolicyHandle>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Flow records.
+    pub flows: FlowSink,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Shared {
+    /// Shared state with a pooled upstream client built from `config`.
+    pub fn new(
+        config: ProxyConfig,
+        policy: Arc<PolicyHandle>,
+        metrics: Arc<Metrics>,
+        flows: FlowSink,
+    ) -> Shared {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(config.tcp_keepalive));
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(config.upstream_http2)
+            .build(http);
+        Shared {
+            config,
+            policy,
+            metrics,
+            flows,
+            client,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ConnPolicy {
+    generation: u64,
+    peers: Peers,
+    decision: Decision,
+}
+
+/// One downstream connection's request handler.
+#[derive(Debug)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    guard: Arc<GuardState>,
+    next_index: AtomicU64,
+    inflight: AtomicU32,
+    cached: Mutex<Arc<ConnPolicy>>,
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl HeaderLookup for Headers<'_> {
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.0.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
+}
+
+/// Facts of one request for its flow record and metrics.
+struct Outcome {
+    verdict: &'static str,
+    direction: &'static str,
+    policy: Arc<str>,
+    status: StatusCode,
+    reason: Option<String>,
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+impl Connection {
+    /// A handler for a connection from `src` to `dst`, judged first by `snapshot`.
+    pub fn new(
+        shared: Arc<Shared>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        guard: Arc<GuardState>,
+        snapshot: &Snapshot,
+        peers: Peers,
+        decision: Decision,
+    ) -> Connection {
+        Connection {
+            shared,
+            src,
+            dst,
+            guard,
+            next_index: AtomicU64::new(0),
+            inflight: AtomicU32::new(0),
+            cached: Mutex::new(Arc::new(ConnPolicy {
+                generation: snapshot.generation,
+                peers,
+                decision,
+            })),
+        }
+    }
+
+    /// Whether a request is being handled.
+    pub fn busy(&self) -> bool {
+        self.inflight.load(Ordering::Relaxed) > 0
+    }
+
+    /// The decision under the snapshot in force, recomputed only when the policy changed.
+    fn policy(&self, snap: &Snapshot) -> Arc<ConnPolicy> {
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.generation != snap.generation {
+            let peers = snap.peers(self.src, self.dst);
+            *cached = Arc::new(ConnPolicy {
+                generation: snap.generation,
+                peers,
+                decision: snap.decide(peers, self.dst.port()),
+            });
+        }
+        cached.clone()
+    }
+
+    /// Handles one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let resp = self.handle_inner(req).await;
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        Ok(resp)
+    }
+
+    async fn handle_inner(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let shared = &*self.shared;
+        if req.version() < Version::HTTP_2
+            && let Some(refusal) = self.guard.refusal_for(index)
+        {
+            let refusal = refusal.clone();
+            return self.refused(&req, started, refusal, None);
+        }
+        let snap = shared.policy.load();
+        let cp = self.policy(&snap);
+        let raw_target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let target: Cow<'_, str> = if shared.config.normalize_paths && req.method() != Method::CONNECT
+        {
+            match normalize_target(raw_target) {
+                Ok(t) => t,
+                Err(e) => {
+                    let refusal = Refusal {
+                        status: 400,
+                        reason: e.to_string(),
+                    };
+                    return self.refused(&req, started, refusal, Some(&cp));
+                }
+            }
+        } else {
+            Cow::Borrowed(raw_target)
+        };
+        let host = authority(&req);
+        // Judge: every requirement (destination ingress, source egress) must allow.
+        let mut allowing: Option<(&'static str, Arc<str>)> = None;
+        match &cp.decision {
+            Decision::Deny { direction } => {
+                // Policy changed under an open connection: refuse and close.
+                let outcome = Outcome {
+                    verdict: "denied",
+                    direction: direction_name(*direction),
+                    policy: Arc::from(""),
+                    status: StatusCode::FORBIDDEN,
+                    reason: Some("L3/L4 policy denies this connection".into()),
+                };
+                let target = target.into_owned();
+                self.record(&req, &target, &host, &cp, started, outcome);
+                let mut resp = self.deny_response();
+                close(&mut resp);
+                return resp;
+            }
+            Decision::Allow(reqs) => {
+                let facts = HttpRequest {
+                    method: req.method().as_str(),
+                    path: &target,
+                    host: &host,
+                    headers: &Headers(req.headers()),
+                };
+                for r in reqs {
+                    match r.allowing_policy(&facts) {
+                        Some(p) => {
+                            if allowing.is_none() {
+                                allowing = Some((direction_name(r.direction), p.clone()));
+                            }
+                        }
+                        None => {
+                            let outcome = Outcome {
+                                verdict: "denied",
+                                direction: direction_name(r.direction),
+                                policy: Arc::from(""),
+                                status: StatusCode::FORBIDDEN,
+                                reason: None,
+                            };
+                            let target = target.into_owned();
+                            self.record(&req, &target, &host, &cp, started, outcome);
+                            return self.deny_response();
+                        }
+                    }
+                }
+            }
+        }
+        let (direction, policy) = allowing.unwrap_or(("none", Arc::from("")));
+        let host = host.into_owned();
+        if req.method() == Method::CONNECT {
+            let refusal = Refusal {
+                status: 501,
+                reason: "CONNECT is not supported by membrane's proxy".into(),
+            };
+            return self.refused(&req, started, refusal, Some(&cp));
+        }
+        let target = target.into_owned();
+        let wants_upgrade =
+            req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let record_parts = RecordParts {
+            method: parts.method.to_string(),
+            host: host.to_string(),
+        };
+        strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = if shared.config.upstream_http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        parts.uri = match Uri::try_from(format!("http://{}{}", self.dst, target)) {
+            Ok(u) => u,
+            Err(_) => {
+                let refusal = Refusal {
+                    status: 400,
+                    reason: "request target cannot be forwarded".into(),
+                };
+                return self.local_answer(record_parts, &target, &cp, started, refusal);
+            }
+        };
+        let upstream = shared.client.request(Request::from_parts(parts, body));
+        let result = if shared.config.upstream_timeout.is_zero() {
+            Ok(upstream.await)
+        } else {
+            tokio::time::timeout(shared.config.upstream_timeout, upstream).await
+        };
+        let mut resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let refusal = Refusal {
+                    status: 502,
+                    reason: format!("upstream {}: {}", self.dst, error_chain(&e)),
+                };
+                return self.local_answer(record_parts, &target, &cp, started, refusal);
+            }
+            Err(_) => {
+                let refusal = Refusal {
+                    status: 504,
+                    reason: format!("upstream {} sent no response headers in time", self.dst),
+                };
+                return self.local_answer(record_parts, &target, &cp, started, refusal);
+            }
+        };
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        self.record_parts(
+            record_parts,
+            &target,
+            &cp,
+            started,
+            Outcome {
+                verdict: "forwarded",
+                direction,
+                policy,
+                status: resp.status(),
+                reason: None,
+            },
+        );
+        resp.map(Either::Right)
+    }
+
+    fn deny_response(&self) -> Response<ResponseBody> {
+        text_response(StatusCode::FORBIDDEN, self.shared.config.deny_body.clone())
+    }
+
+    /// Answers a refusal locally (`Connection: close` for malformed requests).
+    fn refused(
+        &self,
+        req: &Request<Incoming>,
+        started: Instant,
+        refusal: Refusal,
+        cp: Option<&ConnPolicy>,
+    ) -> Response<ResponseBody> {
+        let parts = RecordParts {
+            method: req.method().to_string(),
+            host: authority(req).into_owned(),
+        };
+        let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        let cp = match cp {
+            Some(cp) => cp,
+            None => &self.policy(&self.shared.policy.load()),
+        };
+        self.local_answer(parts, &target.to_string(), cp, started, refusal)
+    }
+
+    fn local_answer(
+        &self,
+        parts: RecordParts,
+        target: &str,
+        cp: &ConnPolicy,
+        started: Instant,
+        refusal: Refusal,
+    ) -> Response<ResponseBody> {
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let body = format!(
+            "{}\r\n",
+            status.canonical_reason().unwrap_or("Request refused")
+        );
+        let mut resp = text_response(status, Bytes::from(body));
+        if status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED {
+            close(&mut resp);
+        }
+        self.record_parts(
+            parts,
+            target,
+            cp,
+            started,
+            Outcome {
+                verdict: "error",
+                direction: "none",
+                policy: Arc::from(""),
+                status,
+                reason: Some(refusal.reason),
+            },
+        );
+        resp
+    }
+
+    fn record(
+        &self,
+        req: &Request<Incoming>,
+        target: &str,
+        host: &str,
+        cp: &ConnPolicy,
+        started: Instant,
+        outcome: Outcome,
+    ) {
+        let parts = RecordParts {
+            method: req.method().to_string(),
+            host: host.to_string(),
+        };
+        self.record_parts(parts, target, cp, started, outcome);
+    }
+
+    fn record_parts(
+        &self,
+        parts: RecordParts,
+        target: &str,
+        cp: &ConnPolicy,
+        started: Instant,
+        outcome: Outcome,
+    ) {
+        let m = &self.shared.metrics;
+        let elapsed = started.elapsed();
+        m.requests
+            .get_or_create(&RequestLabels {
+                direction: outcome.direction,
+                verdict: outcome.verdict,
+                policy: outcome.policy.to_string(),
+            })
+            .inc();
+        m.latency
+            .get_or_create(&DirectionLabel {
+                direction: outcome.direction,
+            })
+            .observe(elapsed.as_secs_f64());
+        if self.shared.flows.wanted() {
+            self.shared.flows.publish(FlowRecord {
+                time: rfc3339(SystemTime::now() - elapsed),
+                src: self.src,
+                dst: self.dst,
+                src_identity: cp.peers.src.0,
+                dst_identity: cp.peers.dst.0,
+                method: parts.method,
+                path: target.to_string(),
+                host: parts.host,
+                verdict: outcome.verdict,
+                direction: outcome.direction,
+                policy: outcome.policy.to_string(),
+                status: outcome.status.as_u16(),
+                latency_us: elapsed.as_micros() as u64,
+                reason: outcome.reason,
+            });
+        }
+    }
+}
+
+struct RecordParts {
+    method: String,
+    host: String,
+}
+
+/// The authority a request names: the absolute-form URI's (RFC 9112 §3.2.2: it wins over Host)
+/// or `:authority`, else the Host header.
+fn authority(req: &Request<Incoming>) -> Cow<'_, str> {
+    if let Some(a) = req.uri().authority() {
+        return Cow::Borrowed(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map_or(Cow::Borrowed(""), Cow::Borrowed)
+}
+
+fn text_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
+    let mut resp = Response::new(Either::Left(
+        Full::new(body).map_err((|never| match never {}) as fn(Infallible) -> hyper::Error),
+    ));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
+
+fn close(resp: &mut Response<ResponseBody>) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// Removes hop-by-hop fields (those of RFC 9110 §7.6.1 and any the Connection field names);
+/// an upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
+        assert!(!up.contains_key("x-secret"));
+    }
+}
