@@ -77,6 +77,20 @@ pub struct GuardState {
     refusal: OnceLock<Refusal>,
     /// Bytes moved in either direction: the idle timer watches it.
     activity: AtomicU64,
+    /// When the head being collected got its first byte (nanoseconds since [`epoch`], 0: no
+    /// head in progress). hyper never sees a partial head, so its header timer cannot run;
+    /// the connection task enforces the header timeout from this.
+    head_started: AtomicU64,
+}
+
+/// The zero of [`GuardState`]'s timestamps.
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    (epoch().elapsed().as_nanos() as u64).max(1)
 }
 
 impl Default for GuardState {
@@ -85,6 +99,7 @@ impl Default for GuardState {
             refused_index: AtomicU64::new(u64::MAX),
             refusal: OnceLock::new(),
             activity: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
         }
     }
 }
@@ -103,12 +118,24 @@ impl GuardState {
     pub fn activity(&self) -> u64 {
         self.activity.load(Ordering::Relaxed)
     }
+
+    /// How long the head now being received has been arriving, if one is.
+    pub fn head_age(&self) -> Option<std::time::Duration> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(std::time::Duration::from_nanos(
+                now_nanos().saturating_sub(t),
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chunk {
     /// Reading the hex size (`digits` so far).
-    Size { digits: u8 },
+    Size {
+        digits: u8,
+    },
     /// In a chunk extension, up to CR.
     Ext,
     /// Saw CR ending the size line; want LF. `size` is the chunk's size.
@@ -123,7 +150,9 @@ enum Chunk {
     /// Inside a trailer line.
     TrailerLine,
     /// CR seen inside a trailer line.
-    TrailerLf { empty: bool },
+    TrailerLf {
+        empty: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,6 +282,11 @@ impl<S> Guard<S> {
                         return;
                     }
                     let start = self.head.len();
+                    if start == 0 {
+                        self.state
+                            .head_started
+                            .store(now_nanos(), Ordering::Relaxed);
+                    }
                     self.head.extend_from_slice(data);
                     // A terminator may straddle reads: look from 3 bytes before the new data.
                     let from = start.saturating_sub(3);
@@ -273,6 +307,7 @@ impl<S> Guard<S> {
                         return self.refuse(too_large("request head"));
                     }
                     let head = self.head.split();
+                    self.state.head_started.store(0, Ordering::Relaxed);
                     match check_head(&head, &self.limits) {
                         Ok(framing) => {
                             self.out.extend_from_slice(&head);
@@ -695,9 +730,15 @@ mod tests {
             stream.extend_from_slice(input);
             stream.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n");
             for (out, refusal, _) in every_split(&stream) {
-                let (idx, r) = refusal.unwrap_or_else(|| panic!("{:?} passed", String::from_utf8_lossy(input)));
+                let (idx, r) = refusal
+                    .unwrap_or_else(|| panic!("{:?} passed", String::from_utf8_lossy(input)));
                 assert_eq!(idx, 1);
-                assert_eq!(r.status, *status, "{r:?} for {:?}", String::from_utf8_lossy(input));
+                assert_eq!(
+                    r.status,
+                    *status,
+                    "{r:?} for {:?}",
+                    String::from_utf8_lossy(input)
+                );
                 let mut want = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
                 want.extend_from_slice(STAND_IN);
                 assert_eq!(out, want);
@@ -709,10 +750,16 @@ mod tests {
     fn limits_answer_414_and_431() {
         let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
         assert_eq!(run(long.as_bytes(), 100).1.unwrap().1.status, 414);
-        let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(17000));
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(17000)
+        );
         assert_eq!(run(huge.as_bytes(), 100).1.unwrap().1.status, 431);
         // Without a terminator, the limit still applies as bytes arrive.
-        assert_eq!(run(&huge.as_bytes()[..16500], 1000).1.unwrap().1.status, 431);
+        assert_eq!(
+            run(&huge.as_bytes()[..16500], 1000).1.unwrap().1.status,
+            431
+        );
         let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
         let req = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert_eq!(run(req.as_bytes(), 4096).1.unwrap().1.status, 431);
@@ -729,11 +776,16 @@ mod tests {
             b"0\r\nX: a\nb\r\n\r\n",
             b"5;a\nb\r\nhello\r\n0\r\n\r\n",
         ] {
-            let mut input = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            let mut input =
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             input.extend_from_slice(body);
             for (_, refusal, failed) in every_split(&input) {
                 assert_eq!(refusal, None);
-                assert!(failed.is_some(), "{:?} passed", String::from_utf8_lossy(body));
+                assert!(
+                    failed.is_some(),
+                    "{:?} passed",
+                    String::from_utf8_lossy(body)
+                );
             }
         }
     }

@@ -196,10 +196,7 @@ mod tests {
     #[test]
     fn normal_paths_are_borrowed() {
         for p in ["/", "/public/index.html", "/a/b/?q=%zz", "/a..b"] {
-            assert!(
-                matches!(normalize_target(p), Ok(Cow::Borrowed(_))),
-                "{p}"
-            );
+            assert!(matches!(normalize_target(p), Ok(Cow::Borrowed(_))), "{p}");
         }
     }
 

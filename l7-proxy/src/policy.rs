@@ -355,7 +355,10 @@ spec:
                 direction: Direction::Ingress
             }
         ));
-        assert!(matches!(s.decide(from("10.1.0.9"), 81), Decision::Deny { .. }));
+        assert!(matches!(
+            s.decide(from("10.1.0.9"), 81),
+            Decision::Deny { .. }
+        ));
         assert!(s.enforces(s.identity_of(web.ip())));
     }
 

@@ -63,7 +63,12 @@ pub fn nft_ruleset(spec: &RedirectSpec) -> Result<String> {
         bail!("redirect needs at least one --port and one --interface");
     }
     for i in &spec.interfaces {
-        if i.is_empty() || i.len() > 15 || !i.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c)) {
+        if i.is_empty()
+            || i.len() > 15
+            || !i
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        {
             bail!("invalid interface name {i:?}");
         }
     }
@@ -120,7 +125,10 @@ fn run(cmd: &str, args: &[String]) -> Result<std::process::Output> {
 /// rules are added only when missing).
 pub fn install(spec: &RedirectSpec) -> Result<()> {
     let ruleset = nft_ruleset(spec)?;
-    let _ = run("nft", &["delete".into(), "table".into(), "inet".into(), TABLE.into()]);
+    let _ = run(
+        "nft",
+        &["delete".into(), "table".into(), "inet".into(), TABLE.into()],
+    );
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -134,7 +142,10 @@ pub fn install(spec: &RedirectSpec) -> Result<()> {
         .write_all(ruleset.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("nft refused the ruleset: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft refused the ruleset: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     for c in ip_commands() {
         if c[1] == "rule" {
@@ -146,7 +157,11 @@ pub fn install(spec: &RedirectSpec) -> Result<()> {
         }
         let out = run("ip", &c)?;
         if !out.status.success() {
-            bail!("ip {}: {}", c.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ip {}: {}",
+                c.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(())
@@ -154,17 +169,22 @@ pub fn install(spec: &RedirectSpec) -> Result<()> {
 
 /// Removes what [`install`] added (missing pieces are not an error).
 pub fn remove() -> Result<()> {
-    let _ = run("nft", &["delete".into(), "table".into(), "inet".into(), TABLE.into()])?;
+    let _ = run(
+        "nft",
+        &["delete".into(), "table".into(), "inet".into(), TABLE.into()],
+    )?;
     for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        let rule: Vec<String> = format!("{family} rule del fwmark {MARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}")
-            .split(' ')
-            .map(String::from)
-            .collect();
+        let rule: Vec<String> =
+            format!("{family} rule del fwmark {MARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}")
+                .split(' ')
+                .map(String::from)
+                .collect();
         let _ = run("ip", &rule)?;
-        let route: Vec<String> = format!("{family} route del local {any} dev lo table {ROUTE_TABLE}")
-            .split(' ')
-            .map(String::from)
-            .collect();
+        let route: Vec<String> =
+            format!("{family} route del local {any} dev lo table {ROUTE_TABLE}")
+                .split(' ')
+                .map(String::from)
+                .collect();
         let _ = run("ip", &route)?;
     }
     Ok(())

@@ -119,7 +119,7 @@ impl Proxy {
                     };
                     self.spawn_connection(stream, peer, local, mode, per_connection.clone());
                 }
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = stopped(&mut shutdown) => break,
             }
         }
         drop(listener);
@@ -188,12 +188,17 @@ impl Proxy {
             decision,
         ));
         drop(snap);
-        let io = TokioIo::new(Guard::new(stream, shared.config.limits, guard_state.clone()));
+        let io = TokioIo::new(Guard::new(
+            stream,
+            shared.config.limits,
+            guard_state.clone(),
+        ));
         let builder = self.builder.clone();
         let open = self.open.clone();
         open.fetch_add(1, Ordering::AcqRel);
         shared.metrics.open_connections.inc();
         let idle = shared.config.idle_timeout;
+        let header_timeout = shared.config.header_timeout;
         tokio::spawn(async move {
             let svc_conn = conn.clone();
             let svc = service_fn(move |req| svc_conn.clone().handle(req));
@@ -202,15 +207,24 @@ impl Proxy {
             let mut closing = false;
             let mut last_activity = guard_state.activity();
             let mut idle_since = Instant::now();
-            let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(10));
+            let tick = (idle.min(header_timeout) / 2)
+                .min(Duration::from_secs(1))
+                .max(Duration::from_millis(10));
             loop {
                 tokio::select! {
                     _ = served.as_mut() => break,
-                    _ = shutdown.wait_for(|s| *s), if !closing => {
+                    _ = stopped(&mut shutdown), if !closing => {
                         closing = true;
                         served.as_mut().graceful_shutdown();
                     }
-                    _ = tokio::time::sleep(tick), if !closing => {
+                    _ = tokio::time::sleep(tick) => {
+                        if guard_state.head_age().is_some_and(|age| age >= header_timeout) {
+                            // A head that does not complete in time: drop the connection.
+                            break;
+                        }
+                        if closing {
+                            continue;
+                        }
                         let now = guard_state.activity();
                         if now != last_activity || conn.busy() {
                             last_activity = now;
@@ -226,6 +240,12 @@ impl Proxy {
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+/// Resolves once shutdown is requested (the watch's guard never lives across an await, which
+/// keeps connection tasks `Send`).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Closes with RST so that a refused peer learns at once (and no FIN handshake lingers).

@@ -218,28 +218,37 @@ impl Connection {
         if req.version() < Version::HTTP_2
             && let Some(refusal) = self.guard.refusal_for(index)
         {
-            let refusal = refusal.clone();
-            return self.refused(&req, started, refusal, None);
+            // The request hyper parsed is the guard's stand-in: record only the refusal.
+            let parts = RecordParts {
+                method: String::new(),
+                host: String::new(),
+            };
+            let cp = self.policy(&self.shared.policy.load());
+            return self.local_answer(parts, "", &cp, started, refusal.clone());
         }
         let snap = shared.policy.load();
         let cp = self.policy(&snap);
         let raw_target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let target: Cow<'_, str> = if shared.config.normalize_paths && req.method() != Method::CONNECT
-        {
-            match normalize_target(raw_target) {
-                Ok(t) => t,
-                Err(e) => {
-                    let refusal = Refusal {
-                        status: 400,
-                        reason: e.to_string(),
-                    };
-                    return self.refused(&req, started, refusal, Some(&cp));
+        let target: Cow<'_, str> =
+            if shared.config.normalize_paths && req.method() != Method::CONNECT {
+                match normalize_target(raw_target) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let refusal = Refusal {
+                            status: 400,
+                            reason: e.to_string(),
+                        };
+                        return self.refused(&req, started, refusal, &cp);
+                    }
                 }
-            }
-        } else {
-            Cow::Borrowed(raw_target)
-        };
+            } else {
+                Cow::Borrowed(raw_target)
+            };
         let host = authority(&req);
+        // After an upgrade request the guard passes bytes through unchecked, so a connection
+        // whose upgrade does not happen must close.
+        let wants_upgrade =
+            req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         // Judge: every requirement (destination ingress, source egress) must allow.
         let mut allowing: Option<(&'static str, Arc<str>)> = None;
         match &cp.decision {
@@ -282,7 +291,11 @@ impl Connection {
                             };
                             let target = target.into_owned();
                             self.record(&req, &target, &host, &cp, started, outcome);
-                            return self.deny_response();
+                            let mut resp = self.deny_response();
+                            if wants_upgrade {
+                                close(&mut resp);
+                            }
+                            return resp;
                         }
                     }
                 }
@@ -295,11 +308,9 @@ impl Connection {
                 status: 501,
                 reason: "CONNECT is not supported by membrane's proxy".into(),
             };
-            return self.refused(&req, started, refusal, Some(&cp));
+            return self.refused(&req, started, refusal, &cp);
         }
         let target = target.into_owned();
-        let wants_upgrade =
-            req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let record_parts = RecordParts {
@@ -307,9 +318,14 @@ impl Connection {
             host: host.to_string(),
         };
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&host)
-        {
+        // The upstream must see the authority that was judged (an absolute-form URI's wins over
+        // Host; HTTP/2 has only :authority; HTTP/1.0 may have none, and then gets the address).
+        let host_value = if host.is_empty() {
+            HeaderValue::from_str(&self.dst.to_string())
+        } else {
+            HeaderValue::from_str(&host)
+        };
+        if let Ok(v) = host_value {
             parts.headers.insert(header::HOST, v);
         }
         parts.version = if shared.config.upstream_http2 {
@@ -362,6 +378,9 @@ impl Connection {
             });
         }
         strip_hop_by_hop(resp.headers_mut(), switching);
+        if wants_upgrade && !switching {
+            close(&mut resp);
+        }
         self.record_parts(
             record_parts,
             &target,
@@ -388,18 +407,14 @@ impl Connection {
         req: &Request<Incoming>,
         started: Instant,
         refusal: Refusal,
-        cp: Option<&ConnPolicy>,
+        cp: &ConnPolicy,
     ) -> Response<ResponseBody> {
         let parts = RecordParts {
             method: req.method().to_string(),
             host: authority(req).into_owned(),
         };
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
-        let cp = match cp {
-            Some(cp) => cp,
-            None => &self.policy(&self.shared.policy.load()),
-        };
-        self.local_answer(parts, &target.to_string(), cp, started, refusal)
+        self.local_answer(parts, target, cp, started, refusal)
     }
 
     fn local_answer(
@@ -516,14 +531,12 @@ fn text_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
         Full::new(body).map_err((|never| match never {}) as fn(Infallible) -> hyper::Error),
     ));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
-fn close(resp: &mut Response<ResponseBody>) {
+fn close<B>(resp: &mut Response<B>) {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
@@ -580,7 +593,10 @@ mod tests {
     #[test]
     fn hop_by_hop_fields_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

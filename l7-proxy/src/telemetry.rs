@@ -229,7 +229,10 @@ mod tests {
     fn rfc3339_dates() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_823_754_123_456);
         assert_eq!(rfc3339(t), "2026-11-27T23:55:54.123456Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(rfc3339(leap).starts_with("2000-02-29T00:00:00"));
     }

@@ -185,7 +185,8 @@ fn redirect_cmd(action: RedirectAction) -> Result<()> {
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(v).map_err(|_| anyhow!("--{flag}: {v} is not a duration in seconds"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow!("--{flag}: {v} is not a duration in seconds"))
 }
 
 fn print_diagnostics(diags: &[Diagnostic]) {
@@ -213,7 +214,10 @@ impl Sources {
     }
 
     /// Builds a snapshot, or returns the problems (each naming file, line and field).
-    fn snapshot(&mut self, builder: &mut SnapshotBuilder) -> Result<Result<(Snapshot, Vec<EndpointSpec>), Vec<Diagnostic>>> {
+    fn snapshot(
+        &mut self,
+        builder: &mut SnapshotBuilder,
+    ) -> Result<Result<(Snapshot, Vec<EndpointSpec>), Vec<Diagnostic>>> {
         let set = match self.cache.load(std::slice::from_ref(&self.policy_dir))? {
             Ok(set) => set,
             Err(d) => return Ok(Err(d)),
@@ -272,7 +276,10 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         Ok(s) => s,
         Err(diags) => {
             print_diagnostics(&diags);
-            bail!("refusing to start: the policy or identities are invalid ({} problem(s))", diags.len());
+            bail!(
+                "refusing to start: the policy or identities are invalid ({} problem(s))",
+                diags.len()
+            );
         }
     };
     if let Mode::Reverse { upstream } = mode {
@@ -299,15 +306,25 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         ..ProxyConfig::default()
     };
     let drain = secs(args.drain_timeout, "drain-timeout")?;
-    let reload_every = secs(args.reload_interval, "reload-interval")?.max(Duration::from_millis(50));
-    let shared = Arc::new(Shared::new(config, policy.clone(), metrics.clone(), flows.clone()));
+    let reload_every =
+        secs(args.reload_interval, "reload-interval")?.max(Duration::from_millis(50));
+    let shared = Arc::new(Shared::new(
+        config,
+        policy.clone(),
+        metrics.clone(),
+        flows.clone(),
+    ));
     let proxy = Proxy::new(shared);
     let listener = server::bind(listen, mode).with_context(|| format!("listening on {listen}"))?;
     if let Some(addr) = args.admin {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("admin endpoint {addr}"))?;
-        tokio::spawn(membrane_l7_proxy::admin::serve(l, metrics.clone(), flows.clone()));
+        tokio::spawn(membrane_l7_proxy::admin::serve(
+            l,
+            metrics.clone(),
+            flows.clone(),
+        ));
     }
     if let Some(target) = &args.access_log {
         spawn_access_log(target, &flows)?;
@@ -346,14 +363,20 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
             match sources.snapshot(&mut builder) {
                 Ok(Ok((snap, workloads))) => {
                     if let Mode::Reverse { upstream } = mode
-                        && let Err(e) = check_reverse_endpoint(&snap, &workloads, endpoint.as_deref(), upstream)
+                        && let Err(e) =
+                            check_reverse_endpoint(&snap, &workloads, endpoint.as_deref(), upstream)
                     {
-                        eprintln!("membrane-proxy: policy change rejected, last good policy kept: {e:#}");
+                        eprintln!(
+                            "membrane-proxy: policy change rejected, last good policy kept: {e:#}"
+                        );
                         reload_metrics.policy_rejected.inc();
                         continue;
                     }
                     reload_metrics.policy_generation.set(snap.generation as i64);
-                    eprintln!("membrane-proxy: policy generation {} in force", snap.generation);
+                    eprintln!(
+                        "membrane-proxy: policy generation {} in force",
+                        snap.generation
+                    );
                     policy.store(snap);
                 }
                 Ok(Err(diags)) => {
@@ -365,7 +388,9 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
                     reload_metrics.policy_rejected.inc();
                 }
                 Err(e) => {
-                    eprintln!("membrane-proxy: policy change rejected, last good policy kept: {e:#}");
+                    eprintln!(
+                        "membrane-proxy: policy change rejected, last good policy kept: {e:#}"
+                    );
                     reload_metrics.policy_rejected.inc();
                 }
             }
@@ -401,7 +426,8 @@ fn check_reverse_endpoint(
                 .iter()
                 .find(|w| w.name == name)
                 .with_context(|| format!("--endpoint {name}: no such workload in --identities"))?;
-            let holds = w.ips.contains(&upstream.ip()) || w.cidrs.iter().any(|c| c.contains(&upstream.ip()));
+            let holds = w.ips.contains(&upstream.ip())
+                || w.cidrs.iter().any(|c| c.contains(&upstream.ip()));
             if !holds {
                 bail!(
                     "--endpoint {name}: the upstream {} is not among its ips or cidrs; add it there",

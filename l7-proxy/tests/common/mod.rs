@@ -1,0 +1,235 @@
+//! A real proxy on loopback in front of a recording upstream (hyper), and a raw-socket client.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use membrane_l7_proxy::policy::{PolicyHandle, Snapshot, SnapshotBuilder};
+use membrane_l7_proxy::server::{Mode, Proxy};
+use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
+use membrane_policy::PolicySet;
+use membrane_policy::endpoints::parse_endpoints;
+use membrane_policy::rule::EnforcementMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The policy the suites use: GET /public.* and POST /upload from anyone (world), with a header
+/// rule on /admin; the upstream at 127.0.0.3 is workload `web`.
+pub const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEntities: [world]
+    toPorts:
+    - ports: [{port: "PORT", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public.*"}
+        - {method: POST, path: "/upload"}
+        - {method: GET, path: "/ws"}
+        - {method: GET, path: "/admin", headers: ["X-Token: s3cret"]}
+"#;
+
+pub const WORKLOADS: &str =
+    "endpoints:\n  - name: web\n    labels: {app: web}\n    ips: [127.0.0.3]\n";
+
+/// What the upstream received: `METHOD TARGET host=HOST body=N`.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+pub struct Harness {
+    pub proxy: SocketAddr,
+    pub upstream: SocketAddr,
+    pub log: Log,
+    pub policy: Arc<PolicyHandle>,
+    pub builder: Mutex<SnapshotBuilder>,
+    pub metrics: Arc<Metrics>,
+    pub flows: FlowSink,
+    pub shutdown: watch::Sender<bool>,
+    pub served: tokio::task::JoinHandle<()>,
+}
+
+pub fn snapshot(builder: &mut SnapshotBuilder, policy: &str, port: u16) -> Snapshot {
+    let text = policy.replace("PORT", &port.to_string());
+    let set = PolicySet::from_sources([("policy.yaml", text.as_str())]).expect("valid policy");
+    let workloads = parse_endpoints("ids.yaml", WORKLOADS).expect("valid workloads");
+    builder.build(&set, &workloads).expect("snapshot")
+}
+
+async fn upstream_service(
+    log: Log,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let host = req
+        .headers()
+        .get("host")
+        .map(|h| h.to_str().unwrap_or("?").to_string())
+        .unwrap_or_default();
+    if req.headers().contains_key("upgrade") {
+        log.lock()
+            .unwrap()
+            .push(format!("{method} {target} host={host} upgrade"));
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("upgrade", "echo".parse().unwrap());
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        return Ok(resp);
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len().to_string(),
+        Err(_) => "aborted".into(),
+    };
+    log.lock()
+        .unwrap()
+        .push(format!("{method} {target} host={host} body={body}"));
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "upstream saw {target}\n"
+    )))))
+}
+
+pub async fn start_upstream(h2: bool) -> (SocketAddr, Log) {
+    let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let l = l.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| upstream_service(l.clone(), req));
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .with_upgrades()
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+pub async fn start(config: ProxyConfig) -> Harness {
+    start_with(config, POLICY).await
+}
+
+pub async fn start_with(config: ProxyConfig, policy_text: &str) -> Harness {
+    let (upstream, log) = start_upstream(config.upstream_http2).await;
+    let mut builder = SnapshotBuilder::new(EnforcementMode::Default);
+    let snap = snapshot(&mut builder, policy_text, upstream.port());
+    let policy = Arc::new(PolicyHandle::new(snap));
+    let metrics = Arc::new(Metrics::new());
+    let flows = FlowSink::new();
+    let shared = Arc::new(Shared::new(
+        config,
+        policy.clone(),
+        metrics.clone(),
+        flows.clone(),
+    ));
+    let proxy = Proxy::new(shared);
+    let listener =
+        membrane_l7_proxy::server::bind("127.0.0.1:0".parse().unwrap(), Mode::Reverse { upstream })
+            .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = watch::channel(false);
+    let served = tokio::spawn(async move {
+        proxy
+            .serve(
+                listener,
+                Mode::Reverse { upstream },
+                rx,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    });
+    Harness {
+        proxy: addr,
+        upstream,
+        log,
+        policy,
+        builder: Mutex::new(builder),
+        metrics,
+        flows,
+        shutdown: tx,
+        served,
+    }
+}
+
+impl Harness {
+    /// Sends raw bytes on a new connection; returns everything received until the proxy closes
+    /// or `quiet` passes without a byte, and whether the proxy closed.
+    pub async fn raw(&self, bytes: &[u8], quiet: Duration) -> (String, bool) {
+        let mut s = TcpStream::connect(self.proxy).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        read_all(&mut s, quiet).await
+    }
+
+    pub fn upstream_saw(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn set_policy(&self, text: &str) {
+        let snap = snapshot(
+            &mut self.builder.lock().unwrap(),
+            text,
+            self.upstream.port(),
+        );
+        self.policy.store(snap);
+    }
+}
+
+pub async fn read_all(s: &mut TcpStream, quiet: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// The status codes of the HTTP/1 responses in `text`, in order.
+pub fn statuses(text: &str) -> Vec<u16> {
+    text.match_indices("HTTP/1.")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
