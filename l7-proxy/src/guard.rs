@@ -615,7 +615,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
-                    drop(rb);
                     if n == 0 {
                         // EOF: a partial head is simply dropped with the connection.
                         return Poll::Ready(Ok(()));
@@ -675,8 +674,11 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// Feeds `input` in pieces of `step` bytes; returns what hyper would see and the refusal.
-    fn run(input: &[u8], step: usize) -> (Vec<u8>, Option<(u64, Refusal)>, Option<String>) {
+    /// What hyper would see, the refusal (with its request index) and a body framing error.
+    type Seen = (Vec<u8>, Option<(u64, Refusal)>, Option<String>);
+
+    /// Feeds `input` in pieces of `step` bytes.
+    fn run(input: &[u8], step: usize) -> Seen {
         let state = Arc::new(GuardState::default());
         let mut g = Guard::new((), Limits::default(), state.clone());
         for piece in input.chunks(step.max(1)) {
@@ -690,7 +692,7 @@ mod tests {
         (g.out.to_vec(), refusal, g.failed.clone())
     }
 
-    fn every_split(input: &[u8]) -> Vec<(Vec<u8>, Option<(u64, Refusal)>, Option<String>)> {
+    fn every_split(input: &[u8]) -> Vec<Seen> {
         [1, 2, 3, 5, 7, 64, input.len()]
             .iter()
             .map(|&s| run(input, s))

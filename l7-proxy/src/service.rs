@@ -2,6 +2,7 @@
 //! locally, or forward to the connection's destination and stream the answer back.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -9,16 +10,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::future::Either as EitherFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::MapErr;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
 
 use crate::guard::{GuardState, Limits, Refusal};
 use crate::normalize::normalize_target;
@@ -82,6 +87,48 @@ pub struct Shared {
     /// Flow records.
     pub flows: FlowSink,
     client: Client<HttpConnector, Incoming>,
+    h2: H2Pool,
+}
+
+/// One multiplexed HTTP/2 connection per upstream address. (hyper's pooled client keys and
+/// dials by the URI's authority, but HTTP/2 must send the judged host as `:authority` while
+/// connecting to the original destination.)
+#[derive(Debug, Default)]
+struct H2Pool {
+    conns: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+impl H2Pool {
+    async fn sender(
+        &self,
+        dst: SocketAddr,
+        cfg: &ProxyConfig,
+    ) -> Result<http2::SendRequest<Incoming>, String> {
+        if let Some(s) = self.lock().get(&dst)
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dst))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = SockRef::from(&stream)
+            .set_tcp_keepalive(&TcpKeepalive::new().with_time(cfg.tcp_keepalive));
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
+        tokio::spawn(conn);
+        self.lock().insert(dst, sender.clone());
+        Ok(sender)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Incoming>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Shared {
@@ -100,7 +147,6 @@ impl Shared {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(config.upstream_http2)
             .build(http);
         Shared {
             config,
@@ -108,6 +154,7 @@ impl Shared {
             metrics,
             flows,
             client,
+            h2: H2Pool::default(),
         }
     }
 }
@@ -320,30 +367,39 @@ impl Connection {
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
         // The upstream must see the authority that was judged (an absolute-form URI's wins over
         // Host; HTTP/2 has only :authority; HTTP/1.0 may have none, and then gets the address).
-        let host_value = if host.is_empty() {
-            HeaderValue::from_str(&self.dst.to_string())
+        let authority = if host.is_empty() {
+            self.dst.to_string()
         } else {
-            HeaderValue::from_str(&host)
+            host.clone()
         };
-        if let Ok(v) = host_value {
-            parts.headers.insert(header::HOST, v);
-        }
-        parts.version = if shared.config.upstream_http2 {
-            Version::HTTP_2
+        let upstream = if shared.config.upstream_http2 {
+            // :authority carries the host; the pool connects to the destination.
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+            parts.uri = match Uri::try_from(format!("http://{authority}{target}")) {
+                Ok(u) => u,
+                Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
+            };
+            let req = Request::from_parts(parts, body);
+            let pool = &shared.h2;
+            let (dst, cfg) = (self.dst, &shared.config);
+            EitherFuture::Left(async move {
+                let mut sender = pool.sender(dst, cfg).await?;
+                sender.send_request(req).await.map_err(|e| error_chain(&e))
+            })
         } else {
-            Version::HTTP_11
-        };
-        parts.uri = match Uri::try_from(format!("http://{}{}", self.dst, target)) {
-            Ok(u) => u,
-            Err(_) => {
-                let refusal = Refusal {
-                    status: 400,
-                    reason: "request target cannot be forwarded".into(),
-                };
-                return self.local_answer(record_parts, &target, &cp, started, refusal);
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, v);
             }
+            parts.version = Version::HTTP_11;
+            // The URI names the destination (the pool's key); the client sends origin-form.
+            parts.uri = match Uri::try_from(format!("http://{}{}", self.dst, target)) {
+                Ok(u) => u,
+                Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
+            };
+            let fut = shared.client.request(Request::from_parts(parts, body));
+            EitherFuture::Right(async move { fut.await.map_err(|e| error_chain(&e)) })
         };
-        let upstream = shared.client.request(Request::from_parts(parts, body));
         let result = if shared.config.upstream_timeout.is_zero() {
             Ok(upstream.await)
         } else {
@@ -354,7 +410,7 @@ impl Connection {
             Ok(Err(e)) => {
                 let refusal = Refusal {
                     status: 502,
-                    reason: format!("upstream {}: {}", self.dst, error_chain(&e)),
+                    reason: format!("upstream {}: {e}", self.dst),
                 };
                 return self.local_answer(record_parts, &target, &cp, started, refusal);
             }
@@ -395,6 +451,20 @@ impl Connection {
             },
         );
         resp.map(Either::Right)
+    }
+
+    fn unforwardable(
+        &self,
+        parts: RecordParts,
+        target: &str,
+        cp: &ConnPolicy,
+        started: Instant,
+    ) -> Response<ResponseBody> {
+        let refusal = Refusal {
+            status: 400,
+            reason: "request target cannot be forwarded".into(),
+        };
+        self.local_answer(parts, target, cp, started, refusal)
     }
 
     fn deny_response(&self) -> Response<ResponseBody> {

@@ -195,6 +195,9 @@ fn print_diagnostics(diags: &[Diagnostic]) {
     }
 }
 
+/// A snapshot and the workloads it was built from.
+type Loaded = (Snapshot, Vec<EndpointSpec>);
+
 /// Policy and workloads as read from disk now.
 struct Sources {
     policy_dir: PathBuf,
@@ -217,7 +220,7 @@ impl Sources {
     fn snapshot(
         &mut self,
         builder: &mut SnapshotBuilder,
-    ) -> Result<Result<(Snapshot, Vec<EndpointSpec>), Vec<Diagnostic>>> {
+    ) -> Result<Result<Loaded, Vec<Diagnostic>>> {
         let set = match self.cache.load(std::slice::from_ref(&self.policy_dir))? {
             Ok(set) => set,
             Err(d) => return Ok(Err(d)),

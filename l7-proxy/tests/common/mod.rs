@@ -74,11 +74,16 @@ async fn upstream_service(
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().to_string();
-    let target = req.uri().to_string();
+    // Version-neutral: HTTP/2 requests carry an absolute URI (authority = :authority).
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(String::new, |p| p.to_string());
     let host = req
         .headers()
         .get("host")
         .map(|h| h.to_str().unwrap_or("?").to_string())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     if req.headers().contains_key("upgrade") {
         log.lock()
@@ -196,8 +201,14 @@ impl Harness {
     /// Sends raw bytes on a new connection; returns everything received until the proxy closes
     /// or `quiet` passes without a byte, and whether the proxy closed.
     pub async fn raw(&self, bytes: &[u8], quiet: Duration) -> (String, bool) {
-        let mut s = TcpStream::connect(self.proxy).await.unwrap();
-        s.write_all(bytes).await.unwrap();
+        // On loopback an L3/L4 refusal (RST right after accept) can surface in connect itself.
+        let Ok(mut s) = TcpStream::connect(self.proxy).await else {
+            return (String::new(), true);
+        };
+        if s.write_all(bytes).await.is_err() {
+            // Refused before the request was written (an L3/L4 deny resets at once).
+            return (String::new(), true);
+        }
         read_all(&mut s, quiet).await
     }
 

@@ -1,0 +1,286 @@
+//! The proxy's behaviour with well-formed traffic: keep-alive across a policy change, upgrades,
+//! `Expect: 100-continue`, HTTP/2 both ways, flow records and metrics, upstream failures,
+//! L3/L4 refusals, idle connections and graceful drain.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{POLICY, read_all, start, statuses};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use membrane_l7_proxy::service::ProxyConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const Q: Duration = Duration::from_millis(300);
+
+async fn roundtrip(s: &mut TcpStream, req: &str) -> String {
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_all(s, Q).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_applies_to_the_next_request_on_an_open_connection() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: svc\r\n\r\n");
+    assert_eq!(statuses(&roundtrip(&mut s, &get("/public/a")).await), [200]);
+    assert_eq!(statuses(&roundtrip(&mut s, &get("/other")).await), [403]);
+    // Same connection, new policy: /other allowed, /public no longer.
+    h.set_policy(&POLICY.replace("/public.*", "/other"));
+    assert_eq!(statuses(&roundtrip(&mut s, &get("/other")).await), [200]);
+    assert_eq!(statuses(&roundtrip(&mut s, &get("/public/a")).await), [403]);
+    // A policy that denies the connection at L3/L4 (no world ingress): 403 and close.
+    h.set_policy(&POLICY.replace("fromEntities: [world]", "fromEntities: [host]"));
+    s.write_all(get("/other").as_bytes()).await.unwrap();
+    let (text, closed) = read_all(&mut s, Q).await;
+    assert_eq!(statuses(&text), [403]);
+    assert!(closed);
+    // New connections are now refused outright (reset, no HTTP answer).
+    let (text, closed) = h.raw(get("/other").as_bytes(), Q).await;
+    assert!(text.is_empty() && closed, "{text}");
+    let m = h.metrics.encode();
+    assert!(
+        m.contains("membrane_proxy_connections_total{outcome=\"denied\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_tunnel_only_when_the_rule_allows_the_request() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let (text, _) = read_all(&mut s, Q).await;
+    assert_eq!(statuses(&text), [101], "{text}");
+    s.write_all(b"raw bytes after the upgrade\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"raw bytes after the upgrade\n");
+    // A denied upgrade: 403, and the connection closes.
+    let (text, closed) = h
+        .raw(
+            b"GET /private HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            Q,
+        )
+        .await;
+    assert_eq!(statuses(&text), [403]);
+    assert!(closed);
+    // Bytes pipelined behind a denied upgrade are never forwarded (hyper closes at once).
+    let (text, closed) = h
+        .raw(
+            b"GET /private HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nGET /public/smuggled HTTP/1.1\r\nHost: svc\r\n\r\n",
+            Q,
+        )
+        .await;
+    assert!(!statuses(&text).iter().any(|s| *s < 300), "{text}");
+    assert!(closed);
+    assert!(!h.upstream_saw().iter().any(|s| s.contains("smuggled")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (text, _) = read_all(&mut s, Q).await;
+    assert_eq!(statuses(&text), [100], "{text}");
+    s.write_all(b"hello").await.unwrap();
+    let (text, _) = read_all(&mut s, Q).await;
+    assert_eq!(statuses(&text), [200], "{text}");
+    assert!(
+        h.upstream_saw()
+            .iter()
+            .any(|l| l == "POST /upload host=svc body=5")
+    );
+    // Denied: the final answer comes at once, without 100 Continue, and no body is forwarded.
+    let (text, _) = h
+        .raw(b"POST /private HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n", Q)
+        .await;
+    assert_eq!(statuses(&text), [403], "{text}");
+}
+
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> (StatusCode, String) {
+    let req = Request::get(format!("http://svc{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn h2_through(config: ProxyConfig) {
+    let h = start(config).await;
+    let stream = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (st, body) = h2_get(&mut sender, "/public/h2").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, "upstream saw /public/h2\n");
+    let (st, body) = h2_get(&mut sender, "/private").await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(body, "Access denied\r\n");
+    let (st, _) = h2_get(&mut sender, "/public/../private").await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // Concurrent streams on one connection.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut s = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            h2_get(&mut s, &format!("/public/{i}")).await.0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert!(
+        h.upstream_saw()
+            .iter()
+            .any(|l| l.starts_with("GET /public/h2 host=svc")),
+        "{:?}",
+        h.upstream_saw()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_downstream_h1_upstream() {
+    h2_through(ProxyConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_downstream_h2_upstream() {
+    h2_through(ProxyConfig {
+        upstream_http2: true,
+        ..ProxyConfig::default()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_records_and_metrics() {
+    let h = start(ProxyConfig::default()).await;
+    let mut rx = h.flows.subscribe();
+    let (text, _) = h
+        .raw(b"GET /public/f HTTP/1.1\r\nHost: svc\r\n\r\nGET /private HTTP/1.1\r\nHost: svc\r\n\r\n", Q)
+        .await;
+    assert_eq!(statuses(&text), [200, 403]);
+    let a = rx.recv().await.unwrap();
+    let b = rx.recv().await.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.path.as_str(), a.verdict, a.status),
+        ("GET", "/public/f", "forwarded", 200)
+    );
+    assert_eq!(a.direction, "ingress");
+    assert!(a.policy.contains("default/web"), "{}", a.policy);
+    assert_eq!(a.src_identity, 2, "the client is world");
+    assert!(a.dst_identity >= 256);
+    assert_eq!(
+        (b.path.as_str(), b.verdict, b.status),
+        ("/private", "denied", 403)
+    );
+    let m = h.metrics.encode();
+    assert!(m.contains("membrane_proxy_l7_requests_total{direction=\"ingress\",verdict=\"denied\",policy=\"\"} 1"), "{m}");
+    assert!(
+        m.contains("verdict=\"forwarded\",policy=\"CiliumNetworkPolicy default/web"),
+        "{m}"
+    );
+    assert!(
+        m.contains("membrane_proxy_l7_request_duration_seconds_count{direction=\"ingress\"} 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_502_and_the_connection_survives() {
+    // An upstream port where nothing listens.
+    let listener = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let mut builder = membrane_l7_proxy::policy::SnapshotBuilder::new(Default::default());
+    let snap = common::snapshot(&mut builder, POLICY, dead.port());
+    let policy = std::sync::Arc::new(membrane_l7_proxy::policy::PolicyHandle::new(snap));
+    let shared = std::sync::Arc::new(membrane_l7_proxy::service::Shared::new(
+        ProxyConfig {
+            connect_timeout: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        },
+        policy,
+        Default::default(),
+        Default::default(),
+    ));
+    let proxy = membrane_l7_proxy::server::Proxy::new(shared);
+    let mode = membrane_l7_proxy::server::Mode::Reverse { upstream: dead };
+    let l = membrane_l7_proxy::server::bind("127.0.0.1:0".parse().unwrap(), mode).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move { proxy.serve(l, mode, rx, Duration::from_secs(1)).await });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let text = roundtrip(&mut s, "GET /public/x HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+    assert_eq!(statuses(&text), [502], "{text}");
+    let text = roundtrip(&mut s, "GET /private HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+    assert_eq!(statuses(&text), [403], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_and_busy_ones_do_not() {
+    let h = start(ProxyConfig {
+        idle_timeout: Duration::from_millis(400),
+        ..ProxyConfig::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        statuses(&roundtrip(&mut s, "GET /public/a HTTP/1.1\r\nHost: svc\r\n\r\n").await),
+        [200]
+    );
+    let (_, closed) = read_all(&mut s, Duration::from_secs(3)).await;
+    assert!(closed, "an idle keep-alive connection must be closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_open_connections() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        statuses(&roundtrip(&mut s, "GET /public/a HTTP/1.1\r\nHost: svc\r\n\r\n").await),
+        [200]
+    );
+    // A request whose body is still arriving when shutdown starts completes.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nab")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.shutdown.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"cd").await.unwrap();
+    let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+    assert_eq!(statuses(&text), [200], "{text}");
+    assert!(closed, "after draining, the connection closes");
+    tokio::time::timeout(Duration::from_secs(3), h.served)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(h.proxy).await.is_err(),
+        "the listener is closed"
+    );
+}
