@@ -23,3 +23,4 @@ pub mod redirect;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod upstream;

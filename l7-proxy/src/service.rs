@@ -2,7 +2,6 @@
 //! locally, or forward to the connection's destination and stream the answer back.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -16,19 +15,15 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::MapErr;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
 
 use crate::guard::{GuardState, Limits, Refusal};
 use crate::normalize::normalize_target;
 use crate::policy::{Decision, Peers, PolicyHandle, Snapshot};
 use crate::telemetry::{DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, rfc3339};
+use crate::upstream::Upstreams;
 
 /// The body of a response: a local answer or the upstream's stream.
 pub type ResponseBody = Either<MapErr<Full<Bytes>, fn(Infallible) -> hyper::Error>, Incoming>;
@@ -86,49 +81,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Flow records.
     pub flows: FlowSink,
-    client: Client<HttpConnector, Incoming>,
-    h2: H2Pool,
-}
-
-/// One multiplexed HTTP/2 connection per upstream address. (hyper's pooled client keys and
-/// dials by the URI's authority, but HTTP/2 must send the judged host as `:authority` while
-/// connecting to the original destination.)
-#[derive(Debug, Default)]
-struct H2Pool {
-    conns: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
-}
-
-impl H2Pool {
-    async fn sender(
-        &self,
-        dst: SocketAddr,
-        cfg: &ProxyConfig,
-    ) -> Result<http2::SendRequest<Incoming>, String> {
-        if let Some(s) = self.lock().get(&dst)
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
-        }
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dst))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let _ = SockRef::from(&stream)
-            .set_tcp_keepalive(&TcpKeepalive::new().with_time(cfg.tcp_keepalive));
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
-        tokio::spawn(conn);
-        self.lock().insert(dst, sender.clone());
-        Ok(sender)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Incoming>>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    upstreams: Upstreams,
 }
 
 impl Shared {
@@ -139,22 +92,12 @@ impl Shared {
         metrics: Arc<Metrics>,
         flows: FlowSink,
     ) -> Shared {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_keepalive(Some(config.tcp_keepalive));
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(http);
         Shared {
+            upstreams: Upstreams::new(&config),
             config,
             policy,
             metrics,
             flows,
-            client,
-            h2: H2Pool::default(),
         }
     }
 }
@@ -380,25 +323,25 @@ impl Connection {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            let req = Request::from_parts(parts, body);
-            let pool = &shared.h2;
-            let (dst, cfg) = (self.dst, &shared.config);
-            EitherFuture::Left(async move {
-                let mut sender = pool.sender(dst, cfg).await?;
-                sender.send_request(req).await.map_err(|e| error_chain(&e))
-            })
+            EitherFuture::Left(
+                shared
+                    .upstreams
+                    .send_h2(self.dst, Request::from_parts(parts, body)),
+            )
         } else {
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 parts.headers.insert(header::HOST, v);
             }
             parts.version = Version::HTTP_11;
-            // The URI names the destination (the pool's key); the client sends origin-form.
-            parts.uri = match Uri::try_from(format!("http://{}{}", self.dst, target)) {
+            parts.uri = match Uri::try_from(target.as_str()) {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            let fut = shared.client.request(Request::from_parts(parts, body));
-            EitherFuture::Right(async move { fut.await.map_err(|e| error_chain(&e)) })
+            EitherFuture::Right(
+                shared
+                    .upstreams
+                    .send_h1(self.dst, Request::from_parts(parts, body)),
+            )
         };
         let result = if shared.config.upstream_timeout.is_zero() {
             Ok(upstream.await)
@@ -643,17 +586,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,156 @@
+//! Upstream connections: pooled HTTP/1.1 keep-alive connections and one multiplexed HTTP/2
+//! connection per original destination.
+//!
+//! The pools are keyed by destination address, not by the request's authority: a transparent
+//! proxy must connect where the client was going while sending the Host (or `:authority`) that
+//! was judged. hyper's connection-level client is used directly; its pooled client dials by URI
+//! authority and costs more per request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+use crate::service::ProxyConfig;
+
+/// Idle pooled HTTP/1.1 connections older than this are closed.
+const H1_IDLE: Duration = Duration::from_secs(90);
+
+struct H1Conn {
+    sender: http1::SendRequest<Incoming>,
+    last_used: Instant,
+}
+
+/// Both pools.
+pub struct Upstreams {
+    connect_timeout: Duration,
+    tcp_keepalive: Duration,
+    h1: Mutex<HashMap<SocketAddr, Vec<H1Conn>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams").finish_non_exhaustive()
+    }
+}
+
+impl Upstreams {
+    /// Empty pools with the connection settings of `cfg`.
+    pub fn new(cfg: &ProxyConfig) -> Upstreams {
+        Upstreams {
+            connect_timeout: cfg.connect_timeout,
+            tcp_keepalive: cfg.tcp_keepalive,
+            h1: Mutex::default(),
+            h2: Mutex::default(),
+        }
+    }
+
+    async fn connect(&self, dst: SocketAddr) -> Result<TokioIo<TcpStream>, String> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = SockRef::from(&stream).set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(self.tcp_keepalive)
+                .with_interval(Duration::from_secs(10)),
+        );
+        Ok(TokioIo::new(stream))
+    }
+
+    /// Sends an origin-form HTTP/1.1 request to `dst` on an idle pooled connection, or a new
+    /// one. The connection returns to the pool with the response headers; it is reused once
+    /// hyper reports it ready (its response body done).
+    pub async fn send_h1(
+        &self,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, String> {
+        let pooled = {
+            let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let conns = pool.entry(dst).or_default();
+            conns.retain(|c| !c.sender.is_closed() && c.last_used.elapsed() < H1_IDLE);
+            conns
+                .iter()
+                .position(|c| c.sender.is_ready())
+                .map(|i| conns.swap_remove(i).sender)
+        };
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => {
+                let io = self.connect(dst).await?;
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|e| format!("HTTP/1.1 handshake: {}", error_chain(&e)))?;
+                // Upgrades (WebSocket) need the connection back after a 101.
+                tokio::spawn(conn.with_upgrades());
+                sender
+            }
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+            pool.entry(dst).or_default().push(H1Conn {
+                sender,
+                last_used: Instant::now(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Sends an HTTP/2 request (absolute URI: its authority becomes `:authority`) to `dst` on the
+    /// destination's multiplexed connection.
+    pub async fn send_h2(
+        &self,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, String> {
+        let existing = {
+            let pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            pool.get(&dst).filter(|s| !s.is_closed()).cloned()
+        };
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let io = self.connect(dst).await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
+                tokio::spawn(conn);
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dst, sender.clone());
+                sender
+            }
+        };
+        sender.send_request(req).await.map_err(|e| error_chain(&e))
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
