@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, clippy, every crate's tests, the wasm32 build of the policy
-# engine and the wasm filter, the benchmarks in smoke mode and a bounded fuzz run of the parser.
+# engine and the wasm filter, the benchmarks in smoke mode and bounded fuzz runs of the parsers.
 # Installs what it needs (rustup target, cargo-fuzz) idempotently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,23 +40,28 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
 step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
 
-step "wasm32-wasip1 build of membrane-policy and membrane-wasm-filter"
-cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-wasm-filter
+step "wasm32-wasip1 build of the pure crates and membrane-wasm-filter"
+cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-codec -p membrane-wasm-filter
 ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
 
 step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
 
-step "fuzz: policy parser"
+step "fuzz: policy parser, HTTP/1 framer, path normalization"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 runs=${MEMBRANE_FUZZ_RUNS:-20000}
-# The checked-in seeds are copied into libFuzzer's (ignored) working corpus, never written to.
-mkdir -p policy/fuzz/corpus/parse_policy
-cp policy/fuzz/corpus-seed/* policy/fuzz/corpus/parse_policy/
-( cd policy/fuzz && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run parse_policy -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 3
-echo "fuzz: parse_policy ran $runs inputs without a crash"
+fuzz() {  # fuzz CRATE_DIR TARGET: the checked-in seeds are copied into libFuzzer's (ignored)
+          # working corpus, never written to.
+  mkdir -p "$1/fuzz/corpus/$2"
+  cp "$1"/fuzz/corpus-seed/* "$1/fuzz/corpus/$2/"
+  ( cd "$1/fuzz" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run "$2" -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 3
+  echo "fuzz: $2 ran $runs inputs without a crash"
+}
+fuzz policy parse_policy
+fuzz codec http1_framer
+fuzz codec path_normalize
 
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

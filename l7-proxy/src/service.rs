@@ -20,10 +20,10 @@ use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
 
 use crate::guard::{GuardState, Limits, Refusal};
-use crate::normalize::normalize_target;
 use crate::policy::{Decision, Peers, PolicyHandle, Snapshot};
 use crate::telemetry::{DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, rfc3339};
 use crate::upstream::Upstreams;
+use membrane_codec::path::normalize_target;
 
 /// The body of a response: a local answer or the upstream's stream.
 pub type ResponseBody = Either<MapErr<Full<Bytes>, fn(Infallible) -> hyper::Error>, Incoming>;
@@ -33,7 +33,7 @@ pub type ResponseBody = Either<MapErr<Full<Bytes>, fn(Infallible) -> hyper::Erro
 pub struct ProxyConfig {
     /// Head, header-count and URI limits.
     pub limits: Limits,
-    /// Normalize request paths before matching and forwarding (see [`crate::normalize`]).
+    /// Normalize request paths before matching and forwarding (see `membrane_codec::path`).
     pub normalize_paths: bool,
     /// Body of a `403` answer.
     pub deny_body: Bytes,

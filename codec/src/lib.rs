@@ -1,0 +1,9 @@
+//! Protocol framing shared by membrane's enforcement points, pure (no I/O) so that it is unit
+//! tested, fuzzed and compiled to wasm unchanged:
+//!
+//! - [`http1`]: a strict HTTP/1 request-stream framer that refuses what could be parsed two ways
+//!   (request smuggling) before any lenient parser sees it;
+//! - [`path`]: request-path normalization applied before matching and forwarding.
+
+pub mod http1;
+pub mod path;
