@@ -9,6 +9,7 @@
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "include/membrane/abi.h"
 #include "lib/parse.h"
@@ -108,19 +109,69 @@ static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_b
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline __u32 lookup_identity(const struct flow *f, const __u8 *addr)
+static __always_inline struct ipcache_value *lookup_ipcache(const struct flow *f, const __u8 *addr)
 {
-	struct ipcache_value *v;
 	if (f->family == 4) {
 		struct ipcache_key4 k = {.prefixlen = 32};
 		__builtin_memcpy(k.addr, addr + 12, 4);
-		v = bpf_map_lookup_elem(&mbr_ipcache4_v2, &k);
-	} else {
-		struct ipcache_key6 k = {.prefixlen = 128};
-		__builtin_memcpy(k.addr, addr, 16);
-		v = bpf_map_lookup_elem(&mbr_ipcache6_v2, &k);
+		return bpf_map_lookup_elem(&mbr_ipcache4_v2, &k);
 	}
+	struct ipcache_key6 k = {.prefixlen = 128};
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&mbr_ipcache6_v2, &k);
+}
+
+static __always_inline __u32 lookup_identity(const struct flow *f, const __u8 *addr)
+{
+	struct ipcache_value *v = lookup_ipcache(f, addr);
 	return v ? v->identity : ID_WORLD;
+}
+
+/*
+ * Hands a TCP packet to the L7 proxy: to the proxy's established socket for this connection if
+ * there is one (the accepted socket's local address is the original destination), else to its
+ * IP_TRANSPARENT listener on `port`. Returns 0 when assigned. (Kernel selftest test_sk_assign;
+ * notes/bpf-lab.md §3.)
+ */
+static __always_inline int assign_to_proxy(struct __sk_buff *skb, const struct flow *f, __u16 port)
+{
+	struct bpf_sock_tuple tup = {};
+	__u32 len;
+	if (f->family == 4) {
+		__builtin_memcpy(&tup.ipv4.saddr, f->saddr + 12, 4);
+		__builtin_memcpy(&tup.ipv4.daddr, f->daddr + 12, 4);
+		tup.ipv4.sport = bpf_htons(f->sport);
+		tup.ipv4.dport = bpf_htons(f->dport);
+		len = sizeof(tup.ipv4);
+	} else {
+		__builtin_memcpy(tup.ipv6.saddr, f->saddr, 16);
+		__builtin_memcpy(tup.ipv6.daddr, f->daddr, 16);
+		tup.ipv6.sport = bpf_htons(f->sport);
+		tup.ipv6.dport = bpf_htons(f->dport);
+		len = sizeof(tup.ipv6);
+	}
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN)
+			goto assign;
+		bpf_sk_release(sk);
+	}
+	if (f->family == 4)
+		tup.ipv4.dport = bpf_htons(port);
+	else
+		tup.ipv6.dport = bpf_htons(port);
+	sk = bpf_skc_lookup_tcp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return -1;
+	}
+assign:
+	skb->mark = (skb->mark & ~MARK_MAGIC_MASK) | MARK_MAGIC_TO_PROXY;
+	int err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	return err;
 }
 
 /* The six probes of membrane_policy::resolve::PROBE_ORDER; the first hit decides. */
@@ -217,12 +268,18 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	remote = lookup_identity(&f, remote_addr);
+	int from_proxy = 0;
 	if (dir == DIR_INGRESS) {
 		/* From outside the node: world (or host, in legacy mode), never a local identity. */
 		__u32 in_if = skb->ingress_ifindex;
 		struct device_info *dev = bpf_map_lookup_elem(&mbr_devices_v2, &in_if);
 		if (dev && !(remote & ID_LOCAL_SCOPE))
 			remote = dev->identity;
+		/* Sent by the L7 proxy for a workload: judged as that workload's traffic. */
+		if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY) {
+			remote = mark_identity(skb->mark);
+			from_proxy = 1;
+		}
 	}
 	__u32 src_id = dir == DIR_EGRESS ? ep_identity : remote;
 	__u32 dst_id = dir == DIR_EGRESS ? remote : ep_identity;
@@ -231,6 +288,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	 * reaches established flows. */
 	tuple(&key, &f, ep_id, 0);
 	struct policy_value *pv = 0;
+	__u16 redirect_port = 0;
+	int redirect = 0;
 	if (enforce) {
 		pv = lookup_policy(ep_id, remote, f.dport, f.proto, dir);
 		if (!pv) {
@@ -239,13 +298,31 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			emit(EVENT_DROP, DROP_POLICY, dir, skb, &f, ep_id, src_id, dst_id);
 			return TC_ACT_SHOT;
 		}
-		if (pv->action == POLICY_REDIRECT) {
-			/* The L7 proxy redirect (bpf_sk_assign) is not wired yet: fail closed. */
-			bpf_map_delete_elem(&mbr_ct_v2, &key);
-			count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
-			emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
-			return TC_ACT_SHOT;
+		/* What the proxy sends has passed its L7 rules already. */
+		if (pv->action == POLICY_REDIRECT && !from_proxy) {
+			redirect = 1;
+			redirect_port = pv->proxy_port;
 		}
+	}
+	/* A local destination whose ingress policy wants L7: the proxy must get the connection
+	 * here, at TC ingress where bpf_sk_assign works, not at the destination's to_endpoint. */
+	if (dir == DIR_EGRESS && !redirect) {
+		struct ipcache_value *dv = lookup_ipcache(&f, f.daddr);
+		if (dv && dv->endpoint_id) {
+			struct policy_value *ipv =
+				lookup_policy(dv->endpoint_id, ep_identity, f.dport, f.proto, DIR_INGRESS);
+			if (ipv && ipv->action == POLICY_REDIRECT) {
+				redirect = 1;
+				redirect_port = ipv->proxy_port;
+			}
+		}
+	}
+	/* No proxy, or not TCP: fail closed. */
+	if (redirect && (!redirect_port || f.proto != IPPROTO_TCP)) {
+		bpf_map_delete_elem(&mbr_ct_v2, &key);
+		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
+		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
+		return TC_ACT_SHOT;
 	}
 
 	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
@@ -267,6 +344,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		v.bytes = skb->len;
 		bpf_map_update_elem(&mbr_ct_v2, &key, &v, BPF_ANY);
 		emit(EVENT_VERDICT, 0, dir, skb, &f, ep_id, src_id, dst_id);
+	}
+	if (redirect && assign_to_proxy(skb, &f, redirect_port)) {
+		/* The proxy is not listening (stopped, restarting): never let the flow bypass it. */
+		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
+		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
+		return TC_ACT_SHOT;
 	}
 	count(0, dir, skb->len);
 	return TC_ACT_OK;

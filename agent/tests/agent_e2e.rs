@@ -55,6 +55,34 @@ impl Env {
         }
     }
 
+    /// The embedded proxy's admin endpoint.
+    fn proxy_admin(&self) -> String {
+        format!("127.0.0.1:{}", 20000 + self.tag % 1000)
+    }
+
+    /// An HTTP request with curl from an endpoint's namespace: (status, body); status 0 when no
+    /// answer came.
+    fn curl(&self, from: &str, args: &[&str]) -> (u16, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(from),
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+            ])
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let body = body.strip_suffix('\n').unwrap_or(body);
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.join("state/membrane.sock")
     }
@@ -75,6 +103,7 @@ impl Env {
                 "--prometheus-serve-addr",
                 &format!("127.0.0.1:{}", 19000 + self.tag % 1000),
             ])
+            .args(["--proxy-admin-addr", &self.proxy_admin()])
             .stderr(
                 fs::File::create(
                     self.dir
@@ -211,12 +240,12 @@ impl Drop for Env {
             let _ = s.wait();
         }
         if self.agent.is_some() {
-            for ep in ["web", "client", "init"] {
+            for ep in ["web", "client", "init", "l7c"] {
                 let _ = self.membrane(&["endpoint", "delete", &self.ns(ep)]);
             }
         }
         self.kill_agent();
-        for ep in ["web", "client", "world", "init"] {
+        for ep in ["web", "client", "world", "init", "l7c"] {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
         common::sh(&["ip", "link", "del", &format!("mbw{}", self.tag)]);
@@ -237,11 +266,237 @@ impl Drop for Env {
             "-qw",
             &format!("net.ipv4.ip_forward={}", self.forwarding_before),
         ]);
+        // The agent's policy routing for the L7 proxy (marked packets only).
+        for fam in ["-4", "-6"] {
+            common::sh(&[
+                "ip",
+                fam,
+                "rule",
+                "del",
+                "fwmark",
+                "0x200/0xf00",
+                "lookup",
+                "100",
+            ]);
+            common::sh(&["ip", fam, "route", "flush", "table", "100"]);
+        }
         common::remove_bpffs(&self.dir.join("bpf"));
         if std::env::var_os("MEMBRANE_KEEP_TEST_DIR").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+const L7_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-http}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "8090", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/public.*"}]
+  - fromEndpoints: [{matchLabels: {app: l7c}}]
+    toPorts: [{ports: [{port: "8091", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7c-out}
+spec:
+  endpointSelector: {matchLabels: {app: l7c}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: "8091", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/out.*"}]
+"#;
+
+/// HTTP rules enforced by the agent's embedded proxy on redirected connections: ingress
+/// (client -> web:8090, the destination's rules) and egress (l7c -> web:8091, the source's),
+/// IPv4 and IPv6, a policy change under an open keep-alive connection, and the proxy's metrics.
+fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
+    let policy_dir = env.dir.join("policy");
+    write_policy(&policy_dir, "web-http.yaml", L7_POLICY);
+    for (addr, port) in [(web_ip, 8090), (web_ip6, 8090), (web_ip, 8091)] {
+        let code = common::http_server_code(addr, port);
+        let log = fs::File::create(env.dir.join(format!("http-{addr}-{port}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &env.ns("web"), "python3", "-c", &code])
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        env.servers.push(child);
+    }
+    // Python's start-up can take seconds on a loaded machine: wait until the servers listen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ss = Command::new("ip")
+            .args(["netns", "exec", &env.ns("web"), "ss", "-Htln"])
+            .output()
+            .unwrap();
+        let ss = String::from_utf8_lossy(&ss.stdout);
+        if ss.matches(":8090 ").count() == 2 && ss.contains(":8091 ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the HTTP servers did not start: {ss}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let l7c = env.ns("l7c");
+    env.json(&["endpoint", "create", &l7c, "--labels", "app=l7c"]);
+    let url = |ip: &str, port: u16, path: &str| {
+        if ip.contains(':') {
+            format!("http://[{ip}]:{port}{path}")
+        } else {
+            format!("http://{ip}:{port}{path}")
+        }
+    };
+    // Wait for the policy (and the servers) to be in place.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = env.curl("client", &[&url(web_ip, 8090, "/public/a")]);
+        if got.0 == 200 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let m = Command::new("curl")
+                .args(["-s", &format!("http://{}/metrics", env.proxy_admin())])
+                .output()
+                .unwrap();
+            let ss = Command::new("ip")
+                .args(["netns", "exec", &env.ns("web"), "ss", "-tln"])
+                .output()
+                .unwrap();
+            panic!(
+                "GET /public through the proxy never succeeded: {got:?}\n{}\n{}\n{}",
+                String::from_utf8_lossy(&m.stdout),
+                String::from_utf8_lossy(&ss.stdout),
+                fs::read_to_string(env.dir.join(format!("http-{web_ip}-8090.log")))
+                    .unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(200));
+    }
+    let (code, body) = env.curl("client", &[&url(web_ip, 8090, "/public/a")]);
+    assert_eq!((code, body.as_str()), (200, "saw GET /public/a"));
+    let (code, body) = env.curl("client", &[&url(web_ip, 8090, "/private")]);
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "Access denied\r"),
+        "ingress L7 deny"
+    );
+    assert_eq!(
+        env.curl(
+            "client",
+            &["-X", "POST", "-d", "x", &url(web_ip, 8090, "/public/a")]
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        env.curl("client", &[&url(web_ip6, 8090, "/public/six")]),
+        (200, "saw GET /public/six".into()),
+        "IPv6"
+    );
+    assert_eq!(
+        env.curl("client", &[&url(web_ip6, 8090, "/private")]).0,
+        403,
+        "IPv6 deny"
+    );
+    // Path normalization: no way around the rule with dot segments.
+    assert_eq!(
+        env.curl(
+            "client",
+            &["--path-as-is", &url(web_ip, 8090, "/public/../private")]
+        )
+        .0,
+        403
+    );
+    // L3/L4 still applies under L7: l7c may not reach 8090 at all.
+    assert_eq!(
+        env.curl("l7c", &[&url(web_ip, 8090, "/public/a")]).0,
+        0,
+        "L3/L4 deny"
+    );
+    // Egress rules of the source: judged by the proxy, then the destination's ingress policy
+    // admits the proxy's upstream connection as l7c (its mark carries l7c's identity).
+    assert_eq!(
+        env.curl("l7c", &[&url(web_ip, 8091, "/out/x")]),
+        (200, "saw GET /out/x".into()),
+        "egress L7 allow"
+    );
+    assert_eq!(
+        env.curl("l7c", &[&url(web_ip, 8091, "/in")]).0,
+        403,
+        "egress L7 deny"
+    );
+    assert_eq!(
+        env.curl("client", &[&url(web_ip, 8091, "/out/x")]).0,
+        0,
+        "8091 is l7c's only"
+    );
+
+    // A keep-alive connection across a policy change: the next request meets the new rules.
+    let script = format!(
+        "import http.client,time,sys,json\n\
+         c=http.client.HTTPConnection('{web_ip}',8090,timeout=2)\n\
+         def get(p):\n  c.request('GET',p); r=c.getresponse(); r.read(); return r.status\n\
+         first=get('/public/k'); sock=c.sock\n\
+         print('ready',flush=True); sys.stdin.readline()\n\
+         end=time.time()+10; after=200\n\
+         while time.time()<end and after==200:\n  after=get('/public/k'); time.sleep(0.2)\n\
+         other=get('/other')\n\
+         print(json.dumps(dict(first=first,after=after,other=other,same=c.sock is sock)),flush=True)\n"
+    );
+    let mut keep = Command::new("ip")
+        .args(["netns", "exec", &env.ns("client"), "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut out = BufReader::new(keep.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        write_policy(
+            &policy_dir,
+            "web-http.yaml",
+            &L7_POLICY.replace("/public.*", "/other"),
+        );
+        writeln!(keep.stdin.take().unwrap()).unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            r,
+            serde_json::json!({"first": 200, "after": 403, "other": 200, "same": true})
+        );
+    }
+    let _ = keep.wait();
+    write_policy(&policy_dir, "web-http.yaml", L7_POLICY);
+
+    // The proxy's metrics: requests by direction and verdict.
+    let m = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", env.proxy_admin())])
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    assert!(
+        m.contains("membrane_proxy_l7_requests_total{direction=\"ingress\",verdict=\"denied\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("membrane_proxy_l7_requests_total{direction=\"egress\",verdict=\"forwarded\""),
+        "{m}"
+    );
+    env.json(&["endpoint", "delete", &l7c]);
 }
 
 fn write_policy(dir: &Path, name: &str, text: &str) {
@@ -392,6 +647,8 @@ fn agent_enforces_policy_between_endpoints() {
         "Prometheus endpoint"
     );
 
+    l7_checks(&mut env, &web_ip, &web_ip6);
+
     // A label change gives the client a new identity that the policy does not allow.
     let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);
     assert_ne!(relabeled["identity"], c["identity"]);
@@ -497,6 +754,9 @@ fn agent_enforces_policy_between_endpoints() {
         env.connects("client", &web_ip, 8080),
         "allowed while the agent is down"
     );
+    // The proxy died with the agent: L7-governed connections are refused, never let through.
+    let (code, body) = env.curl("client", &[&format!("http://{web_ip}:8090/public/down")]);
+    assert_eq!(code, 0, "an L7 request passed with no proxy: {body}");
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
     sleep(Duration::from_millis(500));
     env.start_agent();

@@ -221,8 +221,8 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
     resolver.add_endpoint(id_b.id);
 
     let mut dp = Datapath::load(&lab.bpffs).expect("datapath loads");
-    for (ip, id) in [(&a_ip, &id_a), (&b_ip, &id_b)] {
-        dp.set_ipcache(format!("{ip}/32").parse().unwrap(), id.id.0)
+    for (ip, id, ep) in [(&a_ip, &id_a, 1), (&b_ip, &id_b, 2)] {
+        dp.set_ipcache(format!("{ip}/32").parse().unwrap(), id.id.0, ep)
             .unwrap();
     }
     let write = |dp: &mut Datapath, resolver: &Resolver| {

@@ -66,8 +66,30 @@ pub struct IpcacheKey6 {
 pub struct IpcacheValue {
     /// Numeric identity.
     pub identity: u32,
-    /// Reserved.
-    pub flags: u32,
+    /// The local endpoint the address belongs to (0: not a local endpoint's).
+    pub endpoint_id: u32,
+}
+
+/// `MARK_MAGIC_MASK`.
+pub const MARK_MAGIC_MASK: u32 = 0x0f00;
+/// `MARK_MAGIC_TO_PROXY`: set by the datapath with `bpf_sk_assign`; policy routing delivers
+/// such packets locally (see [`TO_PROXY_ROUTE_TABLE`]).
+pub const MARK_MAGIC_TO_PROXY: u32 = 0x0200;
+/// `MARK_MAGIC_FROM_PROXY`: on the proxy's upstream sockets, with the identity it acts for.
+pub const MARK_MAGIC_FROM_PROXY: u32 = 0x0b00;
+/// `MARK_LOCAL_SCOPE`.
+pub const MARK_LOCAL_SCOPE: u32 = 0x1000;
+/// The routing table with the local default route for [`MARK_MAGIC_TO_PROXY`] packets.
+pub const TO_PROXY_ROUTE_TABLE: u32 = 100;
+
+/// The SO_MARK of a proxy upstream socket acting for `identity` (`mark_identity` in abi.h
+/// decodes it).
+pub fn proxy_mark(identity: u32) -> u32 {
+    let mut mark = ((identity & 0xffff) << 16) | MARK_MAGIC_FROM_PROXY | ((identity >> 16) & 0xff);
+    if identity & (1 << 24) != 0 {
+        mark |= MARK_LOCAL_SCOPE;
+    }
+    mark
 }
 
 /// `struct endpoint_info`.

@@ -78,7 +78,10 @@ fn set_endpoint(ebpf: &mut Ebpf, flags: u32) {
 }
 
 fn set_identity(ebpf: &mut Ebpf, net: IpAddr, len: u32, identity: u32) {
-    let v = IpcacheValue { identity, flags: 0 };
+    let v = IpcacheValue {
+        identity,
+        endpoint_id: 0,
+    };
     match net {
         IpAddr::V4(a) => {
             let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =

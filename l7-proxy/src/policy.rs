@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::{EndpointSpec, endpoint_labels};
 use membrane_policy::identity::{
-    IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
+    Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
 };
 use membrane_policy::l7::http::HttpRequest;
 use membrane_policy::labels::{Label, LabelSet};
@@ -179,8 +179,29 @@ impl SnapshotBuilder {
         }
     }
 
+    /// Makes the builder hand out exactly these identities' numbers (an agent's): the snapshot's
+    /// identities then agree with the datapath's, and flow records name the same numbers.
+    pub fn adopt_identities<'i>(&mut self, identities: impl IntoIterator<Item = &'i Identity>) {
+        let mut allocator = LocalAllocator::new();
+        for identity in identities {
+            allocator.restore(identity);
+        }
+        self.allocator = allocator;
+    }
+
     /// A snapshot of `set` with the workloads of `workloads` (each an endpoint with a table).
     pub fn build(&mut self, set: &PolicySet, workloads: &[EndpointSpec]) -> Result<Snapshot> {
+        self.build_with(set, workloads, &[])
+    }
+
+    /// [`build`](Self::build), with extra prefixes of reserved identities (the node's own
+    /// addresses are `host`).
+    pub fn build_with(
+        &mut self,
+        set: &PolicySet,
+        workloads: &[EndpointSpec],
+        reserved: &[(IpNet, NumericIdentity)],
+    ) -> Result<Snapshot> {
         let mut resolver = Resolver::new(self.mode);
         resolver.set_rules(&set.rules);
         for (_, name) in RESERVED {
@@ -215,8 +236,11 @@ impl SnapshotBuilder {
             resolver.add_identity(identity);
         }
         // Stable sort: on equal length a workload (listed first) wins over a policy CIDR.
-        let mut prefixes: Vec<(IpNet, NumericIdentity)> =
-            workload_prefixes.into_iter().chain(cidr_prefixes).collect();
+        let mut prefixes: Vec<(IpNet, NumericIdentity)> = workload_prefixes
+            .into_iter()
+            .chain(reserved.iter().copied())
+            .chain(cidr_prefixes)
+            .collect();
         prefixes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         self.generation += 1;
         Ok(Snapshot {
@@ -240,6 +264,18 @@ impl PolicyHandle {
         PolicyHandle {
             current: ArcSwap::from_pointee(snapshot),
         }
+    }
+
+    /// A handle whose snapshot knows no policy and no workloads (everything is world, nothing is
+    /// selected) until the first [`store`](Self::store).
+    pub fn new_empty() -> PolicyHandle {
+        let snapshot = Snapshot {
+            generation: 0,
+            resolver: Resolver::new(EnforcementMode::Default),
+            prefixes: Vec::new(),
+            names: HashMap::new(),
+        };
+        PolicyHandle::new(snapshot)
     }
 
     /// The snapshot in force now.

@@ -147,6 +147,12 @@ pub fn install(spec: &RedirectSpec) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    install_routing()
+}
+
+/// The policy routing alone (what the agent's datapath redirect needs): marked packets go to the
+/// local stack. Idempotent.
+pub fn install_routing() -> Result<()> {
     for c in ip_commands() {
         if c[1] == "rule" {
             let show = run("ip", &[c[0].clone(), "rule".into(), "show".into()])?;

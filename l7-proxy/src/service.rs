@@ -51,6 +51,9 @@ pub struct ProxyConfig {
     pub upstream_http2: bool,
     /// Concurrent streams per downstream HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// The SO_MARK of upstream sockets for a source identity (the agent's datapath reads the
+    /// identity back from it); `None` leaves upstream sockets unmarked.
+    pub upstream_mark: Option<fn(u32) -> u32>,
 }
 
 impl Default for ProxyConfig {
@@ -66,6 +69,7 @@ impl Default for ProxyConfig {
             tcp_keepalive: Duration::from_secs(60),
             upstream_http2: false,
             max_concurrent_streams: 256,
+            upstream_mark: None,
         }
     }
 }
@@ -315,6 +319,8 @@ impl Connection {
         } else {
             host.clone()
         };
+        // Upstream sockets act for the source workload.
+        let mark = shared.config.upstream_mark.map(|m| m(cp.peers.src.0));
         let upstream = if shared.config.upstream_http2 {
             // :authority carries the host; the pool connects to the destination.
             parts.headers.remove(header::HOST);
@@ -323,11 +329,11 @@ impl Connection {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            EitherFuture::Left(
-                shared
-                    .upstreams
-                    .send_h2(self.dst, Request::from_parts(parts, body)),
-            )
+            EitherFuture::Left(shared.upstreams.send_h2(
+                self.dst,
+                mark,
+                Request::from_parts(parts, body),
+            ))
         } else {
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 parts.headers.insert(header::HOST, v);
@@ -337,11 +343,11 @@ impl Connection {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            EitherFuture::Right(
-                shared
-                    .upstreams
-                    .send_h1(self.dst, Request::from_parts(parts, body)),
-            )
+            EitherFuture::Right(shared.upstreams.send_h1(
+                self.dst,
+                mark,
+                Request::from_parts(parts, body),
+            ))
         };
         let result = if shared.config.upstream_timeout.is_zero() {
             Ok(upstream.await)
@@ -439,6 +445,13 @@ impl Connection {
         refusal: Refusal,
     ) -> Response<ResponseBody> {
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+        if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
+            // The upstream failed: the operator needs to hear about it, not only the client.
+            eprintln!(
+                "membrane-proxy: {} {} -> {}: {}",
+                self.src, parts.method, self.dst, refusal.reason
+            );
+        }
         let body = format!(
             "{}\r\n",
             status.canonical_reason().unwrap_or("Request refused")

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::service::ProxyConfig;
 
@@ -32,9 +32,13 @@ struct H1Conn {
 pub struct Upstreams {
     connect_timeout: Duration,
     tcp_keepalive: Duration,
-    h1: Mutex<HashMap<SocketAddr, Vec<H1Conn>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
+    h2: Mutex<HashMap<Key, http2::SendRequest<Incoming>>>,
 }
+
+/// A pool key: the destination and the socket mark (connections acting for different
+/// workloads are never shared).
+type Key = (SocketAddr, Option<u32>);
 
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,8 +57,23 @@ impl Upstreams {
         }
     }
 
-    async fn connect(&self, dst: SocketAddr) -> Result<TokioIo<TcpStream>, String> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
+    async fn connect(
+        &self,
+        dst: SocketAddr,
+        mark: Option<u32>,
+    ) -> Result<TokioIo<TcpStream>, String> {
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("socket: {e}"))?;
+        if let Some(mark) = mark {
+            SockRef::from(&socket)
+                .set_mark(mark)
+                .map_err(|e| format!("SO_MARK {mark:#x}: {e}"))?;
+        }
+        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(dst))
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
@@ -73,11 +92,13 @@ impl Upstreams {
     pub async fn send_h1(
         &self,
         dst: SocketAddr,
+        mark: Option<u32>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, String> {
+        let key = (dst, mark);
         let pooled = {
             let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            let conns = pool.entry(dst).or_default();
+            let conns = pool.entry(key).or_default();
             conns.retain(|c| !c.sender.is_closed() && c.last_used.elapsed() < H1_IDLE);
             conns
                 .iter()
@@ -87,7 +108,7 @@ impl Upstreams {
         let mut sender = match pooled {
             Some(s) => s,
             None => {
-                let io = self.connect(dst).await?;
+                let io = self.connect(dst, mark).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(io)
                     .await
@@ -103,7 +124,7 @@ impl Upstreams {
             .map_err(|e| error_chain(&e))?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            pool.entry(dst).or_default().push(H1Conn {
+            pool.entry(key).or_default().push(H1Conn {
                 sender,
                 last_used: Instant::now(),
             });
@@ -116,16 +137,18 @@ impl Upstreams {
     pub async fn send_h2(
         &self,
         dst: SocketAddr,
+        mark: Option<u32>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, String> {
+        let key = (dst, mark);
         let existing = {
             let pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            pool.get(&dst).filter(|s| !s.is_closed()).cloned()
+            pool.get(&key).filter(|s| !s.is_closed()).cloned()
         };
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = self.connect(dst).await?;
+                let io = self.connect(dst, mark).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)
@@ -135,7 +158,7 @@ impl Upstreams {
                 self.h2
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(dst, sender.clone());
+                    .insert(key, sender.clone());
                 sender
             }
         };

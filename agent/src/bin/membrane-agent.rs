@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use membrane_agent::daemon::{Agent, Config, api, spawn_controllers};
+use membrane_l7_proxy::policy::PolicyHandle;
+use membrane_l7_proxy::server::{self, Mode, Proxy};
+use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -16,12 +20,91 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs the embedded L7 proxy on its own thread (its own event loop, so that API calls holding
+/// the agent lock never stall requests), listening transparently on `port` for the connections
+/// the datapath hands it. Returns once the listener is bound.
+fn spawn_proxy(
+    policy: Arc<PolicyHandle>,
+    port: u16,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    std::thread::Builder::new()
+        .name("l7-proxy".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                // One dual-stack listener; an IPv4-only node falls back to 0.0.0.0.
+                let listener = server::bind(([0u16; 8], port).into(), Mode::Transparent)
+                    .or_else(|_| server::bind(([0u8; 4], port).into(), Mode::Transparent));
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!(
+                            "the L7 proxy's transparent listener on port {port}: {e}"
+                        )));
+                        return;
+                    }
+                };
+                let metrics = Arc::new(Metrics::new());
+                let flows = FlowSink::new();
+                if let Some(addr) = admin {
+                    match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => {
+                            tokio::spawn(membrane_l7_proxy::admin::serve(
+                                l,
+                                metrics.clone(),
+                                flows.clone(),
+                            ));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(anyhow::anyhow!("--proxy-admin-addr {addr}: {e}")));
+                            return;
+                        }
+                    }
+                }
+                let config = ProxyConfig {
+                    upstream_mark: Some(membrane_bpf::abi::proxy_mark),
+                    ..ProxyConfig::default()
+                };
+                let proxy = Proxy::new(Arc::new(Shared::new(config, policy, metrics, flows)));
+                let _ = tx.send(Ok(()));
+                // The proxy stops with the process; the datapath then drops what it would
+                // redirect (no listener), so nothing bypasses L7 policy.
+                let (_keep, stop) = tokio::sync::watch::channel(false);
+                if let Err(e) = proxy
+                    .serve(listener, Mode::Transparent, stop, Duration::from_secs(5))
+                    .await
+                {
+                    eprintln!("membrane-agent: L7 proxy stopped: {e}");
+                }
+            });
+        })
+        .context("starting the L7 proxy thread")?;
+    rx.recv().context("the L7 proxy thread ended")??;
+    eprintln!("membrane-agent: L7 proxy listening on port {port}");
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let config = Config::load()?;
     let socket = config.api_socket.clone();
     let prometheus = config.prometheus_serve_addr;
     let policy_dir = config.policy_dir.clone();
+    let (proxy_port, proxy_admin) = (config.proxy_port, config.proxy_admin_addr);
     let agent = Agent::start(config)?;
+    if let Some(policy) = agent.proxy_policy() {
+        spawn_proxy(policy, proxy_port, proxy_admin)?;
+    }
     eprintln!(
         "membrane-agent: policy revision {} ({} rules), {} endpoints restored; API on {}",
         agent.policy_status.revision,

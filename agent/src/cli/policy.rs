@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use membrane_policy::identity::Identity;
 use membrane_policy::l7::kafka::api_key_from_name;
@@ -182,7 +182,7 @@ fn load_policy(dir: &PathBuf) -> Result<PolicySet> {
     }
 }
 
-fn load_endpoints(path: &PathBuf) -> Result<Vec<membrane_policy::endpoints::EndpointSpec>> {
+fn load_endpoints(path: &std::path::Path) -> Result<Vec<membrane_policy::endpoints::EndpointSpec>> {
     policy_dir::load_endpoints(path)?.map_err(|diags| {
         print_diagnostics(&diags);
         anyhow!("{} is invalid ({} problem(s))", path.display(), diags.len())

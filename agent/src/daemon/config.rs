@@ -61,6 +61,13 @@ pub struct Config {
     /// Address to serve Prometheus metrics on (`/metrics`), e.g. 127.0.0.1:9962.
     #[arg(long, env = "MEMBRANE_PROMETHEUS_SERVE_ADDR")]
     pub prometheus_serve_addr: Option<SocketAddr>,
+    /// Port of the embedded L7 proxy's transparent listener, to which the datapath hands
+    /// connections that HTTP rules govern; 0 runs no proxy (such connections are then dropped).
+    #[arg(long, env = "MEMBRANE_PROXY_PORT", default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// Address for the proxy's Prometheus metrics and live flow records (`/metrics`, `/flows`).
+    #[arg(long, env = "MEMBRANE_PROXY_ADMIN_ADDR")]
+    pub proxy_admin_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -141,6 +148,8 @@ impl Config {
             "clean_state" => self.clean_state = other.clean_state,
             "api_socket" => self.api_socket = other.api_socket.clone(),
             "prometheus_serve_addr" => self.prometheus_serve_addr = other.prometheus_serve_addr,
+            "proxy_port" => self.proxy_port = other.proxy_port,
+            "proxy_admin_addr" => self.proxy_admin_addr = other.proxy_admin_addr,
             _ => {}
         }
     }

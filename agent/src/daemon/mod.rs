@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -30,6 +31,9 @@ use membrane_policy::labels::{Label, LabelSet, Source};
 use membrane_policy::resolve::{ChangeSet, Resolver};
 use membrane_policy::{Diagnostic, PolicySet};
 use serde::{Deserialize, Serialize};
+
+use membrane_l7_proxy::policy::{PolicyHandle, SnapshotBuilder};
+use membrane_policy::endpoints::EndpointSpec;
 
 use crate::datapath::{Datapath, sync};
 use crate::ipam::Ipam;
@@ -109,6 +113,8 @@ pub struct Agent {
     datapath: Datapath,
     /// Controller health by name.
     pub controllers: BTreeMap<String, ControllerStatus>,
+    /// The embedded L7 proxy's view of policy (when a proxy port is configured).
+    proxy_policy: Option<(Arc<PolicyHandle>, SnapshotBuilder)>,
 }
 
 fn now() -> u64 {
@@ -177,6 +183,7 @@ impl Agent {
             endpoints: BTreeMap::new(),
             datapath,
             controllers: BTreeMap::new(),
+            proxy_policy: None,
         };
         // Identities keep their numbers across restarts: the pinned maps still hold them, and a
         // renumbering would deny flows until every map caught up.
@@ -197,13 +204,59 @@ impl Agent {
             let (identity, _) = agent.allocator.allocate(&labels)?;
             agent.resolver.add_identity(identity);
         }
+        if agent.config.proxy_port != 0 {
+            // Packets the datapath hands to the proxy must be delivered locally.
+            membrane_l7_proxy::redirect::install_routing()
+                .context("policy routing for the L7 proxy")?;
+        }
         agent.write_devices()?;
         agent.apply_policy(policy)?;
         agent.write_host_addresses()?;
         agent.restore_endpoints()?;
         agent.allocator.drop_unclaimed();
         agent.persist()?;
+        agent.refresh_proxy()?;
         Ok(agent)
+    }
+
+    /// The embedded proxy's policy handle, when the agent runs a proxy.
+    pub fn proxy_policy(&self) -> Option<Arc<PolicyHandle>> {
+        self.proxy_policy.as_ref().map(|(h, _)| h.clone())
+    }
+
+    /// Puts the current policy, endpoints and identities in force for the embedded proxy (a
+    /// request is judged by the version in force when its headers arrive).
+    fn refresh_proxy(&mut self) -> Result<()> {
+        if self.config.proxy_port == 0 {
+            return Ok(());
+        }
+        let workloads: Vec<EndpointSpec> = self
+            .endpoints
+            .values()
+            .map(|e| EndpointSpec {
+                name: e.name.clone(),
+                namespace: e.namespace.clone(),
+                labels: e.labels.clone(),
+                service_account: None,
+                ips: e.net.addresses.clone(),
+                cidrs: Vec::new(),
+            })
+            .collect();
+        let hosts: Vec<(IpNet, NumericIdentity)> = host_addresses()
+            .into_iter()
+            .map(|a| (IpNet::from(a), NumericIdentity::HOST))
+            .collect();
+        let (_, builder) = self.proxy_policy.get_or_insert_with(|| {
+            let builder = SnapshotBuilder::new(self.config.enable_policy);
+            (Arc::new(PolicyHandle::new_empty()), builder)
+        });
+        builder.adopt_identities(self.allocator.identities());
+        let snapshot = builder
+            .build_with(&self.policy, &workloads, &hosts)
+            .context("the proxy's policy snapshot")?;
+        let (handle, _) = self.proxy_policy.as_ref().expect("set above");
+        handle.store(snapshot);
+        Ok(())
     }
 
     /// The configuration.
@@ -221,7 +274,7 @@ impl Agent {
                 if new {
                     self.resolver.add_identity(identity.clone());
                 }
-                self.datapath.set_ipcache(*net, identity.id.0)?;
+                self.datapath.set_ipcache(*net, identity.id.0, 0)?;
                 self.cidr_identities.insert(*net, identity.id);
                 identities_changed = true;
             }
@@ -251,6 +304,7 @@ impl Agent {
         if identities_changed {
             self.persist_identities()?;
         }
+        self.refresh_proxy()?;
         Ok(())
     }
 
@@ -303,23 +357,9 @@ impl Agent {
 
     /// The node's own addresses are the host identity.
     fn write_host_addresses(&mut self) -> Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(["-o", "addr", "show"])
-            .output()
-            .context("ip addr show")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let mut f = line.split_whitespace();
-            while let Some(w) = f.next() {
-                if (w == "inet" || w == "inet6")
-                    && let Some(addr) = f
-                        .next()
-                        .and_then(|a| a.split('/').next())
-                        .and_then(|a| a.parse::<IpAddr>().ok())
-                {
-                    self.datapath
-                        .set_ipcache(IpNet::from(addr), NumericIdentity::HOST.0)?;
-                }
-            }
+        for addr in host_addresses() {
+            self.datapath
+                .set_ipcache(IpNet::from(addr), NumericIdentity::HOST.0, 0)?;
         }
         Ok(())
     }
@@ -420,7 +460,8 @@ impl Agent {
         let ifindex = netns::ensure(&net)?;
         let identity = self.identity_for(&labels, &namespace)?;
         for a in &net.addresses {
-            self.datapath.set_ipcache(IpNet::from(*a), identity.id.0)?;
+            self.datapath
+                .set_ipcache(IpNet::from(*a), identity.id.0, id)?;
         }
         self.resolver.add_endpoint(identity.id);
         let ep = Endpoint {
@@ -436,6 +477,7 @@ impl Agent {
         self.sync_endpoint(&name)?;
         self.datapath
             .attach_endpoint(&self.endpoints[&name].net.host_if)?;
+        self.refresh_proxy()?;
         Ok(())
     }
 
@@ -502,7 +544,8 @@ impl Agent {
         }
         netns::remove(&ep.net)?;
         self.release_identity(&ep.identity)?;
-        self.persist()
+        self.persist()?;
+        self.refresh_proxy()
     }
 
     fn release_identity(&mut self, identity: &Identity) -> Result<()> {
@@ -540,7 +583,8 @@ impl Agent {
         let identity = self.identity_for(&labels, &ep.namespace)?;
         self.resolver.add_endpoint(identity.id);
         for a in &ep.net.addresses {
-            self.datapath.set_ipcache(IpNet::from(*a), identity.id.0)?;
+            self.datapath
+                .set_ipcache(IpNet::from(*a), identity.id.0, ep.id)?;
         }
         {
             let e = self.endpoints.get_mut(name).expect("present above");
@@ -550,6 +594,7 @@ impl Agent {
         self.release_identity(&ep.identity)?;
         self.sync_all()?;
         self.persist()?;
+        self.refresh_proxy()?;
         Ok(self.endpoints[name].clone())
     }
 
@@ -563,7 +608,9 @@ impl Agent {
             .ok_or_else(|| anyhow!("no policy table for {name}"))?;
         let flags = sync::enforcement_flags(table);
         // The L7 proxy does not exist yet: redirects carry no port and the datapath fails closed.
-        let entries = sync::policy_entries(id, table, |_| 0);
+        // Redirects go to the embedded proxy's listener (0 without a proxy: the datapath drops).
+        let proxy_port = self.config.proxy_port;
+        let entries = sync::policy_entries(id, table, |_| proxy_port);
         self.datapath.set_endpoint(
             ifindex,
             EndpointInfo {
@@ -594,12 +641,12 @@ impl Agent {
             self.endpoints.get_mut(n).expect("listed").ifindex = ifindex;
             for a in &ep.net.addresses {
                 self.datapath
-                    .set_ipcache(IpNet::from(*a), ep.identity.id.0)?;
+                    .set_ipcache(IpNet::from(*a), ep.identity.id.0, ep.id)?;
             }
             self.datapath.attach_endpoint(&ep.net.host_if)?;
         }
         for (net, id) in self.cidr_identities.clone() {
-            self.datapath.set_ipcache(net, id.0)?;
+            self.datapath.set_ipcache(net, id.0, 0)?;
         }
         self.write_host_addresses()?;
         self.write_devices()?;
@@ -726,6 +773,31 @@ impl Agent {
 }
 
 /// `--clean-state`: remove pinned links and maps and the endpoints of an earlier run.
+/// The node's own addresses (what `ip addr` lists in the host namespace).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let mut addrs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split_whitespace();
+        while let Some(w) = f.next() {
+            if (w == "inet" || w == "inet6")
+                && let Some(addr) = f
+                    .next()
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+            {
+                addrs.push(addr);
+            }
+        }
+    }
+    addrs
+}
+
 fn clean_state(config: &Config) -> Result<()> {
     if let Ok(text) = fs::read_to_string(config.state_dir.join("endpoints.json")) {
         if let Ok(records) = serde_json::from_str::<Vec<EndpointRecord>>(&text) {

@@ -126,9 +126,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// Maps an address prefix to an identity.
-    pub fn set_ipcache(&mut self, net: IpNet, identity: u32) -> Result<()> {
-        let value = IpcacheValue { identity, flags: 0 };
+    /// Maps an address prefix to an identity, and a local endpoint's address to that endpoint
+    /// (`endpoint_id`, 0 for others), whose ingress policy the sender's side consults for L7
+    /// redirects.
+    pub fn set_ipcache(&mut self, net: IpNet, identity: u32, endpoint_id: u32) -> Result<()> {
+        let value = IpcacheValue {
+            identity,
+            endpoint_id,
+        };
         let len = u32::from(net.prefix_len());
         match net.network() {
             IpAddr::V4(a) => {

@@ -76,3 +76,19 @@ pub fn remove_bpffs(dir: &Path) {
     }
     sh(&["umount", &dir.display().to_string()]);
 }
+
+/// Python for an HTTP/1.1 server on `addr:port` that answers every GET and POST with 200 and
+/// `saw METHOD PATH`.
+pub fn http_server_code(addr: &str, port: u16) -> String {
+    format!(
+        "import http.server,socket\n\
+         class S(http.server.ThreadingHTTPServer):\n  address_family=socket.AF_INET6 if ':' in '{addr}' else socket.AF_INET\n\
+         class H(http.server.BaseHTTPRequestHandler):\n  protocol_version='HTTP/1.1'\n  \
+         def reply(self):\n    n=int(self.headers.get('Content-Length') or 0); self.rfile.read(n)\n    \
+         b=('saw '+self.command+' '+self.path+'\\n').encode()\n    \
+         self.send_response(200); self.send_header('Content-Length',str(len(b))); self.end_headers(); self.wfile.write(b)\n  \
+         do_GET=reply\n  do_POST=reply\n  \
+         def log_message(self,*a): pass\n\
+         S(('{addr}',{port}),H).serve_forever()\n"
+    )
+}

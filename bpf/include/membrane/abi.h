@@ -35,8 +35,31 @@ struct ipcache_key6 {
 
 struct ipcache_value {
 	__u32 identity;
-	__u32 flags;
+	/* The endpoint an address belongs to when it is a local endpoint's (0 otherwise): the
+	 * source side consults that endpoint's ingress policy for L7 redirects. */
+	__u32 endpoint_id;
 };
+
+/*
+ * Packet marks. TO_PROXY: set with bpf_sk_assign so policy routing (fwmark 0x200/0xf00 ->
+ * table 100, local default route) delivers the packet to the proxy's IP_TRANSPARENT socket.
+ * FROM_PROXY: the proxy's upstream sockets (SO_MARK) carry the identity of the workload they act
+ * for, so the destination's ingress policy is judged for that workload, not for the host.
+ * Identity bits 0-15 sit in mark bits 16-31, bits 16-23 in mark bits 0-7, the local-scope bit in
+ * mark bit 12.
+ */
+#define MARK_MAGIC_MASK 0x0f00
+#define MARK_MAGIC_TO_PROXY 0x0200
+#define MARK_MAGIC_FROM_PROXY 0x0b00
+#define MARK_LOCAL_SCOPE 0x1000
+
+static inline __u32 mark_identity(__u32 mark)
+{
+	__u32 id = (mark >> 16) | ((mark & 0xff) << 16);
+	if (mark & MARK_LOCAL_SCOPE)
+		id |= ID_LOCAL_SCOPE;
+	return id;
+}
 
 /* endpoints: host-side veth ifindex -> the endpoint behind it. */
 #define EP_ENFORCE_INGRESS 1
