@@ -275,7 +275,7 @@ for s in socks:
     while b"\r\n\r\n" not in data:
         data += s.recv(4096)
     ok += data.startswith(b"HTTP/1.1 200")
-time.sleep(1.0)
+time.sleep(3.0)  # idle long enough for the proxy to return a burst's memory
 rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0]
 print(ok, rss)
 for s in socks: s.close()

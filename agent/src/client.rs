@@ -77,3 +77,46 @@ pub fn expect_ok(socket: &Path, method: Method, path: &str, body: Option<Value>)
     }
     Ok(value)
 }
+
+/// Streams a JSON-lines resource (the proxy's flows), sending each line to `tx` until the agent
+/// closes it or the receiver goes away. Blocks: run it on its own thread.
+pub fn stream_lines(socket: &Path, path: &str, tx: std::sync::mpsc::Sender<String>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "membrane")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        if !resp.status().is_success() {
+            bail!("{path}: {}", resp.status());
+        }
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                if tx
+                    .send(String::from_utf8_lossy(&line[..nl]).into_owned())
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })
+}

@@ -441,6 +441,55 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
         "8091 is l7c's only"
     );
 
+    // HTTP/2 (h2c prior knowledge) from the client; the upstream speaks HTTP/1.1.
+    assert_eq!(
+        env.curl(
+            "client",
+            &["--http2-prior-knowledge", &url(web_ip, 8090, "/public/h2")]
+        ),
+        (200, "saw GET /public/h2".into())
+    );
+    assert_eq!(
+        env.curl(
+            "client",
+            &["--http2-prior-knowledge", &url(web_ip, 8090, "/private")]
+        )
+        .0,
+        403
+    );
+
+    // `membrane monitor` shows the proxy's flow records next to the datapath's events.
+    let monitor = Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["monitor", "-o", "json", "--timeout", "4", "--bpf-root"])
+        .arg(env.dir.join("bpf"))
+        .arg("--api-socket")
+        .arg(env.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(1000));
+    env.curl("client", &[&url(web_ip, 8090, "/public/mon")]);
+    env.curl("client", &[&url(web_ip, 8090, "/private/mon")]);
+    let out = monitor.wait_with_output().unwrap();
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "l7")
+        .map(|v| v["flow"].clone())
+        .collect();
+    let find = |path: &str| flows.iter().find(|f| f["path"] == path).cloned();
+    let ok = find("/public/mon").unwrap_or_else(|| panic!("no L7 flow in monitor: {flows:?}"));
+    assert_eq!(
+        (ok["verdict"].as_str(), ok["status"].as_u64()),
+        (Some("forwarded"), Some(200))
+    );
+    assert_eq!(ok["direction"], "ingress");
+    let denied = find("/private/mon").unwrap_or_else(|| panic!("no L7 flow in monitor: {flows:?}"));
+    assert_eq!(
+        (denied["verdict"].as_str(), denied["status"].as_u64()),
+        (Some("denied"), Some(403))
+    );
+
     // A keep-alive connection across a policy change: the next request meets the new rules.
     let script = format!(
         "import http.client,time,sys,json\n\
@@ -776,6 +825,21 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(
         env.eventually("client", &web_ip, 8081, false, 5),
         "the policy written while down applies after restart"
+    );
+    // The restarted agent's proxy takes L7-governed connections again.
+    let l7_url = format!("http://{web_ip}:8090/public/back");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.curl("client", &[&l7_url]).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "L7 did not come back after the restart"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        env.curl("client", &[&format!("http://{web_ip}:8090/private")])
+            .0,
+        403
     );
     assert!(env.connects("client", &web_ip, 8080));
 

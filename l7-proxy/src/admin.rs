@@ -55,8 +55,8 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, flows: &FlowSink) -> Respon
         ),
         "/healthz" => full(StatusCode::OK, "text/plain", "ok\n"),
         "/flows" => {
-            let rx = flows.subscribe();
-            let stream = futures_stream(rx);
+            let stream =
+                futures_util::StreamExt::map(flow_lines(flows), |line| line.map(Frame::data));
             let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -68,12 +68,12 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, flows: &FlowSink) -> Respon
     }
 }
 
-/// Flow records as body frames, one JSON line each; a listener that falls behind is told how
-/// many records it missed.
-fn futures_stream(
-    rx: tokio::sync::broadcast::Receiver<crate::telemetry::FlowRecord>,
-) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
-    futures_util::stream::unfold(rx, |mut rx| async move {
+/// Flow records as JSON lines, from now on; a listener that falls behind is told how many
+/// records it missed (`{"lost":N}`). The admin endpoint and the agent's `/v1/flows` serve this.
+pub fn flow_lines(
+    flows: &FlowSink,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    futures_util::stream::unfold(flows.subscribe(), |mut rx| async move {
         let line = match rx.recv().await {
             Ok(record) => {
                 let mut s = serde_json::to_string(&record).unwrap_or_default();
@@ -83,6 +83,6 @@ fn futures_stream(
             Err(RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}\n"),
             Err(RecvError::Closed) => return None,
         };
-        Some((Ok(Frame::data(Bytes::from(line))), rx))
+        Some((Ok(Bytes::from(line)), rx))
     })
 }

@@ -84,7 +84,6 @@ pub struct Guard<S> {
     /// Validated bytes not yet handed to hyper, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
-    scratch: Box<[u8]>,
 }
 
 impl<S> Guard<S> {
@@ -96,7 +95,6 @@ impl<S> Guard<S> {
             framer: Framer::new(limits),
             out: Vec::new(),
             out_pos: 0,
-            scratch: vec![0; 4096].into_boxed_slice(),
         }
     }
 
@@ -137,7 +135,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    // Idle connections should not keep a body-sized buffer.
+                    if this.out.capacity() > 1024 {
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -162,7 +165,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
                     return r;
                 }
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
+            // A stack buffer: an idle connection holds no read buffer of its own.
+            let mut scratch = [0u8; 4096];
+            let mut rb = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -173,7 +178,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
                         return Poll::Ready(Ok(()));
                     }
                     this.state.activity.fetch_add(n as u64, Ordering::Relaxed);
-                    this.framer.feed(&this.scratch[..n], &mut this.out);
+                    this.framer.feed(&scratch[..n], &mut this.out);
                     this.note_progress();
                 }
             }

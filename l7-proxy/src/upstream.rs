@@ -22,6 +22,10 @@ use crate::service::ProxyConfig;
 
 /// Idle pooled HTTP/1.1 connections older than this are closed.
 const H1_IDLE: Duration = Duration::from_secs(90);
+/// At most this many HTTP/1.1 connections per destination stay pooled; a burst beyond it opens
+/// connections that close once their response is done (memory stays bounded when thousands of
+/// downstream connections go idle).
+const H1_MAX_POOLED: usize = 64;
 
 struct H1Conn {
     sender: http1::SendRequest<Incoming>,
@@ -124,10 +128,13 @@ impl Upstreams {
             .map_err(|e| error_chain(&e))?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            pool.entry(key).or_default().push(H1Conn {
-                sender,
-                last_used: Instant::now(),
-            });
+            let conns = pool.entry(key).or_default();
+            if conns.len() < H1_MAX_POOLED {
+                conns.push(H1Conn {
+                    sender,
+                    last_used: Instant::now(),
+                });
+            }
         }
         Ok(resp)
     }

@@ -27,6 +27,7 @@ fn spawn_proxy(
     policy: Arc<PolicyHandle>,
     port: u16,
     admin: Option<std::net::SocketAddr>,
+    flows: FlowSink,
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     std::thread::Builder::new()
@@ -56,7 +57,6 @@ fn spawn_proxy(
                     }
                 };
                 let metrics = Arc::new(Metrics::new());
-                let flows = FlowSink::new();
                 if let Some(addr) = admin {
                     match tokio::net::TcpListener::bind(addr).await {
                         Ok(l) => {
@@ -102,8 +102,9 @@ fn run() -> Result<()> {
     let policy_dir = config.policy_dir.clone();
     let (proxy_port, proxy_admin) = (config.proxy_port, config.proxy_admin_addr);
     let agent = Agent::start(config)?;
+    let flows = FlowSink::new();
     if let Some(policy) = agent.proxy_policy() {
-        spawn_proxy(policy, proxy_port, proxy_admin)?;
+        spawn_proxy(policy, proxy_port, proxy_admin, flows.clone())?;
     }
     eprintln!(
         "membrane-agent: policy revision {} ({} rules), {} endpoints restored; API on {}",
@@ -146,7 +147,7 @@ fn run() -> Result<()> {
             }
         };
         // Stopping the agent leaves enforcement in place: links and maps are pinned.
-        axum::serve(listener, api::router(agent))
+        axum::serve(listener, api::router(agent).merge(api::flows_router(flows)))
             .with_graceful_shutdown(shutdown)
             .await?;
         Ok(())

@@ -78,6 +78,13 @@ pub(super) struct MonitorArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// The agent's API socket, for the L7 proxy's flow records (shown when the agent runs).
+    #[arg(
+        long,
+        env = "MEMBRANE_API_SOCKET",
+        default_value = "/var/run/membrane/membrane.sock"
+    )]
+    api_socket: PathBuf,
 }
 
 pub(super) fn run(cmd: BpfCommand) -> Result<()> {
@@ -274,7 +281,47 @@ pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
         .timeout
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut seen = 0;
+    // L7 flow records come from the agent's embedded proxy; without a running agent only the
+    // datapath's events are shown.
+    let (l7_tx, l7_rx) = std::sync::mpsc::channel::<String>();
+    let socket = args.api_socket.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = crate::client::stream_lines(&socket, "/v1/flows", l7_tx) {
+            eprintln!("membrane monitor: no L7 flow records ({e:#})");
+        }
+    });
     loop {
+        while let Ok(line) = l7_rx.try_recv() {
+            let Ok(r) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match args.root.output {
+                Output::Json => println!("{}", json!({"type": "l7", "flow": r})),
+                Output::Text => println!(
+                    "l7 {:<9} {} {} (id {}) -> {} (id {}) {} {}{} {} {}us{}",
+                    r["verdict"].as_str().unwrap_or("?"),
+                    r["direction"].as_str().unwrap_or("?"),
+                    r["src"].as_str().unwrap_or("?"),
+                    r["src_identity"],
+                    r["dst"].as_str().unwrap_or("?"),
+                    r["dst_identity"],
+                    r["method"].as_str().unwrap_or(""),
+                    r["host"].as_str().unwrap_or(""),
+                    r["path"].as_str().unwrap_or(""),
+                    r["status"],
+                    r["latency_us"],
+                    r["policy"]
+                        .as_str()
+                        .filter(|p| !p.is_empty())
+                        .map(|p| format!(" [{p}]"))
+                        .unwrap_or_default()
+                ),
+            }
+            seen += 1;
+            if args.max_events.is_some_and(|m| seen >= m) {
+                return Ok(());
+            }
+        }
         while let Some(item) = rb.next() {
             let Some(e) = Event::from_bytes(&item) else {
                 continue;

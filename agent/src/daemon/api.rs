@@ -119,6 +119,23 @@ async fn metrics_text(State(agent): State<Shared>) -> Result<Response, ApiError>
         .into_response())
 }
 
+/// `/v1/flows`: the embedded L7 proxy's flow records, live, as JSON lines (what `membrane
+/// monitor` shows next to the datapath's events).
+pub fn flows_router(flows: membrane_l7_proxy::telemetry::FlowSink) -> Router {
+    Router::new().route(
+        "/v1/flows",
+        get(move || {
+            let flows = flows.clone();
+            async move {
+                (
+                    [("content-type", "application/x-ndjson")],
+                    axum::body::Body::from_stream(membrane_l7_proxy::admin::flow_lines(&flows)),
+                )
+            }
+        }),
+    )
+}
+
 /// The routes of the metrics listener.
 pub fn metrics_router(agent: Shared) -> Router {
     Router::new()

@@ -31,6 +31,16 @@ use membrane_source::policy_dir;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Gives memory freed after a burst back to the OS while connections sit idle: mimalloc purges
+/// lazily, when the thread allocates again, so a proxy holding 1,000 idle connections would keep
+/// the burst's peak otherwise.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers and only walks mimalloc's own heaps; it is safe to
+    // call from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "membrane-proxy",
@@ -420,6 +430,13 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         }
         eprintln!("membrane-proxy: draining");
         let _ = shutdown_tx.send(true);
+    });
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            release_free_memory();
+        }
     });
     proxy.serve(listener, mode, shutdown_rx, drain).await?;
     eprintln!("membrane-proxy: stopped");
