@@ -54,6 +54,11 @@ cleanup() {
   umount "$work/bpf" 2>/dev/null
   rm -rf "$work"
   sysctl -qw net.ipv4.ip_forward="$forwarding_before"
+  # The agent's policy routing for its L7 proxy (it only routes packets marked for the proxy).
+  for fam in -4 -6; do
+    ip "$fam" rule del fwmark 0x200/0xf00 lookup 100 2>/dev/null
+    ip "$fam" route flush table 100 2>/dev/null
+  done
 }
 trap cleanup EXIT
 
@@ -88,10 +93,23 @@ for p in map(int, sys.argv[1:]): threading.Thread(target=run,args=(p,),daemon=Tr
 threading.Event().wait()" "$@" &
   pids+=($!)
 }
-serve deathstar 80 22
+serve deathstar 22
 serve outpost 8080
 serve xwing 9000
-sleep 0.5
+# The Death Star's landing API: HTTP on port 80.
+ip netns exec demo-deathstar python3 -c "
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def answer(self):
+        self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        b = ('deathstar: ' + self.command + ' ' + self.path + ' ok').encode()
+        self.send_response(200); self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)
+    do_GET = do_POST = do_PUT = answer
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(('${ip[deathstar]}', 80), H).serve_forever()" &
+pids+=($!)
+for _ in $(seq 100); do ip netns exec demo-deathstar ss -Htln | grep -q ":80 " && break; sleep 0.1; done
 
 connect() { # from(endpoint|host) to port
   local cmd=(python3 -c "import socket,sys; s=socket.create_connection(('${ip[$2]}',$3),timeout=1); sys.exit(0 if s.recv(2)==b'ok' else 1)")
@@ -106,13 +124,13 @@ why() { # from to port
 import json,sys
 t=json.load(sys.stdin)
 l7=[d for d in t["directions"] if d["stage"]=="L7"]
-note=" (L7 rules apply: the L7 proxy is not built yet, so the datapath fails closed)" if l7 else ""
+note=" (HTTP rules apply: see the L7 table below)" if l7 else ""
 print(t["reason"]+note)'
 }
 
 flows=(
-  "tiefighter deathstar 22" "host deathstar 22" "xwing deathstar 80" "tiefighter deathstar 80"
-  "tiefighter outpost 8080" "xwing outpost 8080" "outpost xwing 9000" "deathstar xwing 9000"
+  "tiefighter deathstar 22" "host deathstar 22" "tiefighter outpost 8080" "xwing outpost 8080"
+  "outpost xwing 9000" "deathstar xwing 9000"
 )
 printf '\n%-34s %-8s %s\n' "FLOW (real TCP)" RESULT "WHY (membrane policy trace)"
 printf '%-34s %-8s %s\n' --------------- ------ ---------------------------
@@ -121,6 +139,24 @@ for f in "${flows[@]}"; do
   if connect "$from" "$to" "$port"; then result=allowed; else result=DENIED; fi
   printf '%-34s %-8s %s\n' "$from -> $to:$port" "$result" "$(why "$from" "$to" "$port")"
 done
+
+# L7: the datapath hands port-80 connections to the agent's HTTP proxy, which judges each request.
+http() { # from method path [curl args...]
+  local from=$1 method=$2 path=$3; shift 3
+  ip netns exec "demo-$from" curl -s --max-time 2 -X "$method" "$@" -w ' [%{http_code}]' \
+    "http://${ip[deathstar]}$path" 2>/dev/null | tr -d '\r\n' || true
+}
+printf '\n%-58s %s\n' "HTTP REQUEST (real curl, through membrane's L7 proxy)" "ANSWER [status]"
+printf '%-58s %s\n' ------------------------------------------------------ ---------------
+for r in "tiefighter POST /v1/request-landing" "tiefighter PUT /v1/exhaust-port" \
+         "tiefighter GET /v1/status" "xwing POST /v1/request-landing"; do
+  read -r from method path <<<"$r"
+  out=$(http "$from" "$method" "$path" -d '')
+  [ "$out" != " [000]" ] || out="(no answer: dropped at L3/L4, see the monitor below)"
+  printf '%-58s %s\n' "$from: $method $path" "$out"
+done
+printf '%-58s %s\n' "tiefighter: GET /v1/status with X-Empire-Clearance" \
+  "$(http tiefighter GET /v1/status -H 'X-Empire-Clearance: top-secret')"
 
 echo
 echo "==> datapath view of the deathstar (membrane bpf policy get) and the last drops (membrane monitor)"
