@@ -9,23 +9,28 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+/// An HTTP/1.1 connection to the agent's socket (call inside a runtime).
+async fn connect(socket: &Path) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the agent at {} (is membrane-agent running?)",
+                socket.display()
+            )
+        })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One request over the socket: the status and the raw body.
 fn send(socket: &Path, method: Method, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the agent at {} (is membrane-agent running?)",
-                    socket.display()
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+        let mut sender = connect(socket).await?;
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -85,12 +90,7 @@ pub fn stream_lines(socket: &Path, path: &str, tx: std::sync::mpsc::Sender<Strin
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+        let mut sender = connect(socket).await?;
         let req = Request::builder()
             .method(Method::GET)
             .uri(path)

@@ -67,19 +67,36 @@ fn io(path: &Path, source: std::io::Error) -> ReadError {
     }
 }
 
+/// A file's size and modification time, `LEN:MTIME_NS`: it changes whenever the file is written.
+fn stamp(f: &Path) -> Result<String, ReadError> {
+    let meta = fs::metadata(f).map_err(|e| io(f, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{}:{mtime}", meta.len()))
+}
+
+/// A file's text, or the diagnostic saying it is not UTF-8.
+fn read_text(f: &Path) -> Result<Result<String, Diagnostic>, ReadError> {
+    let bytes = fs::read(f).map_err(|e| io(f, e))?;
+    Ok(String::from_utf8(bytes).map_err(|_| Diagnostic {
+        file: f.display().to_string(),
+        line: 0,
+        column: 0,
+        field: String::new(),
+        message: "not valid UTF-8".into(),
+    }))
+}
+
 /// A fingerprint of the policy files (names, sizes, modification times): it changes whenever a
 /// file is added, removed or written.
 pub fn fingerprint(paths: &[PathBuf]) -> Result<String, ReadError> {
     let mut out = String::new();
     for f in policy_files(paths)? {
-        let meta = fs::metadata(&f).map_err(|e| io(&f, e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        out.push_str(&format!("{}:{}:{}\n", f.display(), meta.len(), mtime));
+        out.push_str(&format!("{}:{}\n", f.display(), stamp(&f)?));
     }
     Ok(out)
 }
@@ -90,19 +107,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Result<PolicySet, Vec<Diagnostic>>, Rea
     let files = policy_files(paths)?;
     let mut texts = Vec::with_capacity(files.len());
     for f in &files {
-        let bytes = fs::read(f).map_err(|e| io(f, e))?;
-        let name = f.display().to_string();
-        match String::from_utf8(bytes) {
-            Ok(text) => texts.push((name, text)),
-            Err(_) => {
-                return Ok(Err(vec![Diagnostic {
-                    file: name,
-                    line: 0,
-                    column: 0,
-                    field: String::new(),
-                    message: "not valid UTF-8".into(),
-                }]));
-            }
+        match read_text(f)? {
+            Ok(text) => texts.push((f.display().to_string(), text)),
+            Err(d) => return Ok(Err(vec![d])),
         }
     }
     Ok(PolicySet::from_sources(
@@ -128,30 +135,13 @@ impl PolicyCache {
     ) -> Result<Result<PolicySet, Vec<Diagnostic>>, ReadError> {
         let mut next = std::collections::BTreeMap::new();
         for f in policy_files(paths)? {
-            let meta = fs::metadata(&f).map_err(|e| io(&f, e))?;
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let stamp = format!("{}:{mtime}", meta.len());
+            let stamp = stamp(&f)?;
             let parsed = match self.files.remove(&f) {
                 Some((s, parsed)) if s == stamp => parsed,
-                _ => {
-                    let name = f.display().to_string();
-                    let bytes = fs::read(&f).map_err(|e| io(&f, e))?;
-                    match String::from_utf8(bytes) {
-                        Ok(text) => membrane_policy::parse_file(&name, &text),
-                        Err(_) => Err(vec![Diagnostic {
-                            file: name,
-                            line: 0,
-                            column: 0,
-                            field: String::new(),
-                            message: "not valid UTF-8".into(),
-                        }]),
-                    }
-                }
+                _ => match read_text(&f)? {
+                    Ok(text) => membrane_policy::parse_file(&f.display().to_string(), &text),
+                    Err(d) => Err(vec![d]),
+                },
             };
             next.insert(f, (stamp, parsed));
         }
@@ -171,16 +161,8 @@ impl PolicyCache {
 pub fn load_endpoints(
     path: &Path,
 ) -> Result<Result<Vec<membrane_policy::endpoints::EndpointSpec>, Vec<Diagnostic>>, ReadError> {
-    let bytes = fs::read(path).map_err(|e| io(path, e))?;
-    let name = path.display().to_string();
-    Ok(match String::from_utf8(bytes) {
-        Ok(text) => membrane_policy::endpoints::parse_endpoints(&name, &text),
-        Err(_) => Err(vec![Diagnostic {
-            file: name,
-            line: 0,
-            column: 0,
-            field: String::new(),
-            message: "not valid UTF-8".into(),
-        }]),
+    Ok(match read_text(path)? {
+        Ok(text) => membrane_policy::endpoints::parse_endpoints(&path.display().to_string(), &text),
+        Err(d) => Err(vec![d]),
     })
 }

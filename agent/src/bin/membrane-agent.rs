@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
 /// the datapath hands it. Returns once the listener is bound.
 fn spawn_proxy(
     policy: Arc<PolicyHandle>,
+    config: ProxyConfig,
     port: u16,
     admin: Option<std::net::SocketAddr>,
     flows: FlowSink,
@@ -72,10 +73,6 @@ fn spawn_proxy(
                         }
                     }
                 }
-                let config = ProxyConfig {
-                    upstream_mark: Some(membrane_bpf::abi::proxy_mark),
-                    ..ProxyConfig::default()
-                };
                 let proxy = Proxy::new(Arc::new(Shared::new(config, policy, metrics, flows)));
                 let _ = tx.send(Ok(()));
                 // The proxy stops with the process; the datapath then drops what it would
@@ -101,10 +98,16 @@ fn run() -> Result<()> {
     let prometheus = config.prometheus_serve_addr;
     let policy_dir = config.policy_dir.clone();
     let (proxy_port, proxy_admin) = (config.proxy_port, config.proxy_admin_addr);
+    let deny_body = config.proxy_deny_body.clone();
     let agent = Agent::start(config)?;
     let flows = FlowSink::new();
     if let Some(policy) = agent.proxy_policy() {
-        spawn_proxy(policy, proxy_port, proxy_admin, flows.clone())?;
+        let config = ProxyConfig {
+            upstream_mark: Some(membrane_bpf::abi::proxy_mark),
+            deny_body: deny_body.into(),
+            ..ProxyConfig::default()
+        };
+        spawn_proxy(policy, config, proxy_port, proxy_admin, flows.clone())?;
     }
     eprintln!(
         "membrane-agent: policy revision {} ({} rules), {} endpoints restored; API on {}",

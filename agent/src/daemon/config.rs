@@ -68,6 +68,13 @@ pub struct Config {
     /// Address for the proxy's Prometheus metrics and live flow records (`/metrics`, `/flows`).
     #[arg(long, env = "MEMBRANE_PROXY_ADMIN_ADDR")]
     pub proxy_admin_addr: Option<SocketAddr>,
+    /// Body of the proxy's 403 answer to a request the HTTP rules deny.
+    #[arg(
+        long,
+        env = "MEMBRANE_PROXY_DENY_BODY",
+        default_value = "Access denied\r\n"
+    )]
+    pub proxy_deny_body: String,
 }
 
 impl Config {
@@ -150,6 +157,7 @@ impl Config {
             "prometheus_serve_addr" => self.prometheus_serve_addr = other.prometheus_serve_addr,
             "proxy_port" => self.proxy_port = other.proxy_port,
             "proxy_admin_addr" => self.proxy_admin_addr = other.proxy_admin_addr,
+            "proxy_deny_body" => self.proxy_deny_body = other.proxy_deny_body.clone(),
             _ => {}
         }
     }
