@@ -652,6 +652,74 @@ fn agent_enforces_policy_between_endpoints() {
         !env.world_connects(WORLD_IN, &web_ip, 8081),
         "world on another port"
     );
+    // A spoofed source: the world namespace claims the client's address (which the policy
+    // allows on 8080). Arriving through the external device it is world, and the datapath drops
+    // it as such (the monitor shows the drop with the world identity, so it is not the host's
+    // reverse-path filter that stopped it).
+    // With reverse-path filtering off, so that only the datapath can be what stops it.
+    let rp_before = fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    common::sh(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+    common::sh(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.mbw{}.rp_filter=0", env.tag),
+    ]);
+    common::sh(&[
+        "ip",
+        "-n",
+        &env.ns("world"),
+        "addr",
+        "add",
+        &format!("{client_ip}/32"),
+        "dev",
+        "eth0",
+    ]);
+    let monitor = Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["monitor", "-o", "json", "--timeout", "3", "--bpf-root"])
+        .arg(env.dir.join("bpf"))
+        .arg("--api-socket")
+        .arg(env.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(500));
+    assert!(
+        !env.world_connects(&client_ip, &web_ip, 8080),
+        "a spoofed client address from the world got through"
+    );
+    let out = monitor.wait_with_output().unwrap();
+    let spoofed_drop = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|e| {
+            e["verdict"] == "dropped"
+                && e["src"] == client_ip.as_str()
+                && e["dport"] == 8080
+                && e["src_identity"] == 2
+        });
+    assert!(
+        spoofed_drop,
+        "no world-identity drop of the spoofed packet: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    common::sh(&[
+        "ip",
+        "-n",
+        &env.ns("world"),
+        "addr",
+        "del",
+        &format!("{client_ip}/32"),
+        "dev",
+        "eth0",
+    ]);
+    common::sh(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.all.rp_filter={rp_before}"),
+    ]);
 
     // The live trace explains what the datapath just did, with endpoints by name.
     let t = env.json(&[
