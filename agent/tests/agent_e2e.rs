@@ -548,6 +548,32 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
     env.json(&["endpoint", "delete", &l7c]);
 }
 
+/// Connects from `client` to web:8080 (allowed) every 50 ms for `secs` seconds, and to web:8082
+/// (denied, no server: a packet that got through would come back refused).
+fn start_load(client: &str, web_ip: &str, secs: u32) -> Child {
+    let code = format!(
+        "import socket,time,json\nok=fail=passed=0\nend=time.time()+{secs}\n\
+         while time.time()<end:\n  \
+           try:\n    s=socket.create_connection(('{web_ip}',8080),timeout=1); ok+=s.recv(2)==b'ok'; s.close()\n  \
+           except OSError: fail+=1\n  \
+           try:\n    socket.create_connection(('{web_ip}',8082),timeout=0.2); passed+=1\n  \
+           except ConnectionRefusedError: passed+=1\n  \
+           except OSError: pass\n  \
+           time.sleep(0.05)\n\
+         print(json.dumps(dict(ok=ok,fail=fail,passed=passed)))\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", client, "python3", "-c", &code])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The load's counts: allowed requests that succeeded (`ok`) and failed, denied ones that passed.
+fn finish_load(load: Child) -> serde_json::Value {
+    serde_json::from_slice(&load.wait_with_output().unwrap().stdout).unwrap()
+}
+
 fn write_policy(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
     fs::write(&tmp, text).unwrap();
@@ -638,6 +664,16 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(
         !env.udp("client", &web_ip, 5353),
         "UDP is not in the policy"
+    );
+    // ICMP echo: web's L4 rules do not allow it; from web to the unselected client it passes,
+    // and the reply comes back through conntrack.
+    assert!(
+        !env.python("client", &common::icmp_echo_code(&web_ip)),
+        "ICMP is not in web's policy"
+    );
+    assert!(
+        env.python("web", &common::icmp_echo_code(&client_ip)),
+        "ICMP echo to an unselected endpoint, and its reply"
     );
     // From the world, through the external device: the CIDR rule with its exception.
     assert!(
@@ -804,12 +840,22 @@ fn agent_enforces_policy_between_endpoints() {
         "last good policy kept"
     );
 
-    // A good edit applies within seconds.
+    // A good edit applies within seconds, under traffic: no allowed request fails while it
+    // lands, and nothing denied gets through.
+    let load = start_load(&client, &web_ip, 3);
+    sleep(Duration::from_millis(500));
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080, 8081]));
     assert!(
         env.eventually("client", &web_ip, 8081, true, 5),
         "the new policy was not applied"
     );
+    let counts = finish_load(load);
+    assert_eq!(
+        (counts["fail"].as_u64(), counts["passed"].as_u64()),
+        (Some(0), Some(0)),
+        "{counts}"
+    );
+    assert!(counts["ok"].as_u64().unwrap() > 5, "{counts}");
 
     // Something else deletes web's policy entries: the reconcile controller puts them back.
     {
@@ -849,22 +895,7 @@ fn agent_enforces_policy_between_endpoints() {
 
     // kill -9 and restart under load: every allowed request succeeds and nothing denied passes,
     // all along (8082 has no server: a packet that got through would come back refused).
-    let load_code = format!(
-        "import socket,time,json\nok=fail=passed=0\nend=time.time()+6\n\
-         while time.time()<end:\n  \
-           try:\n    s=socket.create_connection(('{web_ip}',8080),timeout=1); ok+=s.recv(2)==b'ok'; s.close()\n  \
-           except OSError: fail+=1\n  \
-           try:\n    socket.create_connection(('{web_ip}',8082),timeout=0.2); passed+=1\n  \
-           except ConnectionRefusedError: passed+=1\n  \
-           except OSError: pass\n  \
-           time.sleep(0.05)\n\
-         print(json.dumps(dict(ok=ok,fail=fail,passed=passed)))\n"
-    );
-    let load = Command::new("ip")
-        .args(["netns", "exec", &client, "python3", "-c", &load_code])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = start_load(&client, &web_ip, 6);
     sleep(Duration::from_millis(500));
     env.kill_agent();
     assert!(
@@ -877,8 +908,7 @@ fn agent_enforces_policy_between_endpoints() {
     write_policy(&policy_dir, "web.yaml", &web_policy(&[8080]));
     sleep(Duration::from_millis(500));
     env.start_agent();
-    let counts: serde_json::Value =
-        serde_json::from_slice(&load.wait_with_output().unwrap().stdout).unwrap();
+    let counts = finish_load(load);
     assert_eq!(
         (counts["fail"].as_u64(), counts["passed"].as_u64()),
         (Some(0), Some(0)),

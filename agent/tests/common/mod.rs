@@ -92,3 +92,22 @@ pub fn http_server_code(addr: &str, port: u16) -> String {
          S(('{addr}',{port}),H).serve_forever()\n"
     )
 }
+
+/// Python that exits 0 when an ICMP echo request to the IPv4 address `addr` is answered within a
+/// second (raw socket: needs root).
+pub fn icmp_echo_code(addr: &str) -> String {
+    format!(
+        "import socket,struct,sys,os\n\
+         def csum(b):\n  b+=b'\\0'*(len(b)%2); s=sum(struct.unpack('!%dH'%(len(b)//2),b)); s=(s>>16)+(s&0xffff); s+=s>>16; return ~s&0xffff\n\
+         ident=os.getpid()&0xffff\n\
+         body=struct.pack('!BBHHH',8,0,0,ident,1)+b'membrane'\n\
+         pkt=body[:2]+struct.pack('!H',csum(body))+body[4:]\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP); s.settimeout(1)\n\
+         s.sendto(pkt,('{addr}',0))\n\
+         try:\n  \
+           while True:\n    \
+             d=s.recv(1024); ihl=(d[0]&15)*4\n    \
+             if d[ihl]==0 and struct.unpack('!H',d[ihl+4:ihl+6])[0]==ident: sys.exit(0)\n\
+         except socket.timeout: sys.exit(1)\n"
+    )
+}
