@@ -103,7 +103,9 @@ impl Upstreams {
         let pooled = {
             let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
             let conns = pool.entry(key).or_default();
-            conns.retain(|c| !c.sender.is_closed() && c.last_used.elapsed() < H1_IDLE);
+            // One clock read per checkout, not one per pooled connection.
+            let now = Instant::now();
+            conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE);
             conns
                 .iter()
                 .position(|c| c.sender.is_ready())
