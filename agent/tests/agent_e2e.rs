@@ -605,6 +605,11 @@ fn agent_enforces_policy_between_endpoints() {
     );
     write_policy(
         &policy_dir,
+        "iperf.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: iperf}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"5201\", protocol: TCP}]}]\n",
+    );
+    write_policy(
+        &policy_dir,
         "world.yaml",
         &format!(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: from-world}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromCIDRSet: [{{cidr: {WORLD}, except: [10.252.0.128/25]}}]\n    toPorts: [{{ports: [{{port: \"8080\", protocol: TCP}}]}}]\n"
@@ -664,6 +669,52 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(
         !env.udp("client", &web_ip, 5353),
         "UDP is not in the policy"
+    );
+    // Bulk TCP through the datapath with iperf3: allowed on 5201 (iperf.yaml), denied on 5202
+    // (where a server listens too, so only policy can make it fail).
+    for port in ["5201", "5202"] {
+        let iperf = Command::new("ip")
+            .args([
+                "netns", "exec", &web, "iperf3", "-s", "-1", "-B", &web_ip, "-p", port,
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 (scripts/test.sh installs it)");
+        env.servers.push(iperf);
+    }
+    sleep(Duration::from_millis(500));
+    let run = Command::new("ip")
+        .args([
+            "netns", "exec", &client, "iperf3", "-J", "-t", "1", "-c", &web_ip, "-p", "5201",
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or_default();
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        run.status.success() && bps > 1e8,
+        "iperf3 through the datapath: {bps} bit/s, {}",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    let denied = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client,
+            "iperf3",
+            "-t",
+            "1",
+            "--connect-timeout",
+            "1000",
+        ])
+        .args(["-c", &web_ip, "-p", "5202"])
+        .output()
+        .unwrap();
+    assert!(
+        !denied.status.success(),
+        "iperf3 on a port the policy does not allow"
     );
     // ICMP echo: web's L4 rules do not allow it; from web to the unselected client it passes,
     // and the reply comes back through conntrack.
