@@ -85,8 +85,8 @@ static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 	}
 }
 
-static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb, const struct flow *f,
-				 __u32 ep, __u32 src_id, __u32 dst_id)
+static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb,
+				 const struct flow *f, __u32 ep, __u32 src_id, __u32 dst_id)
 {
 	struct event *e = bpf_ringbuf_reserve(&mbr_events_v2, sizeof(*e), 0);
 	if (!e)
@@ -175,16 +175,17 @@ assign:
 }
 
 /* The six probes of membrane_policy::resolve::PROBE_ORDER; the first hit decides. */
-static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __u16 port, __u8 proto, __u8 dir)
+static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __u16 port,
+							  __u8 proto, __u8 dir)
 {
 	struct policy_key k = {.endpoint_id = ep, .dir = dir};
 	struct policy_value *v;
-#define PROBE(i, p, pr)                                        \
-	k.identity = (i);                                      \
-	k.dport = (p);                                         \
-	k.proto = (pr);                                        \
-	v = bpf_map_lookup_elem(&mbr_policy_v2, &k);           \
-	if (v)                                                 \
+#define PROBE(i, p, pr)                              \
+	k.identity = (i);                            \
+	k.dport = (p);                               \
+	k.proto = (pr);                              \
+	v = bpf_map_lookup_elem(&mbr_policy_v2, &k); \
+	if (v)                                       \
 		return v;
 	PROBE(id, port, proto)
 	PROBE(id, 0, proto)
@@ -309,8 +310,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (dir == DIR_EGRESS && !redirect) {
 		struct ipcache_value *dv = lookup_ipcache(&f, f.daddr);
 		if (dv && dv->endpoint_id) {
-			struct policy_value *ipv =
-				lookup_policy(dv->endpoint_id, ep_identity, f.dport, f.proto, DIR_INGRESS);
+			struct policy_value *ipv = lookup_policy(dv->endpoint_id, ep_identity,
+								 f.dport, f.proto, DIR_INGRESS);
 			if (ipv && ipv->action == POLICY_REDIRECT) {
 				redirect = 1;
 				redirect_port = ipv->proxy_port;

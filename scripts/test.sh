@@ -13,10 +13,10 @@ step() { echo; echo "==> $*"; }
 
 step "toolchain: wasm32-wasip1 target, clang and libbpf headers for the datapath"
 rustup target add wasm32-wasip1 >/dev/null
-if ! command -v clang-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
+if ! command -v clang-19 >/dev/null || ! command -v clang-format-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
   [ "$(id -u)" = 0 ] || { echo "membrane: installing clang-19 and libbpf-dev needs root" >&2; exit 1; }
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19 libbpf-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 clang-format-19 llvm-19 libbpf-dev >/dev/null
 fi
 for tool in ip sysctl python3 curl nft iperf3; do
   if ! command -v "$tool" >/dev/null; then
@@ -28,8 +28,9 @@ done
 # (never skip) without it.
 [ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2
 
-step "cargo fmt --check"
+step "cargo fmt --check; clang-format check of the datapath C (bpf/.clang-format)"
 cargo fmt --all --check
+clang-format-19 --dry-run --Werror bpf/*.c bpf/lib/*.h bpf/include/membrane/*.h
 
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -11,8 +11,8 @@
 #include <linux/icmpv6.h>
 #include <bpf/bpf_endian.h>
 
-#define PARSE_OK 0
-#define PARSE_NOT_IP 1
+#define PARSE_OK       0
+#define PARSE_NOT_IP   1
 #define PARSE_PASS_NDP 2
 /* Negative: a drop reason. */
 
@@ -101,7 +101,8 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct flow *f)
 		off += sizeof(*ip6);
 #pragma unroll
 		for (int i = 0; i < MAX_EXT_HEADERS; i++) {
-			if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+			if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING ||
+			    next == IPPROTO_DSTOPTS) {
 				__u8 *ext = data + off;
 				if ((void *)(ext + 2) > data_end)
 					return -DROP_INVALID_EXTHDR;
@@ -123,8 +124,8 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct flow *f)
 		/* Neighbour discovery always passes, or IPv6 dies when neighbour entries expire; so
 		 * does multicast listener discovery (130-132, 143), link-local control traffic. */
 		if (f->proto == IPPROTO_ICMPV6 &&
-		    ((f->icmp_type >= 133 && f->icmp_type <= 137) || (f->icmp_type >= 130 && f->icmp_type <= 132) ||
-		     f->icmp_type == 143))
+		    ((f->icmp_type >= 133 && f->icmp_type <= 137) ||
+		     (f->icmp_type >= 130 && f->icmp_type <= 132) || f->icmp_type == 143))
 			return PARSE_PASS_NDP;
 		return PARSE_OK;
 	}

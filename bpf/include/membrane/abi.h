@@ -13,14 +13,14 @@
 
 /* Reserved identities (Cilium's numbers). */
 #define ID_UNKNOWN 0
-#define ID_HOST 1
-#define ID_WORLD 2
+#define ID_HOST	   1
+#define ID_WORLD   2
 /* Node-local identities (CIDRs) carry this bit. */
 #define ID_LOCAL_SCOPE (1U << 24)
 
 /* Directions, from the endpoint's point of view. */
 #define DIR_INGRESS 1
-#define DIR_EGRESS 2
+#define DIR_EGRESS  2
 
 /* ipcache: LPM trie, address -> identity. prefixlen counts the address bits only. */
 struct ipcache_key4 {
@@ -48,10 +48,10 @@ struct ipcache_value {
  * Identity bits 0-15 sit in mark bits 16-31, bits 16-23 in mark bits 0-7, the local-scope bit in
  * mark bit 12.
  */
-#define MARK_MAGIC_MASK 0x0f00
-#define MARK_MAGIC_TO_PROXY 0x0200
+#define MARK_MAGIC_MASK	      0x0f00
+#define MARK_MAGIC_TO_PROXY   0x0200
 #define MARK_MAGIC_FROM_PROXY 0x0b00
-#define MARK_LOCAL_SCOPE 0x1000
+#define MARK_LOCAL_SCOPE      0x1000
 
 static inline __u32 mark_identity(__u32 mark)
 {
@@ -63,7 +63,7 @@ static inline __u32 mark_identity(__u32 mark)
 
 /* endpoints: host-side veth ifindex -> the endpoint behind it. */
 #define EP_ENFORCE_INGRESS 1
-#define EP_ENFORCE_EGRESS 2
+#define EP_ENFORCE_EGRESS  2
 
 struct endpoint_info {
 	__u32 endpoint_id;
@@ -95,7 +95,7 @@ struct policy_key {
 	__u8 dir;
 };
 
-#define POLICY_ALLOW 1
+#define POLICY_ALLOW	1
 #define POLICY_REDIRECT 2
 
 struct policy_value {
@@ -122,7 +122,7 @@ struct ct_key {
 };
 
 #define CT_SEEN_REPLY 1
-#define CT_CLOSING 2
+#define CT_CLOSING    2
 
 struct ct_value {
 	__u64 expires_ns;
@@ -137,9 +137,9 @@ struct ct_value {
 };
 
 /* Connection-tracking lifetimes (Cilium's). */
-#define CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
-#define CT_LIFETIME_NONTCP_NS (60ULL * 1000000000ULL)
-#define CT_LIFETIME_SYN_NS (60ULL * 1000000000ULL)
+#define CT_LIFETIME_TCP_NS     (21600ULL * 1000000000ULL)
+#define CT_LIFETIME_NONTCP_NS  (60ULL * 1000000000ULL)
+#define CT_LIFETIME_SYN_NS     (60ULL * 1000000000ULL)
 #define CT_LIFETIME_CLOSING_NS (10ULL * 1000000000ULL)
 /* Unreplied UDP and other non-TCP flows age out quickly. */
 #define CT_LIFETIME_UNREPLIED_NS (10ULL * 1000000000ULL)
@@ -157,16 +157,16 @@ struct metrics_value {
 };
 
 /* Drop reasons: Cilium's numbers, negated in events and metrics. */
-#define DROP_INVALID 134
-#define DROP_POLICY 133
-#define DROP_CT_INVALID_HDR 135
-#define DROP_UNKNOWN_L4 142
-#define DROP_INVALID_EXTHDR 156
-#define DROP_FRAG_NOSUPPORT 157
+#define DROP_INVALID		 134
+#define DROP_POLICY		 133
+#define DROP_CT_INVALID_HDR	 135
+#define DROP_UNKNOWN_L4		 142
+#define DROP_INVALID_EXTHDR	 156
+#define DROP_FRAG_NOSUPPORT	 157
 #define DROP_PROXY_LOOKUP_FAILED 178
 
 /* events: ring buffer records. */
-#define EVENT_DROP 1
+#define EVENT_DROP    1
 #define EVENT_VERDICT 2
 
 struct event {
