@@ -98,11 +98,6 @@ impl<S> Guard<S> {
         }
     }
 
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Publishes the framer's news to the service and the connection task.
     fn note_progress(&mut self) {
         if let Some((index, refusal)) = self.framer.refused()

@@ -17,7 +17,7 @@ use membrane_policy::identity::{
 use membrane_policy::l7::http::HttpRequest;
 use membrane_policy::labels::{Label, LabelSet};
 use membrane_policy::resolve::{DirectionTable, Resolver, Verdict, first_allowing_http};
-use membrane_policy::rule::{Direction, EnforcementMode, L7Rules, PortRule, Proto};
+use membrane_policy::rule::{Direction, EnforcementMode, PortRule, Proto};
 
 /// One direction's L7 requirement on a connection: a request must match one of `sets`.
 #[derive(Clone, Debug)]
@@ -289,13 +289,6 @@ impl PolicyHandle {
     }
 }
 
-/// Whether rule sets of a requirement are all HTTP (a Kafka rule on an HTTP proxy's port denies).
-pub fn is_http(req: &L7Requirement) -> bool {
-    req.sets
-        .iter()
-        .all(|(p, _)| matches!(p.l7, Some(L7Rules::Http(_))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,7 +371,6 @@ spec:
         };
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].direction, Direction::Ingress);
-        assert!(is_http(&reqs[0]));
         assert!(reqs[0].allowing_policy(&req("GET", "/public/x")).is_some());
         assert!(reqs[0].allowing_policy(&req("GET", "/private")).is_none());
         assert!(reqs[0].allowing_policy(&req("POST", "/public")).is_none());

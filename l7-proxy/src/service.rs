@@ -307,9 +307,14 @@ impl Connection {
         let target = target.into_owned();
         let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let record_parts = RecordParts {
-            method: parts.method.to_string(),
-            host: host.to_string(),
+        // Flow-record strings are only built when somebody listens (the forwarding hot path).
+        let record_parts = if shared.flows.wanted() {
+            RecordParts {
+                method: parts.method.to_string(),
+                host: host.clone(),
+            }
+        } else {
+            RecordParts::default()
         };
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
         // The upstream must see the authority that was judged (an absolute-form URI's wins over
@@ -535,6 +540,7 @@ impl Connection {
     }
 }
 
+#[derive(Default)]
 struct RecordParts {
     method: String,
     host: String,
