@@ -3,7 +3,10 @@
 //!
 //! - [`http1`]: a strict HTTP/1 request-stream framer that refuses what could be parsed two ways
 //!   (request smuggling) before any lenient parser sees it;
-//! - [`path`]: request-path normalization applied before matching and forwarding.
+//! - [`path`]: request-path normalization applied before matching and forwarding;
+//! - [`kafka`]: Kafka request framing and decoding, the topics a request names, synthetic
+//!   authorization-failure answers and the response rewrites policy needs.
 
 pub mod http1;
+pub mod kafka;
 pub mod path;
