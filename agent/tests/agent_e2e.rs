@@ -550,6 +550,210 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
 
 /// Connects from `client` to web:8080 (allowed) every 50 ms for `secs` seconds, and to web:8082
 /// (denied, no server: a packet that got through would come back refused).
+const KAFKA_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: empire-kafka, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: kafka}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: empire-hq}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules:
+        kafka:
+        - {role: produce, topic: empire-announce}
+  - fromEndpoints: [{matchLabels: {app: outpost}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules:
+        kafka:
+        - {role: consume, topic: empire-announce}
+"#;
+
+fn kafka_peer(name: &str) -> String {
+    let v = std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run scripts/test.sh (it installs the Kafka peers)")
+    });
+    assert!(Path::new(&v).exists(), "{name}={v} does not exist");
+    v
+}
+
+/// The Kafka scenario: a real broker (tansu) in endpoint `kafka`, a producer endpoint that may
+/// only produce to empire-announce and a consumer endpoint that may only consume it, each using
+/// real clients. Every connection to 9092 is redirected to the agent's proxy by the datapath.
+fn kafka_checks(env: &mut Env) {
+    let tansu = kafka_peer("MEMBRANE_TANSU");
+    let python = kafka_peer("KAFKA_PYTHON");
+    let client_py = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../l7-proxy/tests/kafka/client.py"
+    );
+    write_policy(&env.dir.join("policy"), "kafka.yaml", KAFKA_POLICY);
+    let (kafka, hq, outpost) = (env.ns("kafka"), env.ns("hq"), env.ns("outpost"));
+    let k = env.json(&["endpoint", "create", &kafka, "--labels", "app=kafka"]);
+    env.json(&["endpoint", "create", &hq, "--labels", "app=empire-hq"]);
+    env.json(&["endpoint", "create", &outpost, "--labels", "app=outpost"]);
+    let kafka_ip = k["addresses"][0].as_str().unwrap().to_string();
+    let url = format!("tcp://{kafka_ip}:9092");
+    let broker = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &kafka,
+            &tansu,
+            "broker",
+            "--listener-url",
+            &url,
+        ])
+        .args([
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tansu starts");
+    env.servers.push(broker);
+    let broker_index = env.servers.len() - 1;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let created = ["empire-announce", "deathstar-plans"].iter().all(|t| {
+            common::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &kafka,
+                &tansu,
+                "topic",
+                "create",
+                "--broker",
+                &url,
+                "--partitions",
+                "1",
+                t,
+            ])
+        });
+        if created {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tansu did not come up");
+        sleep(Duration::from_millis(200));
+    }
+    let bootstrap = format!("{kafka_ip}:9092");
+    let run = |from: &str, lib: &str, action: &str, topic: &str| -> serde_json::Value {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", from, &python, client_py, lib, action, &bootstrap, topic,
+            ])
+            .arg(format!("{from}-{lib}"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+            panic!(
+                "{lib} {action} {topic} from {from}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let monitor = Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["monitor", "-o", "json", "--timeout", "120", "--bpf-root"])
+        .arg(env.dir.join("bpf"))
+        .arg("--api-socket")
+        .arg(env.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(1000));
+    for lib in ["confluent-kafka", "kafka-python"] {
+        let ok = run(&hq, lib, "produce", "empire-announce");
+        assert_eq!(ok["ok"], true, "the producer may produce: {ok}");
+        let got = run(&outpost, lib, "consume", "empire-announce");
+        assert_eq!(got["ok"], true, "the consumer may consume: {got}");
+        for (from, action, topic, why) in [
+            (&hq, "produce", "deathstar-plans", "another topic"),
+            (
+                &outpost,
+                "produce",
+                "empire-announce",
+                "the consumer may not produce",
+            ),
+            (
+                &hq,
+                "consume",
+                "empire-announce",
+                "the producer may not consume",
+            ),
+            (&outpost, "consume", "deathstar-plans", "another topic"),
+        ] {
+            let r = run(from, lib, action, topic);
+            let error = r["error"].as_str().unwrap_or_default();
+            assert!(
+                r["ok"] == false
+                    && (error.ends_with("AuthorizationFailedError")
+                        || error.ends_with("_AUTHORIZATION_FAILED")),
+                "{lib}: {why}: the client reports an authorization error: {r}"
+            );
+            assert!(
+                r["seconds"].as_f64().unwrap() < 1.0,
+                "{lib}: {why}: reported within a second: {r}"
+            );
+        }
+        let md = run(&outpost, lib, "metadata", "");
+        let topics = md["topics"].as_object().unwrap();
+        assert!(
+            topics.contains_key("empire-announce") && !topics.contains_key("deathstar-plans"),
+            "{lib}: metadata shows only what the client may see: {md}"
+        );
+    }
+    let named = run(&outpost, "confluent-kafka", "metadata", "deathstar-plans");
+    assert_eq!(
+        named["topics"]["deathstar-plans"], "TOPIC_AUTHORIZATION_FAILED",
+        "{named}"
+    );
+    // `membrane monitor` shows the Kafka flow records with both identities.
+    sleep(Duration::from_millis(500));
+    let mut monitor = monitor;
+    let _ = monitor.kill();
+    let out = monitor.wait_with_output().unwrap();
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "l7" && v["flow"]["protocol"] == "kafka")
+        .map(|v| v["flow"].clone())
+        .collect();
+    // The consumer endpoint's Produce, refused with a synthetic answer; the producer's request
+    // for deathstar-plans was already refused at its Metadata.
+    let denied = flows
+        .iter()
+        .find(|f| f["verdict"] == "denied" && f["kafka"]["api"] == "Produce")
+        .unwrap_or_else(|| panic!("no denied Produce among {} Kafka flows", flows.len()));
+    assert_eq!(denied["kafka"]["error_code"], 29, "{denied}");
+    assert_eq!(denied["kafka"]["topics"][0], "empire-announce", "{denied}");
+    assert_eq!(denied["dst_identity"], k["identity"], "{denied}");
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "denied"
+            && f["kafka"]["api"] == "Metadata"
+            && f["kafka"]["denied_topics"][0] == "deathstar-plans"),
+        "a refused Metadata for deathstar-plans in monitor"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "forwarded" && f["kafka"]["api"] == "Fetch"),
+        "a forwarded Fetch in monitor"
+    );
+    let mut broker = env.servers.remove(broker_index);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    for ep in [&kafka, &hq, &outpost] {
+        env.json(&["endpoint", "delete", ep]);
+    }
+    fs::remove_file(env.dir.join("policy/kafka.yaml")).unwrap();
+}
+
 fn start_load(client: &str, web_ip: &str, secs: u32) -> Child {
     let code = format!(
         "import socket,time,json\nok=fail=passed=0\nend=time.time()+{secs}\n\
@@ -852,6 +1056,7 @@ fn agent_enforces_policy_between_endpoints() {
     );
 
     l7_checks(&mut env, &web_ip, &web_ip6);
+    kafka_checks(&mut env);
 
     // A label change gives the client a new identity that the policy does not allow.
     let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);

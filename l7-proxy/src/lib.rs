@@ -6,7 +6,8 @@
 //! (the same code the wasm filter runs). Allowed requests go to the original destination over a
 //! pooled upstream connection; denied ones get `403 Access denied` on a connection that stays
 //! usable. HTTP/1 heads pass a strict framing guard before hyper sees them ([`guard`]), and paths
-//! are normalized before matching and forwarding (`membrane_codec::path`).
+//! are normalized before matching and forwarding (`membrane_codec::path`). Connections to a port
+//! with Kafka rules are parsed frame by frame instead and judged per request ([`kafka`]).
 //!
 //! ```text
 //!  accept ─> identities (src, dst) ─> L3/L4 decision ─deny─> RST
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod guard;
+pub mod kafka;
 pub mod policy;
 pub mod redirect;
 pub mod server;

@@ -15,9 +15,12 @@ use membrane_policy::identity::{
     Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
 };
 use membrane_policy::l7::http::HttpRequest;
+use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
 use membrane_policy::labels::{Label, LabelSet};
-use membrane_policy::resolve::{DirectionTable, Resolver, Verdict, first_allowing_http};
-use membrane_policy::rule::{Direction, EnforcementMode, PortRule, Proto};
+use membrane_policy::resolve::{
+    DirectionTable, Resolver, Verdict, first_allowing_http, judge_kafka_sets,
+};
+use membrane_policy::rule::{Direction, EnforcementMode, L7Kind, L7Rules, PortRule, Proto};
 
 /// One direction's L7 requirement on a connection: a request must match one of `sets`.
 #[derive(Clone, Debug)]
@@ -40,6 +43,49 @@ impl L7Requirement {
     }
 }
 
+impl L7Requirement {
+    fn rule_sets(&self) -> impl Iterator<Item = &L7Rules> + Clone {
+        self.sets.iter().filter_map(|(p, _)| p.l7.as_ref())
+    }
+
+    /// The Kafka verdict of these ORed rule sets, with the policy credited for an allow: the first
+    /// set that allows the request on its own, else (the union was needed) the first set.
+    pub fn judge_kafka(&self, req: &KafkaRequest<'_>) -> (KafkaVerdict, Option<&Arc<str>>) {
+        let verdict = judge_kafka_sets(self.rule_sets(), req);
+        if !verdict.is_allowed() {
+            return (verdict, None);
+        }
+        let credited = self
+            .sets
+            .iter()
+            .find(|(p, _)| {
+                p.l7.as_ref()
+                    .is_some_and(|r| judge_kafka_sets([r], req).is_allowed())
+            })
+            .or(self.sets.first())
+            .map(|(_, name)| name);
+        (verdict, credited)
+    }
+
+    /// The protocol of these rule sets; `None` when they mix protocols.
+    pub fn protocol(&self) -> Option<L7Kind> {
+        let mut kinds = self.rule_sets().map(L7Rules::kind);
+        let first = kinds.next()?;
+        kinds.all(|k| k == first).then_some(first)
+    }
+}
+
+/// The protocol a connection is parsed as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionProtocol {
+    /// HTTP rules apply (or none do: a reverse proxy then forwards HTTP).
+    Http,
+    /// Kafka rules apply.
+    Kafka,
+    /// The requirements name different protocols: nothing can satisfy both.
+    Conflict,
+}
+
 /// What policy says about a connection.
 #[derive(Clone, Debug)]
 pub enum Decision {
@@ -50,6 +96,28 @@ pub enum Decision {
     },
     /// Allowed; every request must satisfy every requirement (none: forward everything).
     Allow(Vec<L7Requirement>),
+}
+
+impl Decision {
+    /// The protocol the connection must be parsed as.
+    pub fn protocol(&self) -> ConnectionProtocol {
+        let Decision::Allow(reqs) = self else {
+            return ConnectionProtocol::Http;
+        };
+        let mut found = None;
+        for r in reqs {
+            match (r.protocol(), found) {
+                (None, _) => return ConnectionProtocol::Conflict,
+                (Some(k), None) => found = Some(k),
+                (Some(k), Some(f)) if k != f => return ConnectionProtocol::Conflict,
+                _ => {}
+            }
+        }
+        match found {
+            Some(L7Kind::Kafka) => ConnectionProtocol::Kafka,
+            _ => ConnectionProtocol::Http,
+        }
+    }
 }
 
 /// Identities of the two ends of a connection.

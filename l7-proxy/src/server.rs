@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::guard::{Guard, GuardState};
-use crate::policy::{Decision, canonical};
+use crate::kafka::KafkaConnection;
+use crate::policy::{ConnectionProtocol, Decision, canonical};
 use crate::service::{Connection, Shared};
 use crate::telemetry::ConnectionLabels;
 
@@ -117,7 +118,7 @@ impl Proxy {
                             continue;
                         }
                     };
-                    self.spawn_connection(stream, peer, local, mode, per_connection.clone());
+                    self.spawn_connection(stream, peer, local, mode, per_connection.clone(), drain);
                 }
                 _ = stopped(&mut shutdown) => break,
             }
@@ -137,6 +138,7 @@ impl Proxy {
         local: SocketAddr,
         mode: Mode,
         mut shutdown: watch::Receiver<bool>,
+        drain: Duration,
     ) {
         let shared = self.shared.clone();
         let src = SocketAddr::new(canonical(peer.ip()), peer.port());
@@ -164,6 +166,17 @@ impl Proxy {
             reset(stream);
             return;
         }
+        let protocol = decision.protocol();
+        if protocol == ConnectionProtocol::Conflict {
+            // Ingress wants one protocol and egress another: no request can satisfy both.
+            shared
+                .metrics
+                .connections
+                .get_or_create(&ConnectionLabels { outcome: "denied" })
+                .inc();
+            reset(stream);
+            return;
+        }
         shared
             .metrics
             .connections
@@ -177,6 +190,26 @@ impl Proxy {
                 .with_time(shared.config.tcp_keepalive)
                 .with_interval(Duration::from_secs(10)),
         );
+        if protocol == ConnectionProtocol::Kafka {
+            let conn = Arc::new(KafkaConnection::new(
+                shared.clone(),
+                src,
+                dst,
+                &snap,
+                peers,
+                decision,
+            ));
+            drop(snap);
+            let open = self.open.clone();
+            open.fetch_add(1, Ordering::AcqRel);
+            shared.metrics.open_connections.inc();
+            tokio::spawn(async move {
+                conn.serve(stream, shutdown, drain).await;
+                shared.metrics.open_connections.dec();
+                open.fetch_sub(1, Ordering::AcqRel);
+            });
+            return;
+        }
         let guard_state = Arc::new(GuardState::default());
         let conn = Arc::new(Connection::new(
             shared.clone(),

@@ -54,6 +54,8 @@ pub struct ProxyConfig {
     /// The SO_MARK of upstream sockets for a source identity (the agent's datapath reads the
     /// identity back from it); `None` leaves upstream sockets unmarked.
     pub upstream_mark: Option<fn(u32) -> u32>,
+    /// Bound on one Kafka request frame; a longer one closes the connection.
+    pub kafka_max_frame: usize,
 }
 
 impl Default for ProxyConfig {
@@ -70,6 +72,7 @@ impl Default for ProxyConfig {
             upstream_http2: false,
             max_concurrent_streams: 256,
             upstream_mark: None,
+            kafka_max_frame: membrane_codec::kafka::DEFAULT_MAX_REQUEST,
         }
     }
 }
@@ -521,6 +524,7 @@ impl Connection {
             .observe(elapsed.as_secs_f64());
         if self.shared.flows.wanted() {
             self.shared.flows.publish(FlowRecord {
+                protocol: "http",
                 time: rfc3339(SystemTime::now() - elapsed),
                 src: self.src,
                 dst: self.dst,
@@ -535,6 +539,7 @@ impl Connection {
                 status: outcome.status.as_u16(),
                 latency_us: elapsed.as_micros() as u64,
                 reason: outcome.reason,
+                kafka: None,
             });
         }
     }

@@ -25,6 +25,17 @@ pub struct RequestLabels {
     pub policy: String,
 }
 
+/// Labels of the Kafka request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KafkaLabels {
+    /// As in [`RequestLabels::direction`].
+    pub direction: &'static str,
+    /// `forwarded`, `denied` or `error` (malformed, unsupported, or the broker failed).
+    pub verdict: &'static str,
+    /// The API key's name (`produce`, `fetch`, ...; `other` for a key without one).
+    pub api_key: &'static str,
+}
+
 /// Labels of the latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -44,6 +55,8 @@ pub struct ConnectionLabels {
 pub struct Metrics {
     /// L7 requests by direction, verdict and policy.
     pub requests: Family<RequestLabels, Counter>,
+    /// Kafka requests by direction, verdict and API key.
+    pub kafka_requests: Family<KafkaLabels, Counter>,
     /// Seconds from request headers to upstream response headers (or to the local answer).
     pub latency: Family<DirectionLabel, Histogram>,
     /// Downstream connections by outcome.
@@ -72,6 +85,12 @@ impl Metrics {
             "l7_requests",
             "L7 requests by direction, verdict and allowing policy",
             requests.clone(),
+        );
+        let kafka_requests = Family::<KafkaLabels, Counter>::default();
+        registry.register(
+            "kafka_requests",
+            "Kafka requests by direction, verdict and API key",
+            kafka_requests.clone(),
         );
         let latency = Family::<DirectionLabel, Histogram>::new_with_constructor(|| {
             // 25 us .. ~3.3 s
@@ -108,6 +127,7 @@ impl Metrics {
         );
         Metrics {
             requests,
+            kafka_requests,
             latency,
             connections,
             open_connections,
@@ -126,9 +146,35 @@ impl Metrics {
     }
 }
 
+/// The Kafka facts of a flow record.
+#[derive(Clone, Debug, Serialize)]
+pub struct KafkaFlow {
+    /// API key number.
+    pub api_key: i16,
+    /// Its name as the protocol spells it (`Produce`, `Fetch`, ...).
+    pub api: String,
+    /// API version (-1 when the frame did not get that far).
+    pub api_version: i16,
+    /// Correlation id.
+    pub correlation_id: i32,
+    /// Client id from the request header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Topics the request names (empty when none, or when they are unknown).
+    pub topics: Vec<String>,
+    /// Topics refused by policy (a Metadata request may be forwarded for the others).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub denied_topics: Vec<String>,
+    /// The error code of the synthetic answer to a denied request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i16>,
+}
+
 /// One request as seen by the proxy.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
+    /// `http` or `kafka`.
+    pub protocol: &'static str,
     /// When the request headers arrived (RFC 3339, UTC).
     pub time: String,
     /// Downstream peer.
@@ -158,6 +204,9 @@ pub struct FlowRecord {
     /// Why the request was refused or failed, when it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Kafka requests: what the request was (HTTP fields are then empty and status 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaFlow>,
 }
 
 /// Fans flow records out to whoever listens; costs nothing when nobody does.

@@ -66,28 +66,9 @@ impl Upstreams {
         dst: SocketAddr,
         mark: Option<u32>,
     ) -> Result<TokioIo<TcpStream>, String> {
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(|e| format!("socket: {e}"))?;
-        if let Some(mark) = mark {
-            SockRef::from(&socket)
-                .set_mark(mark)
-                .map_err(|e| format!("SO_MARK {mark:#x}: {e}"))?;
-        }
-        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(dst))
+        connect(dst, mark, self.connect_timeout, self.tcp_keepalive)
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let _ = SockRef::from(&stream).set_tcp_keepalive(
-            &TcpKeepalive::new()
-                .with_time(self.tcp_keepalive)
-                .with_interval(Duration::from_secs(10)),
-        );
-        Ok(TokioIo::new(stream))
+            .map(TokioIo::new)
     }
 
     /// Sends an origin-form HTTP/1.1 request to `dst` on an idle pooled connection, or a new
@@ -185,4 +166,36 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// A TCP connection to `dst` acting for a source workload (`mark` is its SO_MARK), with
+/// `TCP_NODELAY` and keepalive.
+pub async fn connect(
+    dst: SocketAddr,
+    mark: Option<u32>,
+    connect_timeout: Duration,
+    tcp_keepalive: Duration,
+) -> Result<TcpStream, String> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(mark) = mark {
+        SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|e| format!("SO_MARK {mark:#x}: {e}"))?;
+    }
+    let stream = tokio::time::timeout(connect_timeout, socket.connect(dst))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = SockRef::from(&stream).set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(tcp_keepalive)
+            .with_interval(Duration::from_secs(10)),
+    );
+    Ok(stream)
 }

@@ -297,6 +297,46 @@ pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
             };
             match args.root.output {
                 Output::Json => println!("{}", json!({"type": "l7", "flow": r})),
+                Output::Text if r["kafka"].is_object() => {
+                    let k = &r["kafka"];
+                    let names = |v: &serde_json::Value| {
+                        v.as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|t| t.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "l7 {:<9} {} {} (id {}) -> {} (id {}) kafka {} v{} client={} topics=[{}]{}{} {}us{}",
+                        r["verdict"].as_str().unwrap_or("?"),
+                        r["direction"].as_str().unwrap_or("?"),
+                        r["src"].as_str().unwrap_or("?"),
+                        r["src_identity"],
+                        r["dst"].as_str().unwrap_or("?"),
+                        r["dst_identity"],
+                        k["api"].as_str().unwrap_or("?"),
+                        k["api_version"],
+                        k["client_id"].as_str().unwrap_or("-"),
+                        names(&k["topics"]),
+                        k["error_code"]
+                            .as_i64()
+                            .map(|c| format!(" error={c}"))
+                            .unwrap_or_default(),
+                        r["reason"]
+                            .as_str()
+                            .map(|x| format!(" ({x})"))
+                            .unwrap_or_default(),
+                        r["latency_us"],
+                        r["policy"]
+                            .as_str()
+                            .filter(|p| !p.is_empty())
+                            .map(|p| format!(" [{p}]"))
+                            .unwrap_or_default()
+                    )
+                }
                 Output::Text => println!(
                     "l7 {:<9} {} {} (id {}) -> {} (id {}) {} {}{} {} {}us{}",
                     r["verdict"].as_str().unwrap_or("?"),

@@ -154,12 +154,29 @@ impl L7Policy<'_> {
                 denied_topics: Vec::new(),
             };
         }
-        let rules = self.rules.iter().flat_map(|r| match r {
-            L7Rules::Kafka(rules) => rules.as_slice(),
-            L7Rules::Http(_) => &[],
-        });
-        kafka::judge(rules, req)
+        judge_kafka_sets(self.rules.iter().copied(), req)
     }
+}
+
+/// Judges a Kafka request against the union of the Kafka rules of the ORed rule sets of one key;
+/// a key that mixes protocols denies everything. This is the one Kafka judge: [`L7Policy::
+/// judge_kafka`], the proxy and the wasm filter all call it.
+pub fn judge_kafka_sets<'r, I>(sets: I, req: &KafkaRequest<'_>) -> KafkaVerdict
+where
+    I: IntoIterator<Item = &'r L7Rules>,
+    I::IntoIter: Clone,
+{
+    let sets = sets.into_iter();
+    if sets.clone().any(|r| r.kind() != L7Kind::Kafka) {
+        return KafkaVerdict::Deny {
+            denied_topics: Vec::new(),
+        };
+    }
+    let rules = sets.flat_map(|r| match r {
+        L7Rules::Kafka(rules) => rules.as_slice(),
+        L7Rules::Http(_) => &[],
+    });
+    kafka::judge(rules, req)
 }
 
 /// The index of the first rule set that allows an HTTP request, among the ORed rule sets of one
