@@ -45,7 +45,7 @@ fn release_free_memory() {
 #[command(
     name = "membrane-proxy",
     version,
-    about = "membrane's HTTP L7 proxy, standalone: enforces CiliumNetworkPolicy HTTP rules per request",
+    about = "membrane's L7 proxy, standalone: enforces CiliumNetworkPolicy HTTP and Kafka rules per request",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -159,6 +159,9 @@ struct RunArgs {
     /// Speak HTTP/2 (prior knowledge) to upstreams.
     #[arg(long)]
     upstream_http2: bool,
+    /// Most bytes in one Kafka request (a larger one closes the connection, nothing forwarded).
+    #[arg(long, default_value_t = membrane_codec::kafka::DEFAULT_MAX_REQUEST)]
+    kafka_max_request_bytes: usize,
     /// Seconds open connections get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 15.0)]
     drain_timeout: f64,
@@ -328,6 +331,7 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         upstream_timeout: secs(args.upstream_timeout, "upstream-timeout")?,
         tcp_keepalive: secs(args.tcp_keepalive, "tcp-keepalive")?,
         upstream_http2: args.upstream_http2,
+        kafka_max_frame: args.kafka_max_request_bytes,
         ..ProxyConfig::default()
     };
     let drain = secs(args.drain_timeout, "drain-timeout")?;
