@@ -77,21 +77,39 @@ struct Running {
     addr: SocketAddr,
     flows: FlowSink,
     metrics: Arc<Metrics>,
+    policy: Arc<PolicyHandle>,
+    builder: Mutex<SnapshotBuilder>,
+    upstream_port: u16,
     _shutdown: watch::Sender<bool>,
+}
+
+impl Running {
+    /// Puts a new policy in force (the builder keeps identities and the generation moving).
+    fn set_policy(&self, text: &str) {
+        let set = PolicySet::from_sources([("kafka.yaml", text)]).expect("valid policy");
+        let workloads = parse_endpoints("ids.yaml", WORKLOADS).unwrap();
+        let snap = self
+            .builder
+            .lock()
+            .unwrap()
+            .build(&set, &workloads)
+            .unwrap();
+        self.policy.store(snap);
+    }
 }
 
 async fn start_proxy(upstream: SocketAddr, listen: SocketAddr) -> Running {
     let set = PolicySet::from_sources([("kafka.yaml", policy(upstream.port()).as_str())])
         .expect("valid policy");
     let workloads = parse_endpoints("ids.yaml", WORKLOADS).unwrap();
-    let snap = SnapshotBuilder::new(EnforcementMode::Default)
-        .build(&set, &workloads)
-        .unwrap();
+    let mut builder = SnapshotBuilder::new(EnforcementMode::Default);
+    let snap = builder.build(&set, &workloads).unwrap();
     let metrics = Arc::new(Metrics::new());
     let flows = FlowSink::new();
+    let policy = Arc::new(PolicyHandle::new(snap));
     let shared = Arc::new(Shared::new(
         ProxyConfig::default(),
-        Arc::new(PolicyHandle::new(snap)),
+        policy.clone(),
         metrics.clone(),
         flows.clone(),
     ));
@@ -110,6 +128,9 @@ async fn start_proxy(upstream: SocketAddr, listen: SocketAddr) -> Running {
         addr,
         flows,
         metrics,
+        policy,
+        builder: Mutex::new(builder),
+        upstream_port: upstream.port(),
         _shutdown: tx,
     }
 }
@@ -413,6 +434,28 @@ async fn real_clients_through_the_proxy_against_a_real_broker() {
     .unwrap();
     let (corr, _) = read_response(&mut s, ApiKey::Metadata, 9).await;
     assert_eq!(corr, 4, "the connection is still usable");
+
+    // A policy change while the connection is open: its next request meets the new rules.
+    proxy.set_policy(
+        &policy(proxy.upstream_port).replace("clientID: empire-hq", "clientID: somebody-else"),
+    );
+    s.write_all(&encode_request(
+        ApiKey::Produce,
+        7,
+        5,
+        &produce("empire-announce"),
+    ))
+    .await
+    .unwrap();
+    let (corr, resp) = read_response(&mut s, ApiKey::Produce, 7).await;
+    let ResponseKind::Produce(resp) = resp else {
+        panic!()
+    };
+    assert_eq!(
+        (corr, resp.responses[0].partition_responses[0].error_code),
+        (5, 29),
+        "refused on the same connection after the change"
+    );
 
     let records = collect(&mut flows);
     let denied_produce = records
