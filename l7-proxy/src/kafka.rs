@@ -407,7 +407,10 @@ impl KafkaConnection {
                 self.account_request(&cp, started, &req, &req.topics(), s);
                 return Err(Stop::Now);
             }
-            Decision::Allow(_) if cp.decision.protocol() != ConnectionProtocol::Kafka => {
+            // No L7 requirement any more: requests pass (still parsed, still recorded).
+            Decision::Allow(reqs)
+                if !reqs.is_empty() && cp.decision.protocol() != ConnectionProtocol::Kafka =>
+            {
                 let mut s = Settled::error("policy for this port is no longer Kafka".into());
                 s.verdict = "denied";
                 self.account_request(&cp, started, &req, &req.topics(), s);

@@ -99,6 +99,15 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The protocol the connection must be parsed as; `unruled` when no L7 rule applies (an
+    /// L3/L4 allow reaching a reverse proxy, which parses what its operator says is behind it).
+    pub fn protocol_or(&self, unruled: ConnectionProtocol) -> ConnectionProtocol {
+        match self {
+            Decision::Allow(reqs) if reqs.is_empty() => unruled,
+            _ => self.protocol(),
+        }
+    }
+
     /// The protocol the connection must be parsed as.
     pub fn protocol(&self) -> ConnectionProtocol {
         let Decision::Allow(reqs) = self else {
@@ -442,8 +451,24 @@ spec:
         assert!(reqs[0].allowing_policy(&req("GET", "/public/x")).is_some());
         assert!(reqs[0].allowing_policy(&req("GET", "/private")).is_none());
         assert!(reqs[0].allowing_policy(&req("POST", "/public")).is_none());
+        assert_eq!(
+            s.decide(from("10.1.0.9"), 80).protocol(),
+            ConnectionProtocol::Http
+        );
+        assert_eq!(
+            s.decide(from("10.1.0.9"), 80)
+                .protocol_or(ConnectionProtocol::Kafka),
+            ConnectionProtocol::Http,
+            "rules decide the protocol"
+        );
         // CIDR peer: L4 only.
         assert!(matches!(s.decide(from("192.0.2.1"), 80), Decision::Allow(r) if r.is_empty()));
+        assert_eq!(
+            s.decide(from("192.0.2.1"), 80)
+                .protocol_or(ConnectionProtocol::Kafka),
+            ConnectionProtocol::Kafka,
+            "without rules, the operator's choice"
+        );
         // World and other ports: denied at L3/L4.
         assert!(matches!(
             s.decide(from("203.0.113.1"), 80),

@@ -166,7 +166,7 @@ impl Proxy {
             reset(stream);
             return;
         }
-        let protocol = decision.protocol();
+        let protocol = decision.protocol_or(shared.config.unruled_protocol);
         if protocol == ConnectionProtocol::Conflict {
             // Ingress wants one protocol and egress another: no request can satisfy both.
             shared

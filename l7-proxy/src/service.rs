@@ -56,6 +56,9 @@ pub struct ProxyConfig {
     pub upstream_mark: Option<fn(u32) -> u32>,
     /// Bound on one Kafka request frame; a longer one closes the connection.
     pub kafka_max_frame: usize,
+    /// What a connection with no L7 rule is parsed as (HTTP; Kafka for a reverse proxy in front
+    /// of a broker).
+    pub unruled_protocol: crate::policy::ConnectionProtocol,
 }
 
 impl Default for ProxyConfig {
@@ -73,6 +76,7 @@ impl Default for ProxyConfig {
             max_concurrent_streams: 256,
             upstream_mark: None,
             kafka_max_frame: membrane_codec::kafka::DEFAULT_MAX_REQUEST,
+            unruled_protocol: crate::policy::ConnectionProtocol::Http,
         }
     }
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use membrane_l7_proxy::guard::Limits;
-use membrane_l7_proxy::policy::{PolicyHandle, Snapshot, SnapshotBuilder};
+use membrane_l7_proxy::policy::{ConnectionProtocol, PolicyHandle, Snapshot, SnapshotBuilder};
 use membrane_l7_proxy::redirect::{self, RedirectSpec};
 use membrane_l7_proxy::server::{self, Mode, Proxy};
 use membrane_l7_proxy::service::{ProxyConfig, Shared};
@@ -39,6 +39,13 @@ fn release_free_memory() {
     // SAFETY: mi_collect takes no pointers and only walks mimalloc's own heaps; it is safe to
     // call from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// `--protocol` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum UnruledProtocol {
+    Http,
+    Kafka,
 }
 
 #[derive(Parser, Debug)]
@@ -162,6 +169,10 @@ struct RunArgs {
     /// Most bytes in one Kafka request (a larger one closes the connection, nothing forwarded).
     #[arg(long, default_value_t = membrane_codec::kafka::DEFAULT_MAX_REQUEST)]
     kafka_max_request_bytes: usize,
+    /// What connections that no L7 rule governs are parsed as: `http`, or `kafka` in front of a
+    /// broker (ports with rules are parsed as their rules' protocol).
+    #[arg(long, value_enum, default_value_t = UnruledProtocol::Http)]
+    protocol: UnruledProtocol,
     /// Seconds open connections get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 15.0)]
     drain_timeout: f64,
@@ -332,6 +343,10 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         tcp_keepalive: secs(args.tcp_keepalive, "tcp-keepalive")?,
         upstream_http2: args.upstream_http2,
         kafka_max_frame: args.kafka_max_request_bytes,
+        unruled_protocol: match args.protocol {
+            UnruledProtocol::Http => ConnectionProtocol::Http,
+            UnruledProtocol::Kafka => ConnectionProtocol::Kafka,
+        },
         ..ProxyConfig::default()
     };
     let drain = secs(args.drain_timeout, "drain-timeout")?;
