@@ -111,6 +111,33 @@ pub enum Role {
     Consume,
 }
 
+impl Role {
+    /// The API keys the role stands for.
+    pub fn api_keys(self) -> &'static [i16] {
+        match self {
+            Role::Produce => PRODUCE_KEYS,
+            Role::Consume => CONSUME_KEYS,
+        }
+    }
+
+    /// `produce` or `consume` (any case).
+    pub fn from_name(name: &str) -> Option<Role> {
+        match name.to_ascii_lowercase().as_str() {
+            "produce" => Some(Role::Produce),
+            "consume" => Some(Role::Consume),
+            _ => None,
+        }
+    }
+
+    /// The role's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Produce => "produce",
+            Role::Consume => "consume",
+        }
+    }
+}
+
 /// Maximum topic length accepted (Cilium keeps 255 for compatibility; Kafka itself uses 249).
 pub const MAX_TOPIC_LEN: usize = 255;
 
@@ -163,6 +190,47 @@ pub struct KafkaRequest<'a> {
 }
 
 impl KafkaRule {
+    /// A rule from its fields as policy writes them (role and apiKey exclude each other; the key
+    /// is a name or a number; the topic must be valid).
+    pub fn new(
+        index: usize,
+        role: Option<&str>,
+        api_key: Option<&str>,
+        api_version: Option<i16>,
+        client_id: Option<String>,
+        topic: Option<String>,
+    ) -> Result<KafkaRule, String> {
+        let role = match role {
+            Some(r) => Some(
+                Role::from_name(r)
+                    .ok_or_else(|| format!("unknown role {r:?} (expected produce or consume)"))?,
+            ),
+            None => None,
+        };
+        let api_keys = match (role, api_key) {
+            (Some(_), Some(_)) => return Err("role and apiKey are mutually exclusive".into()),
+            (Some(r), None) => r.api_keys().to_vec(),
+            (None, Some(k)) => {
+                vec![api_key_from_name(k).ok_or_else(|| format!("unknown apiKey {k:?}"))?]
+            }
+            (None, None) => Vec::new(),
+        };
+        if let Some(t) = &topic
+            && !valid_topic(t)
+        {
+            return Err(format!("invalid topic {t:?}"));
+        }
+        Ok(KafkaRule {
+            index,
+            role,
+            api_key: api_key.map(str::to_string),
+            api_keys,
+            api_version,
+            client_id,
+            topic,
+        })
+    }
+
     /// Whether the rule applies to this request's key, version and client id.
     pub fn applies_to(&self, req: &KafkaRequest<'_>) -> bool {
         (self.api_keys.is_empty() || self.api_keys.contains(&req.api_key))
@@ -323,6 +391,25 @@ mod tests {
         other.api_version = 3;
         other.client_id = None;
         assert!(!judge(&rules, &other).is_allowed());
+    }
+
+    #[test]
+    fn rules_from_their_written_fields() {
+        let r = KafkaRule::new(0, Some("Produce"), None, None, None, Some("t".into())).unwrap();
+        assert_eq!(r.api_keys, PRODUCE_KEYS);
+        let r = KafkaRule::new(1, None, Some("fetch"), Some(4), Some("c".into()), None).unwrap();
+        assert_eq!((r.api_keys.as_slice(), r.api_version), (&[1][..], Some(4)));
+        for (role, key, topic) in [
+            (Some("produce"), Some("fetch"), None),
+            (Some("admin"), None, None),
+            (None, Some("nosuch"), None),
+            (None, None, Some("bad topic")),
+        ] {
+            assert!(
+                KafkaRule::new(0, role, key, None, None, topic.map(str::to_string)).is_err(),
+                "{role:?} {key:?} {topic:?}"
+            );
+        }
     }
 
     #[test]

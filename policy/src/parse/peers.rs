@@ -633,11 +633,11 @@ fn kafka_rule(ctx: &mut Ctx<'_>, node: &Node, path: &str, idx: usize) -> Option<
         {
             Some("produce") => {
                 rule.role = Some(Role::Produce);
-                rule.api_keys = kafka::PRODUCE_KEYS.to_vec();
+                rule.api_keys = Role::Produce.api_keys().to_vec();
             }
             Some("consume") => {
                 rule.role = Some(Role::Consume);
-                rule.api_keys = kafka::CONSUME_KEYS.to_vec();
+                rule.api_keys = Role::Consume.api_keys().to_vec();
             }
             Some(other) => {
                 ctx.error(

@@ -81,6 +81,24 @@ pub const PROBE_ORDER: [(bool, bool, bool); 6] = [
     (false, false, false),
 ];
 
+/// The first key of a flow, in [`PROBE_ORDER`], for which `get` finds something. This is the one
+/// lookup order: the tables, the xDS resources' consumers and (in C) the datapath use it.
+pub fn probe<T>(
+    identity: NumericIdentity,
+    port: u16,
+    proto: u8,
+    mut get: impl FnMut(&PolicyKey) -> Option<T>,
+) -> Option<(PolicyKey, T)> {
+    PROBE_ORDER.iter().find_map(|(id, p, pr)| {
+        let key = PolicyKey {
+            identity: if *id { identity.0 } else { 0 },
+            port: if *p { port } else { 0 },
+            proto: if *pr { proto } else { 0 },
+        };
+        get(&key).map(|t| (key, t))
+    })
+}
+
 /// Why a key is allowed: one rule item (and port rule) that allows it.
 #[derive(Clone, Debug)]
 pub struct Contribution {
@@ -276,14 +294,7 @@ impl DirectionTable {
         port: u16,
         proto: Proto,
     ) -> Option<(PolicyKey, Effective<'_>)> {
-        PROBE_ORDER.iter().find_map(|(id, p, pr)| {
-            let key = PolicyKey {
-                identity: if *id { identity.0 } else { 0 },
-                port: if *p { port } else { 0 },
-                proto: if *pr { proto.number() } else { 0 },
-            };
-            self.effective(&key).map(|e| (key, e))
-        })
+        probe(identity, port, proto.number(), |key| self.effective(key))
     }
 
     /// Whether a flow is allowed at L3/L4 (redirects count as allowed) with enforcement applied.
