@@ -20,6 +20,7 @@ command -v clang-19 >/dev/null || missing+=(clang-19 llvm-19)
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v python3 >/dev/null || missing+=(python3)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)  # api/ (membrane's xDS resources)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

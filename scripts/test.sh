@@ -11,12 +11,12 @@ trap 'rm -f "$log"' EXIT
 
 step() { echo; echo "==> $*"; }
 
-step "toolchain: wasm32-wasip1 target, clang and libbpf headers for the datapath"
+step "toolchain: wasm32-wasip1 target, clang and libbpf headers for the datapath, protoc for api/"
 rustup target add wasm32-wasip1 >/dev/null
-if ! command -v clang-19 >/dev/null || ! command -v clang-format-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
-  [ "$(id -u)" = 0 ] || { echo "membrane: installing clang-19 and libbpf-dev needs root" >&2; exit 1; }
+if ! command -v clang-19 >/dev/null || ! command -v clang-format-19 >/dev/null || [ ! -f /usr/include/bpf/bpf_helpers.h ] || ! command -v protoc >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "membrane: installing clang-19, libbpf-dev and protoc needs root" >&2; exit 1; }
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 clang-format-19 llvm-19 libbpf-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 clang-format-19 llvm-19 libbpf-dev protobuf-compiler >/dev/null
 fi
 for tool in ip sysctl python3 curl nft iperf3; do
   if ! command -v "$tool" >/dev/null; then
@@ -46,7 +46,7 @@ step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
 
 step "wasm32-wasip1 build of the pure crates and membrane-wasm-filter"
-cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-codec -p membrane-wasm-filter
+cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-codec -p membrane-api -p membrane-wasm-filter
 ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
 
 step "benchmarks (smoke: each benchmark runs once)"

@@ -1,1 +1,78 @@
-//! End-to-end tests live in `tests/`; this library is empty on purpose.
+//! End-to-end tests live in `tests/`. This library holds fixtures that other crates' tests share:
+//! the Star Wars example (`examples/starwars`) resolved the way the agent resolves it.
+
+use std::net::IpAddr;
+
+use membrane_policy::PolicySet;
+use membrane_policy::endpoints::{endpoint_labels, parse_endpoints};
+use membrane_policy::identity::{
+    Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED,
+};
+use membrane_policy::labels::{Label, LabelSet};
+use membrane_policy::resolve::Resolver;
+use membrane_policy::rule::EnforcementMode;
+
+/// A resolved example: its tables and its endpoints.
+#[derive(Debug)]
+pub struct Example {
+    /// Tables of every endpoint, and every identity.
+    pub resolver: Resolver,
+    /// (name, identity, addresses) of each endpoint, in file order.
+    pub endpoints: Vec<(String, NumericIdentity, Vec<IpAddr>)>,
+}
+
+/// `examples/starwars`: its policy directory and endpoints file, with reserved identities and
+/// identities numbered in file order.
+pub fn starwars() -> Example {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/starwars");
+    let mut sources = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(format!("{dir}/policy"))
+        .expect("examples/starwars/policy")
+        .map(|e| e.expect("readable directory").path())
+        .collect();
+    paths.sort();
+    for path in paths {
+        let name = format!(
+            "policy/{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        sources.push((
+            name,
+            std::fs::read_to_string(&path).expect("readable policy"),
+        ));
+    }
+    let set = PolicySet::from_sources(sources.iter().map(|(p, t)| (p.as_str(), t.as_str())))
+        .expect("the example is valid");
+    let text = std::fs::read_to_string(format!("{dir}/endpoints.yaml")).expect("endpoints.yaml");
+    let specs = parse_endpoints("endpoints.yaml", &text).expect("valid endpoints");
+    let mut resolver = Resolver::new(EnforcementMode::Default);
+    resolver.set_rules(&set.rules);
+    let mut alloc = LocalAllocator::new();
+    let mut add = |resolver: &mut Resolver, labels: &LabelSet| -> Identity {
+        let (identity, new) = alloc.allocate(labels).expect("an identity");
+        if new {
+            resolver.add_identity(identity.clone());
+        }
+        identity
+    };
+    for (_, name) in RESERVED {
+        let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
+        add(&mut resolver, &labels);
+    }
+    let mut endpoints = Vec::new();
+    for spec in &specs {
+        let labels = endpoint_labels(
+            &spec.labels,
+            &spec.namespace,
+            spec.service_account.as_deref(),
+            &set.namespaces,
+        );
+        let identity = add(&mut resolver, &labels);
+        resolver.add_endpoint(identity.id);
+        endpoints.push((spec.name.clone(), identity.id, spec.ips.clone()));
+    }
+    Example {
+        resolver,
+        endpoints,
+    }
+}

@@ -1,4 +1,8 @@
-//! membrane xDS server (skeleton).
+//! membrane's xDS server.
 //!
-//! A tonic ADS server that will serve per-endpoint policy (NetworkPolicy) and the identity to
-//! address map (NetworkPolicyHosts) computed by `membrane_policy`. Nothing in this crate runs yet.
+//! Built so far: [`translate`], the pure translation from resolved policy to the resources the
+//! server will serve (`membrane.v1.NetworkPolicy` per endpoint, `membrane.v1.NetworkPolicyHosts`
+//! per identity, the SPIFFE ID table), golden-tested. Not built yet: the tonic ADS service
+//! (streams, versions, nonces, ACK/NACK, "policy realized" completions), see issue 6.
+
+pub mod translate;

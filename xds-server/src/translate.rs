@@ -1,0 +1,83 @@
+//! Resolved policy -> xDS resources. Pure: the service only streams what this computes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use membrane_api::{direction_policy, v1};
+use membrane_policy::identity::{Identity, NumericIdentity};
+use membrane_policy::labels::Source;
+use membrane_policy::resolve::PolicyTable;
+use membrane_policy::selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL};
+
+/// One endpoint's resource: its addresses, identity and both directions' tables.
+pub fn network_policy(
+    endpoint: &str,
+    identity: NumericIdentity,
+    addresses: &[IpAddr],
+    table: &PolicyTable,
+) -> v1::NetworkPolicy {
+    v1::NetworkPolicy {
+        endpoint: endpoint.to_string(),
+        identity: identity.0,
+        addresses: addresses.iter().map(IpAddr::to_string).collect(),
+        ingress: Some(direction_policy(&table.ingress)),
+        egress: Some(direction_policy(&table.egress)),
+    }
+}
+
+/// The identity -> addresses map (the ipcache) as one resource per identity, in identity order,
+/// each identity's prefixes sorted.
+pub fn network_policy_hosts(
+    prefixes: impl IntoIterator<Item = (IpNet, NumericIdentity)>,
+) -> Vec<v1::NetworkPolicyHosts> {
+    let mut by_identity: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+    for (net, id) in prefixes {
+        by_identity.entry(id.0).or_default().push(net);
+    }
+    by_identity
+        .into_iter()
+        .map(|(identity, mut nets)| {
+            nets.sort();
+            nets.dedup();
+            v1::NetworkPolicyHosts {
+                identity,
+                host_addresses: nets.iter().map(IpNet::to_string).collect(),
+            }
+        })
+        .collect()
+}
+
+/// The SPIFFE ID of each identity that has a namespace and a service account
+/// (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`, as Istio issues them). A service account shared by
+/// identities with different labels maps to none of them: the filter then identifies such a peer
+/// by its address, never by a guess.
+pub fn spiffe_identities<'i>(
+    trust_domain: &str,
+    identities: impl IntoIterator<Item = &'i Identity>,
+) -> v1::SpiffeIdentities {
+    let mut seen: BTreeMap<String, Option<u32>> = BTreeMap::new();
+    for identity in identities {
+        let labels = &identity.labels;
+        let (Some(ns), Some(sa)) = (
+            labels.value(Source::K8s, NAMESPACE_LABEL),
+            labels.value(Source::K8s, SERVICE_ACCOUNT_LABEL),
+        ) else {
+            continue;
+        };
+        let id = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
+        seen.entry(id)
+            .and_modify(|v| {
+                if *v != Some(identity.id.0) {
+                    *v = None;
+                }
+            })
+            .or_insert(Some(identity.id.0));
+    }
+    v1::SpiffeIdentities {
+        identities: seen
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect(),
+    }
+}
