@@ -1,8 +1,12 @@
 //! membrane's xDS server.
 //!
-//! Built so far: [`translate`], the pure translation from resolved policy to the resources the
-//! server will serve (`membrane.v1.NetworkPolicy` per endpoint, `membrane.v1.NetworkPolicyHosts`
-//! per identity, the SPIFFE ID table), golden-tested. Not built yet: the tonic ADS service
-//! (streams, versions, nonces, ACK/NACK, "policy realized" completions), see issue 6.
+//! - [`translate`]: the pure translation from resolved policy to the resources served
+//!   (`membrane.v1.NetworkPolicy` per endpoint, `membrane.v1.NetworkPolicyHosts` per identity,
+//!   the SPIFFE ID table), golden-tested;
+//! - [`ads`]: the tonic ADS service (state of the world) with versions, nonces, ACK/NACK per
+//!   stream and "policy realized" completions, on a unix socket or loopback TCP.
+//!
+//! Not wired into the agent yet (issue 6).
 
+pub mod ads;
 pub mod translate;

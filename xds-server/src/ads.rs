@@ -1,0 +1,416 @@
+//! The ADS service (state of the world): resources by type URL, one version per type that moves on
+//! every change, a nonce per response, ACK/NACK tracked per node and type, and completions that
+//! wait until proxies have acknowledged a version.
+//!
+//! Protocol (Envoy's xDS, SotW): a stream's first request for a type gets the current resources
+//! (those named, or all when it names none) at the current version. A request whose
+//! `response_nonce` is the last one sent on the stream acknowledges that response, or rejects it
+//! when it carries `error_detail` (a NACK): the rejection is logged with Envoy's detail, fails
+//! the completions waiting for that version at once, and the version is not sent again (no NACK
+//! loop); the next change sends a new one. A request with an older nonce is stale and ignored.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use futures_core::Stream;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+/// One type's resources at one version.
+#[derive(Clone, Debug, Default)]
+struct TypeState {
+    version: u64,
+    /// Resource name -> encoded resource.
+    resources: BTreeMap<String, Vec<u8>>,
+}
+
+/// What a node last did with a type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The newest version it acknowledged.
+    pub acked: Option<u64>,
+    /// The newest version it rejected, with Envoy's error detail.
+    pub nacked: Option<(u64, String)>,
+    /// The resource names it subscribed to (empty: all).
+    pub subscribed: Vec<String>,
+}
+
+/// Why a wait for acknowledgement ended without one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RealizeError {
+    /// A proxy rejected the version.
+    Nacked {
+        /// The node that rejected it.
+        node: String,
+        /// Envoy's error detail.
+        detail: String,
+    },
+    /// Not every proxy acknowledged in time.
+    Timeout {
+        /// Nodes still without an acknowledgement.
+        pending: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for RealizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RealizeError::Nacked { node, detail } => write!(f, "{node} rejected it: {detail}"),
+            RealizeError::Timeout { pending } => {
+                write!(f, "not acknowledged in time by {}", pending.join(", "))
+            }
+        }
+    }
+}
+
+impl std::error::Error for RealizeError {}
+
+#[derive(Debug, Default)]
+struct State {
+    types: HashMap<String, TypeState>,
+    /// (node, type) -> status.
+    nodes: BTreeMap<(String, String), NodeStatus>,
+}
+
+/// The resources served and what each proxy made of them. Cheap to clone; shared by the agent
+/// (which sets resources and waits for them to be realized) and the gRPC service.
+#[derive(Clone, Debug)]
+pub struct XdsCache {
+    state: Arc<Mutex<State>>,
+    streams: Arc<std::sync::atomic::AtomicU64>,
+    /// Ticks on every change of resources or of a node's status.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for XdsCache {
+    fn default() -> XdsCache {
+        XdsCache::new()
+    }
+}
+
+impl XdsCache {
+    /// An empty cache.
+    pub fn new() -> XdsCache {
+        XdsCache {
+            state: Arc::default(),
+            streams: Arc::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tick(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Replaces every resource of a type; returns the new version (unchanged when nothing
+    /// changed, so that proxies are not woken for nothing).
+    pub fn set_resources(&self, type_url: &str, resources: BTreeMap<String, Vec<u8>>) -> u64 {
+        let version = {
+            let mut st = self.lock();
+            let ts = st.types.entry(type_url.to_string()).or_default();
+            if ts.resources == resources && ts.version > 0 {
+                return ts.version;
+            }
+            ts.resources = resources;
+            ts.version += 1;
+            ts.version
+        };
+        self.tick();
+        version
+    }
+
+    /// The current version of a type (0: never set).
+    pub fn version(&self, type_url: &str) -> u64 {
+        self.lock().types.get(type_url).map_or(0, |t| t.version)
+    }
+
+    /// Every subscriber's status for a type, keyed `NODE#STREAM` (each wasm VM of one Envoy holds
+    /// its own stream, and each must have the policy).
+    pub fn statuses(&self, type_url: &str) -> BTreeMap<String, NodeStatus> {
+        self.lock()
+            .nodes
+            .iter()
+            .filter(|((_, t), _)| t == type_url)
+            .map(|((n, _), s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Waits until every stream subscribed to `resource` of `type_url` (by name, or to all) has
+    /// acknowledged `version` or a later one. Fails at once when one of them rejects it, and with
+    /// the nodes still pending after `timeout`. With no subscribed node it succeeds at once.
+    pub async fn wait_realized(
+        &self,
+        type_url: &str,
+        resource: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), RealizeError> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pending = {
+                let st = self.lock();
+                let mut pending = Vec::new();
+                for ((node, t), s) in &st.nodes {
+                    let wants =
+                        s.subscribed.is_empty() || s.subscribed.iter().any(|r| r == resource);
+                    if t != type_url || !wants {
+                        continue;
+                    }
+                    if let Some((v, detail)) = &s.nacked
+                        && *v >= version
+                        && s.acked.is_none_or(|a| a < *v)
+                    {
+                        return Err(RealizeError::Nacked {
+                            node: node.clone(),
+                            detail: detail.clone(),
+                        });
+                    }
+                    if s.acked.is_none_or(|a| a < version) {
+                        pending.push(node.clone());
+                    }
+                }
+                pending
+            };
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(RealizeError::Timeout { pending });
+            }
+        }
+    }
+
+    /// The gRPC service over this cache.
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
+        AggregatedDiscoveryServiceServer::new(AdsService {
+            cache: self.clone(),
+        })
+    }
+
+    fn response(&self, type_url: &str, names: &[String], nonce: u64) -> Option<DiscoveryResponse> {
+        let st = self.lock();
+        let ts = st.types.get(type_url)?;
+        let resources = ts
+            .resources
+            .iter()
+            .filter(|(name, _)| names.is_empty() || names.contains(name))
+            .map(|(_, bytes)| Any {
+                type_url: type_url.to_string(),
+                value: bytes.clone(),
+            })
+            .collect();
+        Some(DiscoveryResponse {
+            version_info: ts.version.to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce: nonce.to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn update_node(&self, node: &str, type_url: &str, f: impl FnOnce(&mut NodeStatus)) {
+        {
+            let mut st = self.lock();
+            f(st.nodes
+                .entry((node.to_string(), type_url.to_string()))
+                .or_default());
+        }
+        self.tick();
+    }
+
+    fn forget_node(&self, node: &str, types: &HashSet<String>) {
+        {
+            let mut st = self.lock();
+            for t in types {
+                st.nodes.remove(&(node.to_string(), t.clone()));
+            }
+        }
+        self.tick();
+    }
+}
+
+/// The ADS gRPC service.
+#[derive(Debug)]
+pub struct AdsService {
+    cache: XdsCache,
+}
+
+/// One type on one stream.
+#[derive(Debug, Default)]
+struct Subscription {
+    names: Vec<String>,
+    /// Version and nonce of the last response sent.
+    sent: Option<(u64, u64)>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
+        let cache = self.cache.clone();
+        let stream_id = cache
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut node = String::new();
+            let mut key = String::new();
+            let mut subs: BTreeMap<String, Subscription> = BTreeMap::new();
+            let mut nonce = 0u64;
+            let mut changed = cache.changed.subscribe();
+            loop {
+                tokio::select! {
+                    req = requests.message() => {
+                        let req = match req {
+                            Ok(Some(r)) => r,
+                            _ => break,
+                        };
+                        if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
+                            node = n.id.clone();
+                            key = format!("{node}#{stream_id}");
+                        }
+                        if node.is_empty() {
+                            let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
+                            break;
+                        }
+                        let type_url = req.type_url.clone();
+                        let sub = subs.entry(type_url.clone()).or_default();
+                        let names_changed = sub.names != req.resource_names;
+                        sub.names = req.resource_names.clone();
+                        match sub.sent {
+                            // A reply to our last response: ACK or NACK.
+                            Some((version, sent_nonce)) if req.response_nonce == sent_nonce.to_string() => {
+                                match &req.error_detail {
+                                    Some(err) => {
+                                        eprintln!("membrane-xds: {node} rejected {type_url} version {version}: {}", err.message);
+                                        let detail = err.message.clone();
+                                        let names = sub.names.clone();
+                                        cache.update_node(&key, &type_url, |s| {
+                                            s.nacked = Some((version, detail));
+                                            s.subscribed = names;
+                                        });
+                                    }
+                                    None => {
+                                        let names = sub.names.clone();
+                                        cache.update_node(&key, &type_url, |s| {
+                                            s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
+                                            s.subscribed = names;
+                                        });
+                                    }
+                                }
+                                if !names_changed {
+                                    continue;
+                                }
+                            }
+                            // Stale: an answer to an older response.
+                            Some(_) if !req.response_nonce.is_empty() => continue,
+                            _ => {
+                                let names = sub.names.clone();
+                                cache.update_node(&key, &type_url, |s| s.subscribed = names);
+                            }
+                        }
+                        nonce += 1;
+                        if let Some(resp) = cache.response(&type_url, &sub.names, nonce) {
+                            sub.sent = Some((cache.version(&type_url), nonce));
+                            if tx.send(Ok(resp)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    r = changed.changed() => {
+                        if r.is_err() {
+                            break;
+                        }
+                        // Send every subscribed type whose version moved past what was sent.
+                        for (type_url, sub) in subs.iter_mut() {
+                            let current = cache.version(type_url);
+                            if current == 0 || sub.sent.is_some_and(|(v, _)| v >= current) {
+                                continue;
+                            }
+                            nonce += 1;
+                            if let Some(resp) = cache.response(type_url, &sub.names, nonce) {
+                                sub.sent = Some((current, nonce));
+                                if tx.send(Ok(resp)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !key.is_empty() {
+                cache.forget_node(&key, &subs.keys().cloned().collect());
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Err(Status::unimplemented(
+            "membrane serves state-of-the-world ADS only",
+        ))
+    }
+}
+
+/// Serves ADS on a unix socket (replacing a stale socket file) until `shutdown` resolves.
+pub async fn serve_unix(
+    path: &std::path::Path,
+    cache: XdsCache,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(cache.service())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Serves ADS on TCP (loopback, for a standalone Envoy) until `shutdown` resolves.
+pub async fn serve_tcp(
+    addr: std::net::SocketAddr,
+    cache: XdsCache,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    tonic::transport::Server::builder()
+        .add_service(cache.service())
+        .serve_with_shutdown(addr, shutdown)
+        .await
+        .map_err(std::io::Error::other)
+}

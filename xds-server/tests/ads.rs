@@ -1,0 +1,285 @@
+//! The ADS service over a real unix socket with tonic clients: first responses, ACK, updates,
+//! NACK (logged, fails the waiting completion at once, never re-sent), resource-name filters,
+//! stale nonces, and completions across several streams.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use hyper_util::rt::TokioIo;
+use membrane_api::{NETWORK_POLICY_TYPE, v1};
+use membrane_xds_server::ads::{RealizeError, XdsCache, serve_unix};
+use prost::Message;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tonic::transport::{Endpoint, Uri};
+
+struct Server {
+    cache: XdsCache,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xds.sock");
+    let cache = XdsCache::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (c, s) = (cache.clone(), socket.clone());
+    tokio::spawn(async move {
+        serve_unix(&s, c, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Server {
+        cache,
+        socket,
+        _dir: dir,
+        stop: Some(stop),
+    }
+}
+
+struct Client {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: tonic::Streaming<DiscoveryResponse>,
+    node: String,
+}
+
+async fn connect(socket: &Path, node: &str) -> Client {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let rx = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    Client {
+        tx,
+        rx,
+        node: node.to_string(),
+    }
+}
+
+impl Client {
+    async fn send(&self, names: &[&str], nonce: &str, version: &str, error: Option<&str>) {
+        self.tx
+            .send(DiscoveryRequest {
+                node: Some(Node {
+                    id: self.node.clone(),
+                    ..Default::default()
+                }),
+                type_url: NETWORK_POLICY_TYPE.into(),
+                resource_names: names.iter().map(|n| n.to_string()).collect(),
+                response_nonce: nonce.into(),
+                version_info: version.into(),
+                error_detail: error.map(|m| RpcStatus {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response within 5 s")
+            .unwrap()
+            .expect("the stream is open")
+    }
+
+    async fn nothing_for(&mut self, ms: u64) -> bool {
+        tokio::time::timeout(Duration::from_millis(ms), self.rx.message())
+            .await
+            .is_err()
+    }
+}
+
+fn policies(endpoints: &[(&str, u32)]) -> BTreeMap<String, Vec<u8>> {
+    endpoints
+        .iter()
+        .map(|(name, identity)| {
+            let np = v1::NetworkPolicy {
+                endpoint: name.to_string(),
+                identity: *identity,
+                ..Default::default()
+            };
+            (name.to_string(), np.encode_to_vec())
+        })
+        .collect()
+}
+
+fn names(resp: &DiscoveryResponse) -> Vec<String> {
+    resp.resources
+        .iter()
+        .map(|any| {
+            assert_eq!(any.type_url, NETWORK_POLICY_TYPE);
+            v1::NetworkPolicy::decode(any.value.as_slice())
+                .unwrap()
+                .endpoint
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ack_update_nack_and_completions() {
+    let server = start().await;
+    let cache = &server.cache;
+    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 257)]));
+    assert_eq!(v1_, 1);
+    assert_eq!(
+        cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 257)])),
+        1,
+        "an unchanged set keeps its version"
+    );
+
+    let mut a = connect(&server.socket, "sidecar-a").await;
+    a.send(&[], "", "", None).await;
+    let first = a.next().await;
+    assert_eq!(first.version_info, "1");
+    assert_eq!(names(&first), ["db", "web"]);
+    // No ACK yet: a completion for version 1 is pending on this stream.
+    let pending = cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", 1, Duration::from_millis(200))
+        .await;
+    assert!(
+        matches!(&pending, Err(RealizeError::Timeout { pending }) if pending[0].starts_with("sidecar-a#")),
+        "{pending:?}"
+    );
+    a.send(&[], &first.nonce, &first.version_info, None).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", 1, Duration::from_secs(2))
+        .await
+        .expect("acknowledged");
+    let status = cache.statuses(NETWORK_POLICY_TYPE);
+    assert_eq!(status.values().next().unwrap().acked, Some(1));
+
+    // A second stream subscribes to one resource only.
+    let mut b = connect(&server.socket, "sidecar-b").await;
+    b.send(&["db"], "", "", None).await;
+    let first_b = b.next().await;
+    assert_eq!(names(&first_b), ["db"]);
+    b.send(&["db"], &first_b.nonce, "1", None).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "db", 1, Duration::from_secs(2))
+        .await
+        .expect("both streams acknowledged db at version 1");
+
+    // A change reaches both; a completes, b rejects it.
+    let v2 = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 300)]));
+    let second = a.next().await;
+    assert_eq!(second.version_info, v2.to_string());
+    let second_b = b.next().await;
+    assert_eq!(second_b.version_info, "2");
+    a.send(&[], &second.nonce, "2", None).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", 2, Duration::from_secs(2))
+        .await
+        .expect("b does not subscribe to web");
+    let waiting = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .wait_realized(NETWORK_POLICY_TYPE, "db", 2, Duration::from_secs(10))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    b.send(&["db"], &second_b.nonce, "1", Some("bad identity 300"))
+        .await;
+    let failed = waiting.await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "a NACK fails the completion at once"
+    );
+    assert!(
+        matches!(&failed, Err(RealizeError::Nacked { detail, .. }) if detail == "bad identity 300"),
+        "{failed:?}"
+    );
+    assert!(
+        b.nothing_for(300).await,
+        "the rejected version is not sent again"
+    );
+    // A stale reply (old nonce) changes nothing.
+    b.send(&["db"], &first_b.nonce, "1", None).await;
+    assert!(b.nothing_for(200).await);
+    let st = cache.statuses(NETWORK_POLICY_TYPE);
+    let b_status = st
+        .iter()
+        .find(|(k, _)| k.starts_with("sidecar-b#"))
+        .unwrap()
+        .1;
+    assert_eq!(b_status.acked, Some(1));
+    assert_eq!(
+        b_status.nacked.as_ref().map(|(v, _)| *v),
+        Some(2),
+        "{b_status:?}"
+    );
+
+    // The next change goes out, and an ACK of it completes db's wait.
+    cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 301)]));
+    let third_b = b.next().await;
+    assert_eq!(third_b.version_info, "3");
+    b.send(&["db"], &third_b.nonce, "3", None).await;
+    let third = a.next().await;
+    a.send(&[], &third.nonce, "3", None).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "db", 3, Duration::from_secs(2))
+        .await
+        .expect("both acknowledged");
+
+    // A stream that goes away is no longer waited for.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        cache
+            .statuses(NETWORK_POLICY_TYPE)
+            .keys()
+            .all(|k| k.starts_with("sidecar-a#"))
+    );
+}
+
+#[tokio::test]
+async fn a_stream_must_name_its_node() {
+    let server = start().await;
+    let mut c = connect(&server.socket, "").await;
+    c.send(&[], "", "", None).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), c.rx.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
