@@ -87,6 +87,10 @@ impl Env {
         self.dir.join("state/membrane.sock")
     }
 
+    fn xds_socket(&self) -> PathBuf {
+        self.dir.join("state/xds.sock")
+    }
+
     fn start_agent(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_membrane-agent"))
             .arg("--policy-dir")
@@ -104,6 +108,8 @@ impl Env {
                 &format!("127.0.0.1:{}", 19000 + self.tag % 1000),
             ])
             .args(["--proxy-admin-addr", &self.proxy_admin()])
+            .arg("--xds-socket")
+            .arg(self.xds_socket())
             .stderr(
                 fs::File::create(
                     self.dir
@@ -754,6 +760,149 @@ fn kafka_checks(env: &mut Env) {
     fs::remove_file(env.dir.join("policy/kafka.yaml")).unwrap();
 }
 
+/// The agent's xDS: a stream subscribed to an endpoint's NetworkPolicy gets it (and the hosts
+/// map), its ACK shows in `membrane endpoint get`, a policy change reaches it within a second,
+/// and a NACK shows with its error.
+fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
+    use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, v1};
+    use membrane_xds_server::client::AdsClient;
+    use prost::Message;
+    // A worker thread keeps the client's connection moving between the test's steps.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxies = |env: &Env| env.json(&["endpoint", "get", web])["xds"].clone();
+    let mut c = rt
+        .block_on(AdsClient::connect_unix(&env.xds_socket(), "sidecar-web"))
+        .expect("the agent serves xDS on its socket");
+    let next = |c: &mut AdsClient, rt: &tokio::runtime::Runtime| {
+        rt.block_on(c.next(Duration::from_secs(1)))
+            .unwrap()
+            .expect("a response within a second")
+    };
+    // The newest response once the agent is quiet (it may push while endpoints settle; a reply
+    // to an older response is stale, as in Envoy's protocol).
+    let latest = |c: &mut AdsClient, rt: &tokio::runtime::Runtime| {
+        let mut last = next(c, rt);
+        while let Some(newer) = rt.block_on(c.next(Duration::from_millis(300))).unwrap() {
+            last = newer;
+        }
+        last
+    };
+    rt.block_on(c.send(NETWORK_POLICY_TYPE, &[web], "", "", None))
+        .unwrap();
+    let first = latest(&mut c, &rt);
+    assert_eq!(first.resources.len(), 1, "only the subscribed endpoint");
+    let np = v1::NetworkPolicy::decode(first.resources[0].value.as_slice()).unwrap();
+    assert_eq!(np.endpoint, web);
+    assert_eq!(u64::from(np.identity), web_identity);
+    assert!(np.addresses.iter().any(|a| a == web_ip), "{np:?}");
+    let ingress = np.ingress.clone().unwrap();
+    assert!(
+        ingress.enforced && !ingress.entries.is_empty(),
+        "{ingress:?}"
+    );
+    assert!(
+        ingress
+            .entries
+            .iter()
+            .any(|e| e.port == 8090 && !e.l7.is_empty()),
+        "the L7 port carries its HTTP rules: {ingress:?}"
+    );
+    rt.block_on(c.ack(&first, &[web])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let x = proxies(env);
+        let acked = x["proxies"]
+            .as_object()
+            .and_then(|p| p.iter().find(|(k, _)| k.starts_with("sidecar-web#")))
+            .map(|(_, v)| v["acked"].clone());
+        if acked == Some(x["revision"].clone()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ACK shows in endpoint get: {x}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    // The hosts map has the endpoint's address under its identity.
+    let mut h = rt
+        .block_on(AdsClient::connect_unix(&env.xds_socket(), "sidecar-web"))
+        .unwrap();
+    rt.block_on(h.send(NETWORK_POLICY_HOSTS_TYPE, &[], "", "", None))
+        .unwrap();
+    let hosts = next(&mut h, &rt);
+    let mine = hosts
+        .resources
+        .iter()
+        .map(|r| v1::NetworkPolicyHosts::decode(r.value.as_slice()).unwrap())
+        .find(|x| u64::from(x.identity) == web_identity)
+        .expect("the endpoint's identity in the hosts map");
+    assert!(
+        mine.host_addresses.contains(&format!("{web_ip}/32")),
+        "{mine:?}"
+    );
+    // A policy change reaches the stream within a second.
+    let t0 = Instant::now();
+    write_policy(
+        &env.dir.join("policy"),
+        "xds.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: xds-extra}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"9999\", protocol: TCP}]}]\n",
+    );
+    let has_9999 = |r: &membrane_xds_server::client::DiscoveryResponse| {
+        v1::NetworkPolicy::decode(r.resources[0].value.as_slice())
+            .unwrap()
+            .ingress
+            .unwrap()
+            .entries
+            .iter()
+            .any(|e| e.port == 9999)
+    };
+    let second = loop {
+        let r = rt
+            .block_on(c.next(Duration::from_secs(3)))
+            .unwrap()
+            .expect("the change is pushed");
+        if has_9999(&r) {
+            break r;
+        }
+    };
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "pushed {:?} after the file changed",
+        t0.elapsed()
+    );
+    // Rejecting it shows as such, with the proxy's error.
+    rt.block_on(c.send(
+        NETWORK_POLICY_TYPE,
+        &[web],
+        &second.nonce,
+        &first.version_info,
+        Some("test rejects it"),
+    ))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let x = proxies(env);
+        let nacked = x["proxies"]
+            .as_object()
+            .and_then(|p| p.iter().find(|(k, _)| k.starts_with("sidecar-web#")))
+            .map(|(_, v)| v["nacked"]["error"].clone());
+        if nacked == Some(serde_json::json!("test rejects it")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the NACK shows in endpoint get: {x}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    fs::remove_file(env.dir.join("policy/xds.yaml")).unwrap();
+}
+
 fn start_load(client: &str, web_ip: &str, secs: u32) -> Child {
     let code = format!(
         "import socket,time,json\nok=fail=passed=0\nend=time.time()+{secs}\n\
@@ -1057,6 +1206,7 @@ fn agent_enforces_policy_between_endpoints() {
 
     l7_checks(&mut env, &web_ip, &web_ip6);
     kafka_checks(&mut env);
+    xds_checks(&env, &web, w["identity"].as_u64().unwrap(), &web_ip);
 
     // A label change gives the client a new identity that the policy does not allow.
     let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);

@@ -6,17 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
-use hyper_util::rt::TokioIo;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use membrane_api::{NETWORK_POLICY_TYPE, v1};
 use membrane_xds_server::ads::{RealizeError, XdsCache, serve_unix};
+use membrane_xds_server::client::AdsClient;
 use prost::Message;
-use tokio::net::UnixStream;
-use tokio::sync::mpsc;
-use tonic::transport::{Endpoint, Uri};
 
 struct Server {
     cache: XdsCache,
@@ -61,69 +55,37 @@ async fn start() -> Server {
 }
 
 struct Client {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-    node: String,
+    inner: AdsClient,
 }
 
 async fn connect(socket: &Path, node: &str) -> Client {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(16);
-    let rx = AggregatedDiscoveryServiceClient::new(channel)
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     Client {
-        tx,
-        rx,
-        node: node.to_string(),
+        inner: AdsClient::connect_unix(socket, node).await.unwrap(),
     }
 }
 
 impl Client {
     async fn send(&self, names: &[&str], nonce: &str, version: &str, error: Option<&str>) {
-        self.tx
-            .send(DiscoveryRequest {
-                node: Some(Node {
-                    id: self.node.clone(),
-                    ..Default::default()
-                }),
-                type_url: NETWORK_POLICY_TYPE.into(),
-                resource_names: names.iter().map(|n| n.to_string()).collect(),
-                response_nonce: nonce.into(),
-                version_info: version.into(),
-                error_detail: error.map(|m| RpcStatus {
-                    code: 3,
-                    message: m.into(),
-                    details: vec![],
-                }),
-                ..Default::default()
-            })
+        self.inner
+            .send(NETWORK_POLICY_TYPE, names, nonce, version, error)
             .await
             .unwrap();
     }
 
     async fn next(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+        self.inner
+            .next(Duration::from_secs(5))
             .await
-            .expect("a response within 5 s")
             .unwrap()
-            .expect("the stream is open")
+            .expect("a response within 5 s")
     }
 
     async fn nothing_for(&mut self, ms: u64) -> bool {
-        tokio::time::timeout(Duration::from_millis(ms), self.rx.message())
+        self.inner
+            .next(Duration::from_millis(ms))
             .await
-            .is_err()
+            .unwrap()
+            .is_none()
     }
 }
 
@@ -277,9 +239,6 @@ async fn a_stream_must_name_its_node() {
     let server = start().await;
     let mut c = connect(&server.socket, "").await;
     c.send(&[], "", "", None).await;
-    let err = tokio::time::timeout(Duration::from_secs(5), c.rx.message())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = c.inner.next(Duration::from_secs(5)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }

@@ -9,6 +9,7 @@ use membrane_l7_proxy::policy::PolicyHandle;
 use membrane_l7_proxy::server::{self, Mode, Proxy};
 use membrane_l7_proxy::service::{ProxyConfig, Shared};
 use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
+use membrane_xds_server::ads;
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -99,7 +100,9 @@ fn run() -> Result<()> {
     let policy_dir = config.policy_dir.clone();
     let (proxy_port, proxy_admin) = (config.proxy_port, config.proxy_admin_addr);
     let deny_body = config.proxy_deny_body.clone();
+    let (xds_socket, xds_addr) = (config.xds_socket.clone(), config.xds_addr);
     let agent = Agent::start(config)?;
+    let xds = agent.xds();
     let flows = FlowSink::new();
     if let Some(policy) = agent.proxy_policy() {
         let config = ProxyConfig {
@@ -133,6 +136,24 @@ fn run() -> Result<()> {
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding {}", socket.display()))?;
+        // xDS for membrane's wasm filters in Envoy sidecars (and a standalone Envoy on TCP).
+        if !xds_socket.as_os_str().is_empty() {
+            let (cache, path) = (xds.clone(), xds_socket.clone());
+            tokio::spawn(async move {
+                if let Err(e) = ads::serve_unix(&path, cache, std::future::pending()).await {
+                    eprintln!("membrane-agent: xDS on {}: {e}", path.display());
+                }
+            });
+            eprintln!("membrane-agent: xDS on {}", xds_socket.display());
+        }
+        if let Some(addr) = xds_addr {
+            let cache = xds.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ads::serve_tcp(addr, cache, std::future::pending()).await {
+                    eprintln!("membrane-agent: xDS on {addr}: {e}");
+                }
+            });
+        }
         if let Some(addr) = prometheus {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await

@@ -169,9 +169,12 @@ async fn get_one(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     with_agent(agent, move |a| {
-        a.endpoint(&name)
-            .map(|e| Json(endpoint_json(e)))
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no endpoint {name:?}")))
+        let mut json = a
+            .endpoint(&name)
+            .map(endpoint_json)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no endpoint {name:?}")))?;
+        json["xds"] = a.xds_status(&name);
+        Ok(Json(json))
     })
     .await
 }

@@ -75,6 +75,24 @@ pub struct Config {
         default_value = "Access denied\r\n"
     )]
     pub proxy_deny_body: String,
+    /// Unix socket of the xDS (ADS) server that feeds membrane's wasm filter in Envoy sidecars;
+    /// an empty path serves none.
+    #[arg(
+        long,
+        env = "MEMBRANE_XDS_SOCKET",
+        default_value = "/var/run/membrane/xds.sock"
+    )]
+    pub xds_socket: PathBuf,
+    /// Also serve xDS on this TCP address (loopback, for a standalone Envoy).
+    #[arg(long, env = "MEMBRANE_XDS_ADDR")]
+    pub xds_addr: Option<SocketAddr>,
+    /// Trust domain of the SPIFFE IDs mapped to identities (`spiffe://DOMAIN/ns/NS/sa/SA`).
+    #[arg(
+        long,
+        env = "MEMBRANE_XDS_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub xds_trust_domain: String,
 }
 
 impl Config {
@@ -158,6 +176,9 @@ impl Config {
             "proxy_port" => self.proxy_port = other.proxy_port,
             "proxy_admin_addr" => self.proxy_admin_addr = other.proxy_admin_addr,
             "proxy_deny_body" => self.proxy_deny_body = other.proxy_deny_body.clone(),
+            "xds_socket" => self.xds_socket = other.xds_socket.clone(),
+            "xds_addr" => self.xds_addr = other.xds_addr,
+            "xds_trust_domain" => self.xds_trust_domain = other.xds_trust_domain.clone(),
             _ => {}
         }
     }

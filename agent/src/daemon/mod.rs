@@ -32,8 +32,12 @@ use membrane_policy::resolve::{ChangeSet, Resolver};
 use membrane_policy::{Diagnostic, PolicySet};
 use serde::{Deserialize, Serialize};
 
+use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE};
 use membrane_l7_proxy::policy::{PolicyHandle, SnapshotBuilder};
 use membrane_policy::endpoints::EndpointSpec;
+use membrane_xds_server::ads::XdsCache;
+use membrane_xds_server::translate;
+use prost::Message;
 
 use crate::datapath::{Datapath, sync};
 use crate::ipam::Ipam;
@@ -115,6 +119,8 @@ pub struct Agent {
     pub controllers: BTreeMap<String, ControllerStatus>,
     /// The embedded L7 proxy's view of policy (when a proxy port is configured).
     proxy_policy: Option<(Arc<PolicyHandle>, SnapshotBuilder)>,
+    /// The resources the xDS server serves to membrane's wasm filters in Envoy sidecars.
+    xds: XdsCache,
 }
 
 fn now() -> u64 {
@@ -184,6 +190,7 @@ impl Agent {
             datapath,
             controllers: BTreeMap::new(),
             proxy_policy: None,
+            xds: XdsCache::new(),
         };
         // Identities keep their numbers across restarts: the pinned maps still hold them, and a
         // renumbering would deny flows until every map caught up.
@@ -227,6 +234,7 @@ impl Agent {
     /// Puts the current policy, endpoints and identities in force for the embedded proxy (a
     /// request is judged by the version in force when its headers arrive).
     fn refresh_proxy(&mut self) -> Result<()> {
+        self.publish_xds();
         if self.config.proxy_port == 0 {
             return Ok(());
         }
@@ -257,6 +265,76 @@ impl Agent {
         let (handle, _) = self.proxy_policy.as_ref().expect("set above");
         handle.store(snapshot);
         Ok(())
+    }
+
+    /// Publishes the xDS resources: each endpoint's NetworkPolicy, the identity -> addresses
+    /// map (endpoints, policy CIDRs, the node's own addresses as host) and the SPIFFE ID table.
+    /// Streams see a new version only when something changed.
+    fn publish_xds(&mut self) {
+        let mut policies = BTreeMap::new();
+        let mut prefixes: Vec<(IpNet, NumericIdentity)> = Vec::new();
+        for e in self.endpoints.values() {
+            prefixes.extend(
+                e.net
+                    .addresses
+                    .iter()
+                    .map(|a| (IpNet::from(*a), e.identity.id)),
+            );
+            let Some(table) = self.resolver.table(e.identity.id) else {
+                continue;
+            };
+            let np = translate::network_policy(&e.name, e.identity.id, &e.net.addresses, table);
+            policies.insert(e.name.clone(), np.encode_to_vec());
+        }
+        prefixes.extend(self.cidr_identities.iter().map(|(n, id)| (*n, *id)));
+        prefixes.extend(
+            host_addresses()
+                .into_iter()
+                .map(|a| (IpNet::from(a), NumericIdentity::HOST)),
+        );
+        let hosts = translate::network_policy_hosts(prefixes)
+            .into_iter()
+            .map(|h| (h.identity.to_string(), h.encode_to_vec()))
+            .collect();
+        let spiffe = translate::spiffe_identities(
+            &self.config.xds_trust_domain,
+            self.resolver.identities().map(|i| &**i),
+        );
+        self.xds.set_resources(NETWORK_POLICY_TYPE, policies);
+        self.xds.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts);
+        self.xds.set_resources(
+            SPIFFE_IDENTITIES_TYPE,
+            BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
+        );
+    }
+
+    /// The xDS resources and their subscribers' acknowledgements.
+    pub fn xds(&self) -> XdsCache {
+        self.xds.clone()
+    }
+
+    /// An endpoint's policy revision served over xDS and what each subscribed proxy (a stream,
+    /// `NODE#STREAM`) last acknowledged or rejected.
+    pub fn xds_status(&self, endpoint: &str) -> serde_json::Value {
+        let proxies: serde_json::Map<String, serde_json::Value> = self
+            .xds
+            .statuses(NETWORK_POLICY_TYPE)
+            .into_iter()
+            .filter(|(_, s)| s.subscribed.is_empty() || s.subscribed.iter().any(|n| n == endpoint))
+            .map(|(k, s)| {
+                (
+                    k,
+                    serde_json::json!({
+                        "acked": s.acked,
+                        "nacked": s.nacked.map(|(v, detail)| serde_json::json!({"revision": v, "error": detail})),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "revision": self.xds.version(NETWORK_POLICY_TYPE),
+            "proxies": proxies,
+        })
     }
 
     /// The configuration.
