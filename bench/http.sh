@@ -30,20 +30,9 @@ ENVOY=$(envoy_bin)
 cargo build --release --quiet -p membrane-l7-proxy --bin membrane-proxy
 PROXY_BIN="$CARGO_TARGET_DIR/release/membrane-proxy"
 
-WORK=$(mktemp -d /tmp/membrane-http-bench.XXXXXX)
-mkdir -p "$WORK"/{log,tmp,res,policy,nproxy/tmp}
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  cp -r "$WORK/res" /tmp/membrane-http-bench-last 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-pin() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
-bg_pin() { if [ "$PIN" = 1 ]; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
+. bench/lib.sh
+bench_setup http
+mkdir -p "$WORK"/{tmp,nproxy/tmp}
 for p in $P_NGINX $P_NGINX_H2 $P_MEMBRANE $P_ENVOY $P_NPROXY $P_NPROXY_H2 $P_ADMIN; do
   if ss -ltnH "( sport = :$p )" | grep -q .; then echo "port $p busy (ss -ltnp)" >&2; exit 1; fi
 done
@@ -174,7 +163,6 @@ EOF
 EOF
 } > "$WORK/envoy.yaml"
 
-cpu_ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 wait_code() { for _ in $(seq 1 200); do [ "$(code "$1")" = "$2" ] && return 0; sleep 0.05; done; echo "no $2 from $1" >&2; exit 1; }

@@ -34,20 +34,8 @@ cargo build --release --quiet -p membrane-l7-proxy --bin membrane-proxy
 PROXY_BIN="$CARGO_TARGET_DIR/release/membrane-proxy"
 export LD_LIBRARY_PATH="$KCAT_LD_LIBRARY_PATH"
 
-WORK=$(mktemp -d /tmp/membrane-kafka-bench.XXXXXX)
-mkdir -p "$WORK"/{log,res,policy}
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  cp -r "$WORK/res" /tmp/membrane-kafka-bench-last 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-pin() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
-bg_pin() { if [ "$PIN" = 1 ]; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
+. bench/lib.sh
+bench_setup kafka
 
 for p in $P_BROKER $P_ENVOY $P_TPROXY $P_MEMBRANE $P_ADMIN; do
   if ss -ltn "( sport = :$p )" | grep -q LISTEN; then echo "port $p busy (ss -ltnp)" >&2; exit 1; fi
@@ -107,7 +95,6 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $BROKER_IP, port_value: $P_BROKER}}}}]}]
 EOF
 
-cpu_ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 wait_port() { for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.025; done; return 1; }
 stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; done; for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done; }
 start_broker() {  # start_broker ADVERTISED_HOST:PORT; sets BPID

@@ -87,6 +87,25 @@ impl Env {
         self.dir.join("state/membrane.sock")
     }
 
+    /// `membrane monitor -o json` for `secs` seconds, its output piped.
+    fn monitor(&self, secs: u32) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_membrane"))
+            .args([
+                "monitor",
+                "-o",
+                "json",
+                "--timeout",
+                &secs.to_string(),
+                "--bpf-root",
+            ])
+            .arg(self.dir.join("bpf"))
+            .arg("--api-socket")
+            .arg(self.socket())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn xds_socket(&self) -> PathBuf {
         self.dir.join("state/xds.sock")
     }
@@ -465,14 +484,7 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
     );
 
     // `membrane monitor` shows the proxy's flow records next to the datapath's events.
-    let monitor = Command::new(env!("CARGO_BIN_EXE_membrane"))
-        .args(["monitor", "-o", "json", "--timeout", "4", "--bpf-root"])
-        .arg(env.dir.join("bpf"))
-        .arg("--api-socket")
-        .arg(env.socket())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let monitor = env.monitor(4);
     sleep(Duration::from_millis(1000));
     env.curl("client", &[&url(web_ip, 8090, "/public/mon")]);
     env.curl("client", &[&url(web_ip, 8090, "/private/mon")]);
@@ -664,14 +676,7 @@ fn kafka_checks(env: &mut Env) {
             )
         })
     };
-    let monitor = Command::new(env!("CARGO_BIN_EXE_membrane"))
-        .args(["monitor", "-o", "json", "--timeout", "120", "--bpf-root"])
-        .arg(env.dir.join("bpf"))
-        .arg("--api-socket")
-        .arg(env.socket())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let monitor = env.monitor(120);
     sleep(Duration::from_millis(1000));
     for lib in ["confluent-kafka", "kafka-python"] {
         let ok = run(&hq, lib, "produce", "empire-announce");

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 
-use crate::policy::{ConnectionProtocol, Decision, Peers, Snapshot};
+use crate::policy::{ConnDecision, ConnPolicy, ConnectionProtocol, Decision, Peers, Snapshot};
 use crate::service::Shared;
 use crate::telemetry::{DirectionLabel, FlowRecord, KafkaFlow, KafkaLabels, rfc3339};
 
@@ -47,21 +47,13 @@ const MAX_REWRITTEN_RESPONSE: usize = 64 << 20;
 /// Bytes of a passed-through answer read before it is streamed on (enough for a Fetch session id).
 const RESPONSE_HEAD: usize = 32;
 
-/// The policy a connection was last judged by.
-#[derive(Debug)]
-struct ConnPolicy {
-    generation: u64,
-    peers: Peers,
-    decision: Decision,
-}
-
 /// One client connection to a broker.
 #[derive(Debug)]
 pub struct KafkaConnection {
     shared: Arc<Shared>,
     src: SocketAddr,
     dst: SocketAddr,
-    cached: Mutex<Arc<ConnPolicy>>,
+    decision: ConnDecision,
     /// Fetch session id -> the topics fetched in it, for judging incremental fetches.
     sessions: Mutex<HashMap<i32, Vec<String>>>,
     pending: AtomicUsize,
@@ -223,28 +215,14 @@ impl KafkaConnection {
             shared,
             src,
             dst,
-            cached: Mutex::new(Arc::new(ConnPolicy {
-                generation: snapshot.generation,
-                peers,
-                decision,
-            })),
+            decision: ConnDecision::new(src, dst, snapshot, peers, decision),
             sessions: Mutex::default(),
             pending: AtomicUsize::new(0),
         }
     }
 
     fn policy(&self) -> Arc<ConnPolicy> {
-        let snap = self.shared.policy.load();
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.generation != snap.generation {
-            let peers = snap.peers(self.src, self.dst);
-            *cached = Arc::new(ConnPolicy {
-                generation: snap.generation,
-                peers,
-                decision: snap.decide(peers, self.dst.port()),
-            });
-        }
-        cached.clone()
+        self.decision.under(&self.shared.policy.load())
     }
 
     /// Serves the connection until either side closes, the client breaks the protocol, or
@@ -256,7 +234,9 @@ impl KafkaConnection {
         drain: Duration,
     ) {
         let cfg = &self.shared.config;
-        let mark = cfg.upstream_mark.map(|m| m(self.cached_peers().src.0));
+        let mark = cfg
+            .upstream_mark
+            .map(|m| m(self.decision.last().peers.src.0));
         let upstream =
             match crate::upstream::connect(self.dst, mark, cfg.connect_timeout, cfg.tcp_keepalive)
                 .await
@@ -286,10 +266,6 @@ impl KafkaConnection {
                 }
             }
         }
-    }
-
-    fn cached_peers(&self) -> Peers {
-        self.cached.lock().unwrap_or_else(|e| e.into_inner()).peers
     }
 
     async fn request_pump(
@@ -478,20 +454,7 @@ impl KafkaConnection {
         if req.api_key == ApiKey::ApiVersions as i16 {
             fixup = Fixup::ApiVersions;
         }
-        if req.expects_response() {
-            self.enqueue(
-                queue,
-                Pending::Broker {
-                    correlation_id: req.correlation_id,
-                    api_version: req.api_version,
-                    fixup,
-                },
-            )
-            .await?;
-        }
-        if broker.write_all(&frame).await.is_err() {
-            return Err(Stop::Now);
-        }
+        self.forward(&req, &frame, fixup, broker, queue).await?;
         self.account_request(
             &cp,
             started,
@@ -615,18 +578,7 @@ impl KafkaConnection {
                 client_id: client_id.map(str::to_string),
             },
         };
-        self.enqueue(
-            queue,
-            Pending::Broker {
-                correlation_id: req.correlation_id,
-                api_version: req.api_version,
-                fixup,
-            },
-        )
-        .await?;
-        if broker.write_all(&forward).await.is_err() {
-            return Err(Stop::Now);
-        }
+        self.forward(req, &forward, fixup, broker, queue).await?;
         let mut settled = Settled::forwarded(direction, policy);
         let nothing_kept = matches!(&req.body, RequestKind::Metadata(m)
             if m.topics.as_ref().is_some_and(|t| t.len() == denied_names.len()));
@@ -690,6 +642,27 @@ impl KafkaConnection {
                 Err(Stop::Now)
             }
         }
+    }
+
+    /// Sends `frame` (the request, possibly rewritten) to the broker, after queueing "the
+    /// broker's next answer" for it when one comes.
+    async fn forward(
+        &self,
+        req: &Request,
+        frame: &[u8],
+        fixup: Fixup,
+        broker: &mut BufWriter<OwnedWriteHalf>,
+        queue: &mpsc::Sender<Pending>,
+    ) -> Result<(), Stop> {
+        if req.expects_response() {
+            let pending = Pending::Broker {
+                correlation_id: req.correlation_id,
+                api_version: req.api_version,
+                fixup,
+            };
+            self.enqueue(queue, pending).await?;
+        }
+        broker.write_all(frame).await.map_err(|_| Stop::Now)
     }
 
     async fn enqueue(&self, queue: &mpsc::Sender<Pending>, p: Pending) -> Result<(), Stop> {

@@ -129,6 +129,68 @@ impl Decision {
     }
 }
 
+/// The policy a connection was last judged by.
+#[derive(Debug)]
+pub struct ConnPolicy {
+    /// The snapshot generation it was computed from.
+    pub generation: u64,
+    /// Identities of the two ends.
+    pub peers: Peers,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// A connection's decision, recomputed only when the policy in force changed.
+#[derive(Debug)]
+pub struct ConnDecision {
+    src: SocketAddr,
+    dst: SocketAddr,
+    cached: std::sync::Mutex<Arc<ConnPolicy>>,
+}
+
+impl ConnDecision {
+    /// The decision for `src` -> `dst`, first made under `snapshot`.
+    pub fn new(
+        src: SocketAddr,
+        dst: SocketAddr,
+        snapshot: &Snapshot,
+        peers: Peers,
+        decision: Decision,
+    ) -> ConnDecision {
+        ConnDecision {
+            src,
+            dst,
+            cached: std::sync::Mutex::new(Arc::new(ConnPolicy {
+                generation: snapshot.generation,
+                peers,
+                decision,
+            })),
+        }
+    }
+
+    /// The decision under `snap`.
+    pub fn under(&self, snap: &Snapshot) -> Arc<ConnPolicy> {
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.generation != snap.generation {
+            let peers = snap.peers(self.src, self.dst);
+            *cached = Arc::new(ConnPolicy {
+                generation: snap.generation,
+                peers,
+                decision: snap.decide(peers, self.dst.port()),
+            });
+        }
+        cached.clone()
+    }
+
+    /// The decision last made, whatever the policy in force.
+    pub fn last(&self) -> Arc<ConnPolicy> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// Identities of the two ends of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peers {

@@ -157,18 +157,10 @@ impl Proxy {
         let snap = shared.policy.load();
         let peers = snap.peers(src, dst);
         let decision = snap.decide(peers, dst.port());
-        if matches!(decision, Decision::Deny { .. }) {
-            shared
-                .metrics
-                .connections
-                .get_or_create(&ConnectionLabels { outcome: "denied" })
-                .inc();
-            reset(stream);
-            return;
-        }
         let protocol = decision.protocol_or(shared.config.unruled_protocol);
-        if protocol == ConnectionProtocol::Conflict {
-            // Ingress wants one protocol and egress another: no request can satisfy both.
+        // Refused at L3/L4, or ingress wants one protocol and egress another (no request can
+        // satisfy both).
+        if matches!(decision, Decision::Deny { .. }) || protocol == ConnectionProtocol::Conflict {
             shared
                 .metrics
                 .connections

@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
 
 use crate::guard::{GuardState, Limits, Refusal};
-use crate::policy::{Decision, Peers, PolicyHandle, Snapshot};
+use crate::policy::{ConnDecision, ConnPolicy, Decision, Peers, PolicyHandle, Snapshot};
 use crate::telemetry::{DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, rfc3339};
 use crate::upstream::Upstreams;
 use membrane_codec::path::normalize_target;
@@ -113,13 +113,6 @@ impl Shared {
     }
 }
 
-#[derive(Debug)]
-struct ConnPolicy {
-    generation: u64,
-    peers: Peers,
-    decision: Decision,
-}
-
 /// One downstream connection's request handler.
 #[derive(Debug)]
 pub struct Connection {
@@ -129,7 +122,7 @@ pub struct Connection {
     guard: Arc<GuardState>,
     next_index: AtomicU64,
     inflight: AtomicU32,
-    cached: Mutex<Arc<ConnPolicy>>,
+    decision: ConnDecision,
 }
 
 struct Headers<'a>(&'a HeaderMap);
@@ -174,11 +167,7 @@ impl Connection {
             guard,
             next_index: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
-            cached: Mutex::new(Arc::new(ConnPolicy {
-                generation: snapshot.generation,
-                peers,
-                decision,
-            })),
+            decision: ConnDecision::new(src, dst, snapshot, peers, decision),
         }
     }
 
@@ -189,16 +178,7 @@ impl Connection {
 
     /// The decision under the snapshot in force, recomputed only when the policy changed.
     fn policy(&self, snap: &Snapshot) -> Arc<ConnPolicy> {
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.generation != snap.generation {
-            let peers = snap.peers(self.src, self.dst);
-            *cached = Arc::new(ConnPolicy {
-                generation: snap.generation,
-                peers,
-                decision: snap.decide(peers, self.dst.port()),
-            });
-        }
-        cached.clone()
+        self.decision.under(snap)
     }
 
     /// Handles one request.

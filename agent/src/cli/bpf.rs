@@ -274,6 +274,56 @@ fn drop_reason(reason: u8) -> &'static str {
     }
 }
 
+/// One L7 flow record as a line: who, what (HTTP request or Kafka API and topics), verdict.
+fn l7_line(r: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let what = match r.get("kafka").filter(|k| k.is_object()) {
+        Some(k) => {
+            let topics: Vec<String> = k["topics"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            format!(
+                "kafka {} v{} client={} topics=[{}]{}",
+                s(&k["api"]),
+                k["api_version"],
+                k["client_id"].as_str().unwrap_or("-"),
+                topics.join(","),
+                k["error_code"]
+                    .as_i64()
+                    .map(|c| format!(" error={c}"))
+                    .unwrap_or_default()
+            )
+        }
+        None => format!(
+            "{} {}{} {}",
+            s(&r["method"]),
+            s(&r["host"]),
+            s(&r["path"]),
+            r["status"]
+        ),
+    };
+    format!(
+        "l7 {:<9} {} {} (id {}) -> {} (id {}) {what}{} {}us{}",
+        r["verdict"].as_str().unwrap_or("?"),
+        r["direction"].as_str().unwrap_or("?"),
+        r["src"].as_str().unwrap_or("?"),
+        r["src_identity"],
+        r["dst"].as_str().unwrap_or("?"),
+        r["dst_identity"],
+        r["reason"]
+            .as_str()
+            .map(|x| format!(" ({x})"))
+            .unwrap_or_default(),
+        r["latency_us"],
+        r["policy"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(|p| format!(" [{p}]"))
+            .unwrap_or_default()
+    )
+}
+
 pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
     let map = pinned(&args.root.bpf_root, maps::EVENTS)?;
     let mut rb: RingBuf<MapData> = map.try_into()?;
@@ -297,65 +347,7 @@ pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
             };
             match args.root.output {
                 Output::Json => println!("{}", json!({"type": "l7", "flow": r})),
-                Output::Text if r["kafka"].is_object() => {
-                    let k = &r["kafka"];
-                    let names = |v: &serde_json::Value| {
-                        v.as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|t| t.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default()
-                    };
-                    println!(
-                        "l7 {:<9} {} {} (id {}) -> {} (id {}) kafka {} v{} client={} topics=[{}]{}{} {}us{}",
-                        r["verdict"].as_str().unwrap_or("?"),
-                        r["direction"].as_str().unwrap_or("?"),
-                        r["src"].as_str().unwrap_or("?"),
-                        r["src_identity"],
-                        r["dst"].as_str().unwrap_or("?"),
-                        r["dst_identity"],
-                        k["api"].as_str().unwrap_or("?"),
-                        k["api_version"],
-                        k["client_id"].as_str().unwrap_or("-"),
-                        names(&k["topics"]),
-                        k["error_code"]
-                            .as_i64()
-                            .map(|c| format!(" error={c}"))
-                            .unwrap_or_default(),
-                        r["reason"]
-                            .as_str()
-                            .map(|x| format!(" ({x})"))
-                            .unwrap_or_default(),
-                        r["latency_us"],
-                        r["policy"]
-                            .as_str()
-                            .filter(|p| !p.is_empty())
-                            .map(|p| format!(" [{p}]"))
-                            .unwrap_or_default()
-                    )
-                }
-                Output::Text => println!(
-                    "l7 {:<9} {} {} (id {}) -> {} (id {}) {} {}{} {} {}us{}",
-                    r["verdict"].as_str().unwrap_or("?"),
-                    r["direction"].as_str().unwrap_or("?"),
-                    r["src"].as_str().unwrap_or("?"),
-                    r["src_identity"],
-                    r["dst"].as_str().unwrap_or("?"),
-                    r["dst_identity"],
-                    r["method"].as_str().unwrap_or(""),
-                    r["host"].as_str().unwrap_or(""),
-                    r["path"].as_str().unwrap_or(""),
-                    r["status"],
-                    r["latency_us"],
-                    r["policy"]
-                        .as_str()
-                        .filter(|p| !p.is_empty())
-                        .map(|p| format!(" [{p}]"))
-                        .unwrap_or_default()
-                ),
+                Output::Text => println!("{}", l7_line(&r)),
             }
             seen += 1;
             if args.max_events.is_some_and(|m| seen >= m) {
@@ -414,5 +406,29 @@ pub(super) fn monitor(args: &MonitorArgs) -> Result<()> {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod l7_line_tests {
+    use serde_json::json;
+
+    #[test]
+    fn http_and_kafka_records_read_as_lines() {
+        let http = json!({"verdict": "denied", "direction": "ingress", "src": "10.0.0.2:4000",
+            "src_identity": 257, "dst": "10.0.0.1:80", "dst_identity": 256, "method": "GET",
+            "host": "web", "path": "/private", "status": 403, "latency_us": 12, "policy": ""});
+        assert_eq!(
+            super::l7_line(&http),
+            "l7 denied    ingress 10.0.0.2:4000 (id 257) -> 10.0.0.1:80 (id 256) GET web/private 403 12us"
+        );
+        let kafka = json!({"verdict": "denied", "direction": "ingress", "src": "10.0.0.5:5000",
+            "src_identity": 260, "dst": "10.0.0.3:9092", "dst_identity": 258, "latency_us": 40,
+            "policy": "", "kafka": {"api": "Produce", "api_version": 9, "client_id": "c1",
+            "topics": ["empire-announce"], "error_code": 29}});
+        assert_eq!(
+            super::l7_line(&kafka),
+            "l7 denied    ingress 10.0.0.5:5000 (id 260) -> 10.0.0.3:9092 (id 258) kafka Produce v9 client=c1 topics=[empire-announce] error=29 40us"
+        );
     }
 }
