@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use membrane_codec::kafka::deny::{api_versions_unsupported, deny_response};
+use membrane_codec::kafka::deny::{api_versions_unsupported, denial_error_code, deny_response};
 use membrane_codec::kafka::kafka_protocol::messages::{ApiKey, RequestKind};
 use membrane_codec::kafka::rewrite::{
     DeniedTopic, amend_metadata_response, clamp_api_versions, fetch_session_id,
@@ -157,47 +157,6 @@ fn direction_name(d: Direction) -> &'static str {
     match d {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
-    }
-}
-
-/// The error code a synthetic answer carries (see `membrane_codec::kafka::deny`), for the flow
-/// record.
-fn answer_error_code(req: &Request) -> i16 {
-    use membrane_codec::kafka::{
-        CLUSTER_AUTHORIZATION_FAILED, GROUP_AUTHORIZATION_FAILED, TOPIC_AUTHORIZATION_FAILED,
-        TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-    };
-    match &req.body {
-        RequestKind::FindCoordinator(r) if r.key_type == 1 => TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-        RequestKind::InitProducerId(r) if r.transactional_id.is_some() => {
-            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-        }
-        RequestKind::AddOffsetsToTxn(_) | RequestKind::EndTxn(_) => {
-            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-        }
-        RequestKind::AddPartitionsToTxn(_) if req.api_version > 3 => {
-            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-        }
-        RequestKind::FindCoordinator(_)
-        | RequestKind::JoinGroup(_)
-        | RequestKind::Heartbeat(_)
-        | RequestKind::LeaveGroup(_)
-        | RequestKind::SyncGroup(_)
-        | RequestKind::DescribeGroups(_)
-        | RequestKind::DeleteGroups(_)
-        | RequestKind::ConsumerGroupHeartbeat(_)
-        | RequestKind::ConsumerGroupDescribe(_) => GROUP_AUTHORIZATION_FAILED,
-        RequestKind::ListGroups(_)
-        | RequestKind::ApiVersions(_)
-        | RequestKind::SaslHandshake(_)
-        | RequestKind::DescribeCluster(_)
-        | RequestKind::ListTransactions(_)
-        | RequestKind::DescribeAcls(_)
-        | RequestKind::PushTelemetry(_)
-        | RequestKind::InitProducerId(_) => CLUSTER_AUTHORIZATION_FAILED,
-        RequestKind::GetTelemetrySubscriptions(_) => 0,
-        RequestKind::SaslAuthenticate(_) => 58,
-        _ => TOPIC_AUTHORIZATION_FAILED,
     }
 }
 
@@ -619,7 +578,7 @@ impl KafkaConnection {
         };
         match answer {
             Some(answer) => {
-                settled.error_code = Some(answer_error_code(req));
+                settled.error_code = Some(denial_error_code(req));
                 self.account_request(cp, started, req, topics, settled);
                 self.enqueue(queue, Pending::Local(answer)).await
             }

@@ -76,6 +76,43 @@ pub fn deny_response(req: &Request) -> Option<BytesMut> {
     encode_response(req.correlation_id, req.api_key, req.api_version, &body)
 }
 
+/// The error code the denial of `req` carries (the first one, where it carries several), for
+/// flow records and logs.
+pub fn denial_error_code(req: &Request) -> i16 {
+    match &req.body {
+        RequestKind::FindCoordinator(r) if r.key_type == 1 => TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        RequestKind::InitProducerId(r) if r.transactional_id.is_some() => {
+            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+        }
+        RequestKind::AddOffsetsToTxn(_) | RequestKind::EndTxn(_) => {
+            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+        }
+        RequestKind::AddPartitionsToTxn(_) if req.api_version > 3 => {
+            TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+        }
+        RequestKind::FindCoordinator(_)
+        | RequestKind::JoinGroup(_)
+        | RequestKind::Heartbeat(_)
+        | RequestKind::LeaveGroup(_)
+        | RequestKind::SyncGroup(_)
+        | RequestKind::DescribeGroups(_)
+        | RequestKind::DeleteGroups(_)
+        | RequestKind::ConsumerGroupHeartbeat(_)
+        | RequestKind::ConsumerGroupDescribe(_) => GROUP_AUTHORIZATION_FAILED,
+        RequestKind::ListGroups(_)
+        | RequestKind::ApiVersions(_)
+        | RequestKind::SaslHandshake(_)
+        | RequestKind::DescribeCluster(_)
+        | RequestKind::ListTransactions(_)
+        | RequestKind::DescribeAcls(_)
+        | RequestKind::PushTelemetry(_)
+        | RequestKind::InitProducerId(_) => CLUSTER_AUTHORIZATION_FAILED,
+        RequestKind::GetTelemetrySubscriptions(_) => 0,
+        RequestKind::SaslAuthenticate(_) => SASL_AUTHENTICATION_FAILED,
+        _ => TOPIC_AUTHORIZATION_FAILED,
+    }
+}
+
 fn group_error_for_coordinator(key_type: i8) -> i16 {
     if key_type == 1 {
         TRANSACTIONAL_ID_AUTHORIZATION_FAILED

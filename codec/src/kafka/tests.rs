@@ -299,6 +299,11 @@ fn group_and_cluster_apis_get_their_own_errors() {
             let frame = deny_response(&req).unwrap_or_else(|| panic!("{key:?} v{v}"));
             let (corr, resp) = decode_response(&frame, key, v);
             assert_eq!(corr, 9);
+            assert_eq!(
+                super::deny::denial_error_code(&req),
+                want,
+                "the recorded code is the answer's"
+            );
             let code = match resp {
                 ResponseKind::JoinGroup(r) => r.error_code,
                 ResponseKind::Heartbeat(r) => r.error_code,

@@ -435,7 +435,7 @@ fn every_problem_of_every_file_is_reported_and_nothing_is_half_applied() {
 }
 
 #[test]
-fn hostile_yaml_is_refused_quickly() {
+fn hostile_yaml_is_refused_within_a_budget() {
     // Billion laughs: aliases that expand exponentially.
     let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 1..12 {
@@ -448,12 +448,12 @@ fn hostile_yaml_is_refused_quickly() {
             }
         ));
     }
-    let start = std::time::Instant::now();
-    let e = PolicySet::from_sources([("bomb.yaml", bomb.as_str())]);
-    assert!(e.is_err());
+    // Bounded by the parser's node budget, not by luck with the clock: the refusal says so.
+    let e = PolicySet::from_sources([("bomb.yaml", bomb.as_str())]).unwrap_err();
+    let text = e[0].to_string();
     assert!(
-        start.elapsed() < std::time::Duration::from_secs(5),
-        "alias expansion is bounded"
+        text.starts_with("bomb.yaml:") && text.contains("budget breached"),
+        "alias expansion is bounded: {text}"
     );
 
     let deep = format!("{}1{}", "[".repeat(500), "]".repeat(500));
