@@ -234,7 +234,8 @@ impl Agent {
     /// Puts the current policy, endpoints and identities in force for the embedded proxy (a
     /// request is judged by the version in force when its headers arrive).
     fn refresh_proxy(&mut self) -> Result<()> {
-        self.publish_xds();
+        let node_addresses = host_addresses();
+        self.publish_xds(&node_addresses);
         if self.config.proxy_port == 0 {
             return Ok(());
         }
@@ -250,9 +251,9 @@ impl Agent {
                 cidrs: Vec::new(),
             })
             .collect();
-        let hosts: Vec<(IpNet, NumericIdentity)> = host_addresses()
-            .into_iter()
-            .map(|a| (IpNet::from(a), NumericIdentity::HOST))
+        let hosts: Vec<(IpNet, NumericIdentity)> = node_addresses
+            .iter()
+            .map(|a| (IpNet::from(*a), NumericIdentity::HOST))
             .collect();
         let (_, builder) = self.proxy_policy.get_or_insert_with(|| {
             let builder = SnapshotBuilder::new(self.config.enable_policy);
@@ -270,7 +271,7 @@ impl Agent {
     /// Publishes the xDS resources: each endpoint's NetworkPolicy, the identity -> addresses
     /// map (endpoints, policy CIDRs, the node's own addresses as host) and the SPIFFE ID table.
     /// Streams see a new version only when something changed.
-    fn publish_xds(&mut self) {
+    fn publish_xds(&mut self, node_addresses: &[IpAddr]) {
         let mut policies = BTreeMap::new();
         let mut prefixes: Vec<(IpNet, NumericIdentity)> = Vec::new();
         for e in self.endpoints.values() {
@@ -288,9 +289,9 @@ impl Agent {
         }
         prefixes.extend(self.cidr_identities.iter().map(|(n, id)| (*n, *id)));
         prefixes.extend(
-            host_addresses()
-                .into_iter()
-                .map(|a| (IpNet::from(a), NumericIdentity::HOST)),
+            node_addresses
+                .iter()
+                .map(|a| (IpNet::from(*a), NumericIdentity::HOST)),
         );
         let hosts = translate::network_policy_hosts(prefixes)
             .into_iter()
