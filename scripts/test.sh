@@ -57,6 +57,7 @@ cargo test --workspace 2>&1 | tee "$log"
 
 step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
+MEMBRANE_BENCH_SMOKE=1 cargo bench --quiet -p membrane-xds-server --bench scale
 
 step "fuzz: policy parser, HTTP/1 framer, path normalization, Kafka request decoding"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
