@@ -1,18 +1,10 @@
-use membrane_policy::l7::http::HttpRequest;
+use membrane_policy::l7::http::{HttpRequest, NoHeaders};
 use membrane_policy::l7::kafka::KafkaRequest;
 use membrane_policy::resolve::{first_allowing_http, judge_kafka_sets};
 use membrane_policy::rule::Direction;
 use prost::Message;
 
 use super::*;
-
-struct NoHeaders;
-
-impl membrane_policy::l7::http::HeaderLookup for NoHeaders {
-    fn any_value(&self, _: &str, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-        false
-    }
-}
 
 #[test]
 fn a_table_read_back_from_its_resource_decides_every_flow_as_the_engine_does() {

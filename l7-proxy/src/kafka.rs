@@ -488,12 +488,8 @@ impl KafkaConnection {
         let (direction, policy) = match judge(Some(&[])) {
             Ok(c) => c,
             Err(direction) => {
-                let denied = match topics {
-                    Topics::Named(t) => t.clone(),
-                    _ => Vec::new(),
-                };
                 return self
-                    .deny(req, cp, started, topics, direction, denied, queue)
+                    .deny(req, cp, started, topics, direction, topics.names(), queue)
                     .await;
             }
         };
@@ -508,12 +504,8 @@ impl KafkaConnection {
         let all_topics = matches!(&req.body, RequestKind::Metadata(m) if m.topics.is_none());
         if !all_topics && !every_name_kept {
             let Some((rewritten, dropped)) = metadata_request_keeping(req, &keep) else {
-                let denied = match topics {
-                    Topics::Named(t) => t.clone(),
-                    _ => Vec::new(),
-                };
                 return self
-                    .deny(req, cp, started, topics, direction, denied, queue)
+                    .deny(req, cp, started, topics, direction, topics.names(), queue)
                     .await;
             };
             denied_names = dropped
@@ -700,10 +692,7 @@ impl KafkaConnection {
                 api_version,
                 correlation_id,
                 client_id: client_id.map(str::to_string),
-                topics: match topics {
-                    Topics::Named(t) => t.clone(),
-                    _ => Vec::new(),
-                },
+                topics: topics.names(),
                 denied_topics: settled.denied_topics,
                 error_code: settled.error_code,
             }),

@@ -432,14 +432,7 @@ impl PolicyHandle {
 mod tests {
     use super::*;
     use membrane_policy::endpoints::parse_endpoints;
-    use membrane_policy::l7::http::HeaderLookup;
-
-    struct NoHeaders;
-    impl HeaderLookup for NoHeaders {
-        fn any_value(&self, _: &str, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-            false
-        }
-    }
+    use membrane_policy::l7::http::NoHeaders;
 
     fn req<'a>(method: &'a str, path: &'a str) -> HttpRequest<'a> {
         HttpRequest {

@@ -184,15 +184,7 @@ impl PolicyState {
 mod tests {
     use super::*;
     use membrane_api::discovery::Any;
-    use membrane_policy::l7::http::HeaderLookup;
-
-    struct NoHeaders;
-
-    impl HeaderLookup for NoHeaders {
-        fn any_value(&self, _: &str, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-            false
-        }
-    }
+    use membrane_policy::l7::http::NoHeaders;
 
     fn any(msg: &impl Message) -> Any {
         Any {

@@ -205,6 +205,16 @@ pub enum Topics {
     Unknown,
 }
 
+impl Topics {
+    /// The named topics (none when the type carries none or they are unknown).
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Topics::Named(t) => t.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// One decoded request.
 #[derive(Clone, Debug)]
 pub struct Request {

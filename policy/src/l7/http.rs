@@ -115,6 +115,16 @@ pub trait HeaderLookup {
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool;
 }
 
+/// A request without headers (what a header-less probe or a test judges).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHeaders;
+
+impl HeaderLookup for NoHeaders {
+    fn any_value(&self, _name: &str, _f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        false
+    }
+}
+
 fn any_value_of<K: AsRef<str>, V: AsRef<[u8]>>(
     headers: &[(K, V)],
     name: &str,
