@@ -265,12 +265,14 @@ impl Drop for Env {
             let _ = s.wait();
         }
         if self.agent.is_some() {
-            for ep in ["web", "client", "init", "l7c"] {
+            for ep in ["web", "client", "init", "l7c", "kafka", "hq", "outpost"] {
                 let _ = self.membrane(&["endpoint", "delete", &self.ns(ep)]);
             }
         }
         self.kill_agent();
-        for ep in ["web", "client", "world", "init", "l7c"] {
+        for ep in [
+            "web", "client", "world", "init", "l7c", "kafka", "hq", "outpost",
+        ] {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
         common::sh(&["ip", "link", "del", &format!("mbw{}", self.tag)]);
