@@ -309,6 +309,17 @@ pub mod discovery {
         /// To be echoed by the ACK or NACK.
         #[prost(string, tag = "5")]
         pub nonce: String,
+        /// Which control plane instance answered (versions compare only within one).
+        #[prost(message, optional, tag = "6")]
+        pub control_plane: Option<ControlPlane>,
+    }
+
+    /// `envoy.config.core.v3.ControlPlane`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ControlPlane {
+        /// The instance's identifier.
+        #[prost(string, tag = "1")]
+        pub identifier: String,
     }
 
     /// `google.protobuf.Any`.

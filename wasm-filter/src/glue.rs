@@ -1,9 +1,14 @@
 //! The proxy-wasm side: each VM's root context keeps its own ADS stream to the agent (an Envoy
 //! cluster named in the configuration), reconnects from `on_tick`, ACKs what compiles and NACKs
 //! what does not (keeping the last good state); HTTP contexts judge each request with
-//! [`PolicyState::judge`] and answer a deny with `403 Access denied`.
+//! [`PolicyState`] and answer a deny with `403 Access denied`.
+//!
+//! Every policy a VM accepts is also written to Envoy's shared data, and a new VM (a worker
+//! starting, or one rebuilt by `failure_policy: FAIL_RELOAD` after a panic) seeds itself from
+//! there before its own stream answers, so a reload never opens a default-deny gap.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
@@ -14,11 +19,12 @@ use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 use serde::Deserialize;
 
 use crate::state::{
-    Direction, PolicyState, RequestFacts, Verdict, compile_hosts, compile_policies, compile_spiffe,
+    ConnFacts, Direction, L4Verdict, Parties, PolicyState, Verdict, compile_hosts,
+    compile_policies, compile_spiffe, judge_http, rules_use_host,
 };
 
 proxy_wasm::main! {{
@@ -30,11 +36,28 @@ proxy_wasm::main! {{
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
+    /// `enforce` (the default) or `noop`: a filter that lets every request through at once, the
+    /// floor of the proxy-wasm ABI's cost that `bench/wasm.sh` measures against.
+    #[serde(default)]
+    mode: Mode,
     /// The Envoy cluster (HTTP/2) that reaches the agent's xDS socket.
+    #[serde(default)]
     xds_cluster: String,
     /// The node id this filter subscribes as.
     #[serde(default)]
     node: String,
+    /// Testing only: a request carrying this header panics the VM, so that tests can show
+    /// FAIL_RELOAD recovering it without a policy gap. Never set it in production.
+    #[serde(default)]
+    crash_on_header: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    #[default]
+    Enforce,
+    Noop,
 }
 
 const TYPES: [&str; 3] = [
@@ -43,13 +66,65 @@ const TYPES: [&str; 3] = [
     SPIFFE_IDENTITIES_TYPE,
 ];
 
+/// Shared-data keys are prefixed: Istio leaves `vm_id` empty, so the namespace is shared with
+/// every other vm_id-less plugin.
+fn shared_key(type_url: &str) -> String {
+    format!("membrane/{type_url}")
+}
+
+/// Connections whose facts are cached; past this many the cache starts over (HTTP contexts do not
+/// learn when a connection closes, so this bounds memory instead).
+const CONN_CACHE_MAX: usize = 4096;
+
+/// Counters (proxy-wasm metrics; Envoy shows them as `wasmcustom.membrane.*`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Metrics {
+    allowed: [u32; 2],
+    denied: [u32; 2],
+    applied: u32,
+    rejected: u32,
+    seeded: u32,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| {
+            hostcalls::define_metric(MetricType::Counter, &format!("membrane.{name}")).unwrap_or(0)
+        };
+        Metrics {
+            allowed: [
+                counter("http.inbound.allowed"),
+                counter("http.outbound.allowed"),
+            ],
+            denied: [
+                counter("http.inbound.denied"),
+                counter("http.outbound.denied"),
+            ],
+            applied: counter("xds.applied"),
+            rejected: counter("xds.rejected"),
+            seeded: counter("xds.seeded"),
+        }
+    }
+
+    fn bump(id: u32) {
+        hostcalls::increment_metric(id, 1).ok();
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    hostcalls::log(level, message).ok();
+}
+
 #[derive(Default)]
 struct Root {
     config: Config,
     state: Rc<RefCell<PolicyState>>,
+    conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
+    metrics: Metrics,
     stream: Option<u32>,
     ticks: u64,
     reconnect_at: u64,
+    backoff: u64,
 }
 
 impl Root {
@@ -62,19 +137,27 @@ impl Root {
         ) {
             Ok(token) => {
                 self.stream = Some(token);
+                // Resubscribe with what is in force, so the server only sends what changed.
+                let versions = self.state.borrow().versions.clone();
                 for t in TYPES {
-                    self.send(t, "", "", None);
+                    let v = versions.get(t).map_or("", String::as_str);
+                    self.send(t, v, "", None);
                 }
             }
             Err(e) => {
-                proxy_wasm::hostcalls::log(
+                log(
                     LogLevel::Warn,
                     &format!("membrane: cannot open the xDS stream: {e:?}"),
-                )
-                .ok();
-                self.reconnect_at = self.ticks + 2;
+                );
+                self.retry_later();
             }
         }
+    }
+
+    /// Reconnects after 1, 2, 4 ... up to 16 ticks (0.5 s each).
+    fn retry_later(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(1, 16);
+        self.reconnect_at = self.ticks + self.backoff;
     }
 
     fn send(&self, type_url: &str, version: &str, nonce: &str, error: Option<String>) {
@@ -92,6 +175,7 @@ impl Root {
         self.send_grpc_stream_message(token, Some(&req.encode_to_vec()), false);
     }
 
+    /// Compiles a response's resources and swaps them in; on error nothing changes.
     fn apply(&self, resp: &DiscoveryResponse) -> Result<(), String> {
         let mut st = self.state.borrow_mut();
         match resp.type_url.as_str() {
@@ -104,6 +188,53 @@ impl Root {
             .insert(resp.type_url.clone(), resp.version_info.clone());
         Ok(())
     }
+
+    /// Publishes an accepted response for VMs that start later, unless another VM already
+    /// published a newer version from the same control plane (a restarted agent starts its
+    /// versions again, so across control planes the latest write wins).
+    fn publish(&self, resp: &DiscoveryResponse, body: &[u8]) {
+        let key = shared_key(&resp.type_url);
+        let (current, cas) = hostcalls::get_shared_data(&key).unwrap_or((None, None));
+        let plane = |r: &DiscoveryResponse| r.control_plane.as_ref().map(|c| c.identifier.clone());
+        let newer_there = current
+            .and_then(|b| DiscoveryResponse::decode(b.as_slice()).ok())
+            .filter(|there| plane(there) == plane(resp))
+            .and_then(|there| there.version_info.parse::<u64>().ok())
+            .zip(resp.version_info.parse::<u64>().ok())
+            .is_some_and(|(there, ours)| there > ours);
+        if !newer_there {
+            // A CAS mismatch means another VM wrote meanwhile; its copy is as good as ours.
+            hostcalls::set_shared_data(&key, Some(body), cas).ok();
+        }
+    }
+
+    /// Seeds a new VM with what other VMs accepted, before its own stream answers.
+    fn seed_from_shared_data(&self) {
+        for t in TYPES {
+            let Ok((Some(body), _)) = hostcalls::get_shared_data(&shared_key(t)) else {
+                continue;
+            };
+            match DiscoveryResponse::decode(body.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|resp| self.apply(&resp).map(|()| resp))
+            {
+                Ok(resp) => {
+                    Metrics::bump(self.metrics.seeded);
+                    log(
+                        LogLevel::Info,
+                        &format!(
+                            "membrane: seeded {t} version {} from shared data",
+                            resp.version_info
+                        ),
+                    );
+                }
+                Err(e) => log(
+                    LogLevel::Warn,
+                    &format!("membrane: ignoring shared {t}: {e}"),
+                ),
+            }
+        }
+    }
 }
 
 impl Context for Root {
@@ -112,10 +243,11 @@ impl Context for Root {
         let resp = match DiscoveryResponse::decode(body.as_slice()) {
             Ok(r) => r,
             Err(e) => {
-                hostcalls::log(LogLevel::Error, &format!("membrane: bad xDS message: {e}")).ok();
+                log(LogLevel::Error, &format!("membrane: bad xDS message: {e}"));
                 return;
             }
         };
+        self.backoff = 0;
         let last_good = self
             .state
             .borrow()
@@ -125,52 +257,61 @@ impl Context for Root {
             .unwrap_or_default();
         match self.apply(&resp) {
             Ok(()) => {
-                hostcalls::log(
+                Metrics::bump(self.metrics.applied);
+                log(
                     LogLevel::Info,
                     &format!(
                         "membrane: {} version {} in force",
                         resp.type_url, resp.version_info
                     ),
-                )
-                .ok();
+                );
+                self.publish(&resp, &body);
                 self.send(&resp.type_url, &resp.version_info, &resp.nonce, None);
             }
             Err(e) => {
-                hostcalls::log(
+                Metrics::bump(self.metrics.rejected);
+                log(
                     LogLevel::Error,
                     &format!(
                         "membrane: rejected {} version {}: {e}",
                         resp.type_url, resp.version_info
                     ),
-                )
-                .ok();
+                );
                 self.send(&resp.type_url, &last_good, &resp.nonce, Some(e));
             }
         }
     }
 
-    fn on_grpc_stream_close(&mut self, _token: u32, _status: u32) {
-        // Keep enforcing the last good policy; try again shortly.
+    fn on_grpc_stream_close(&mut self, _token: u32, status: u32) {
+        // Keep enforcing the last good policy; try again with backoff.
+        log(
+            LogLevel::Warn,
+            &format!("membrane: xDS stream closed (grpc status {status}); keeping the last policy"),
+        );
         self.stream = None;
-        self.reconnect_at = self.ticks + 2;
+        self.retry_later();
     }
 }
 
 impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
+    fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let _ = size;
         match serde_json::from_slice::<Config>(&bytes) {
-            Ok(c) if !c.xds_cluster.is_empty() => self.config = c,
-            Ok(_) => {
-                hostcalls::log(LogLevel::Error, "membrane: xds_cluster is required").ok();
+            Ok(c) if c.mode == Mode::Enforce && c.xds_cluster.is_empty() => {
+                log(LogLevel::Error, "membrane: xds_cluster is required");
                 return false;
             }
+            Ok(c) => self.config = c,
             Err(e) => {
-                hostcalls::log(LogLevel::Error, &format!("membrane: configuration: {e}")).ok();
+                log(LogLevel::Error, &format!("membrane: configuration: {e}"));
                 return false;
             }
         }
+        if self.config.mode == Mode::Noop {
+            return true;
+        }
+        self.metrics = Metrics::define();
+        self.seed_from_shared_data();
         self.open_stream();
         self.set_tick_period(Duration::from_millis(500));
         true
@@ -188,14 +329,29 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.config.mode == Mode::Noop {
+            return Some(Box::new(Noop));
+        }
         Some(Box::new(Http {
             state: self.state.clone(),
+            conns: self.conns.clone(),
+            metrics: self.metrics,
+            crash_on_header: self.config.crash_on_header.clone(),
         }))
     }
 }
 
+struct Noop;
+
+impl Context for Noop {}
+
+impl HttpContext for Noop {}
+
 struct Http {
     state: Rc<RefCell<PolicyState>>,
+    conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
+    metrics: Metrics,
+    crash_on_header: Option<String>,
 }
 
 impl Context for Http {}
@@ -210,67 +366,146 @@ fn address(path: &[&str]) -> Option<(IpAddr, u16)> {
     text.parse::<SocketAddr>().ok().map(|a| (a.ip(), a.port()))
 }
 
+/// Reads what the filter needs to know about the request's connection.
+fn read_conn_facts() -> Option<ConnFacts> {
+    let direction = match property(&["xds", "listener_direction"]).as_deref() {
+        Some([2, ..]) => Direction::Outbound,
+        _ => Direction::Inbound,
+    };
+    let (source, _) = address(&["source", "address"])?;
+    let (destination, port) = address(&["destination", "address"])?;
+    let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
+    let peer_spiffe = if mtls {
+        property(&["connection", "uri_san_peer_certificate"])
+            .and_then(|v| String::from_utf8(v).ok())
+    } else {
+        None
+    };
+    Some(ConnFacts {
+        direction,
+        source,
+        destination,
+        port,
+        peer_spiffe,
+    })
+}
+
 struct Headers;
 
 impl HeaderLookup for Headers {
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-        hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, name)
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
             .is_some_and(|v| f(&v))
     }
 }
 
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _headers: usize, _eos: bool) -> Action {
-        let direction = match property(&["xds", "listener_direction"]).as_deref() {
-            Some([2, ..]) => Direction::Outbound,
-            _ => Direction::Inbound,
-        };
-        let (Some((source, _)), Some((destination, port))) = (
-            address(&["source", "address"]),
-            address(&["destination", "address"]),
-        ) else {
-            return self.deny("no source or destination address");
-        };
-        let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
-        let peer = if mtls {
-            property(&["connection", "uri_san_peer_certificate"])
-                .and_then(|v| String::from_utf8(v).ok())
-        } else {
-            None
-        };
-        let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
-        let (method, path, host) = (header(":method"), header(":path"), header(":authority"));
-        let facts = RequestFacts {
-            direction,
-            source,
-            destination,
-            port,
-            peer_spiffe: peer.as_deref(),
-            http: HttpRequest {
-                method: &method,
-                path: &path,
-                host: &host,
-                headers: &Headers,
-            },
-        };
-        let verdict = self.state.borrow().judge(&facts);
-        match verdict {
-            Verdict::Allow(_) => Action::Continue,
-            Verdict::Deny(why) => self.deny(&why),
-        }
-    }
-}
-
 impl Http {
-    fn deny(&self, why: &str) -> Action {
-        hostcalls::log(LogLevel::Info, &format!("membrane: denied: {why}")).ok();
+    /// The connection's facts, read once per connection (one property read per request after
+    /// the first).
+    fn conn_facts(&self) -> Option<Rc<ConnFacts>> {
+        let id = property(&["connection", "id"])
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        if let Some(facts) = id.and_then(|id| self.conns.borrow().get(&id).cloned()) {
+            return Some(facts);
+        }
+        let facts = Rc::new(read_conn_facts()?);
+        if let Some(id) = id {
+            let mut conns = self.conns.borrow_mut();
+            if conns.len() >= CONN_CACHE_MAX {
+                conns.clear();
+            }
+            conns.insert(id, facts.clone());
+        }
+        Some(facts)
+    }
+
+    fn header(&self, name: &str) -> String {
+        self.get_http_request_header(name).unwrap_or_default()
+    }
+
+    fn deny(&self, facts: Option<(&ConnFacts, &Parties<'_>)>, why: &str) -> Action {
+        let (method, path) = (self.header(":method"), self.header(":path"));
+        let line = match facts {
+            Some((c, p)) => {
+                Metrics::bump(self.metrics.denied[c.direction as usize]);
+                let local = p.local.map_or_else(
+                    || "no endpoint".to_string(),
+                    |e| format!("{} identity {}", e.name, e.identity),
+                );
+                let peer = c
+                    .peer_spiffe
+                    .as_deref()
+                    .map_or_else(String::new, |s| format!(" ({s})"));
+                let (from, to) = match c.direction {
+                    Direction::Inbound => (
+                        format!("{} identity {}{peer}", p.remote_addr, p.remote),
+                        local,
+                    ),
+                    Direction::Outbound => {
+                        (local, format!("{} identity {}", p.remote_addr, p.remote))
+                    }
+                };
+                format!(
+                    "membrane: denied {} {method} {path} from {from} to {to} port {}: {why}",
+                    c.direction.name(),
+                    c.port
+                )
+            }
+            None => format!("membrane: denied {method} {path}: {why}"),
+        };
+        log(LogLevel::Info, &line);
         self.send_http_response(
             403,
             vec![("content-type", "text/plain")],
             Some(b"Access denied\r\n"),
         );
         Action::Pause
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, _eos: bool) -> Action {
+        if let Some(h) = &self.crash_on_header
+            && self.get_http_request_header(h).is_some()
+        {
+            panic!("membrane: {h} asked for a crash (crash_on_header is set: testing only)");
+        }
+        let Some(conn) = self.conn_facts() else {
+            return self.deny(None, "no source or destination address");
+        };
+        let state = self.state.clone();
+        let state = state.borrow();
+        let parties = state.parties(&conn);
+        let verdict = match state.judge_l4(&conn, &parties, 6) {
+            L4Verdict::Allow(why) => Verdict::Allow(why),
+            L4Verdict::Deny(why) => Verdict::Deny(why),
+            L4Verdict::L7(sets) => {
+                // Only the pseudo-headers the rules read; other headers are fetched one by one
+                // if a rule asks for them.
+                let (method, path) = (self.header(":method"), self.header(":path"));
+                let host = if rules_use_host(sets) {
+                    self.header(":authority")
+                } else {
+                    String::new()
+                };
+                let req = HttpRequest {
+                    method: &method,
+                    path: &path,
+                    host: &host,
+                    headers: &Headers,
+                };
+                judge_http(sets, &req)
+            }
+        };
+        match verdict {
+            Verdict::Allow(_) => {
+                Metrics::bump(self.metrics.allowed[conn.direction as usize]);
+                Action::Continue
+            }
+            Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why),
+        }
     }
 }

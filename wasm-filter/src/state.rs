@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use membrane_api::discovery::Any;
@@ -10,6 +12,7 @@ use membrane_api::{DirectionRules, EntryVerdict, v1};
 use membrane_policy::identity::NumericIdentity;
 use membrane_policy::l7::http::HttpRequest;
 use membrane_policy::resolve::first_allowing_http;
+use membrane_policy::rule::L7Rules;
 use prost::Message;
 
 /// One local endpoint's compiled policy.
@@ -29,26 +32,55 @@ pub struct EndpointPolicy {
 #[derive(Debug, Default)]
 pub struct PolicyState {
     /// Endpoint policies by address.
-    pub endpoints: HashMap<IpAddr, std::rc::Rc<EndpointPolicy>>,
-    /// Prefix -> identity, most specific first.
-    pub hosts: Vec<(IpNet, u32)>,
+    pub endpoints: HashMap<IpAddr, Rc<EndpointPolicy>>,
+    /// Where addresses come from.
+    pub hosts: Hosts,
     /// SPIFFE ID -> identity.
     pub spiffe: BTreeMap<String, u32>,
     /// Versions in force, by type URL.
     pub versions: BTreeMap<String, String>,
 }
 
+/// The identity -> addresses map, indexed for the request path: single addresses (nearly every
+/// entry: pods) in a hash map, other prefixes most specific first.
+#[derive(Debug, Default)]
+pub struct Hosts {
+    exact: HashMap<IpAddr, u32>,
+    prefixes: Vec<(IpNet, u32)>,
+}
+
+impl Hosts {
+    /// The identity of an address: longest listed prefix, else world.
+    pub fn identity_of(&self, ip: IpAddr) -> u32 {
+        if let Some(id) = self.exact.get(&ip) {
+            return *id;
+        }
+        self.prefixes
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map_or(NumericIdentity::WORLD.0, |(_, id)| *id)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.prefixes.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Compiles NetworkPolicy resources (errors name the resource; the caller NACKs and keeps its
 /// last good state).
-pub fn compile_policies(
-    resources: &[Any],
-) -> Result<HashMap<IpAddr, std::rc::Rc<EndpointPolicy>>, String> {
+pub fn compile_policies(resources: &[Any]) -> Result<HashMap<IpAddr, Rc<EndpointPolicy>>, String> {
     let mut out = HashMap::new();
     for (i, any) in resources.iter().enumerate() {
         let np = v1::NetworkPolicy::decode(any.value.as_slice())
             .map_err(|e| format!("resource {i}: {e}"))?;
         let at = |what: &str, e: String| format!("{} {what}: {e}", np.endpoint);
-        let policy = std::rc::Rc::new(EndpointPolicy {
+        let policy = Rc::new(EndpointPolicy {
             name: np.endpoint.clone(),
             identity: np.identity,
             ingress: DirectionRules::from_wire(&np.ingress.clone().unwrap_or_default())
@@ -66,9 +98,9 @@ pub fn compile_policies(
     Ok(out)
 }
 
-/// Compiles NetworkPolicyHosts resources into a longest-prefix-first list.
-pub fn compile_hosts(resources: &[Any]) -> Result<Vec<(IpNet, u32)>, String> {
-    let mut out = Vec::new();
+/// Compiles NetworkPolicyHosts resources.
+pub fn compile_hosts(resources: &[Any]) -> Result<Hosts, String> {
+    let mut out = Hosts::default();
     for (i, any) in resources.iter().enumerate() {
         let h = v1::NetworkPolicyHosts::decode(any.value.as_slice())
             .map_err(|e| format!("resource {i}: {e}"))?;
@@ -76,10 +108,15 @@ pub fn compile_hosts(resources: &[Any]) -> Result<Vec<(IpNet, u32)>, String> {
             let net: IpNet = prefix
                 .parse()
                 .map_err(|_| format!("identity {}: {prefix:?} is not a prefix", h.identity))?;
-            out.push((net, h.identity));
+            if net.prefix_len() == net.max_prefix_len() {
+                out.exact.insert(net.addr(), h.identity);
+            } else {
+                out.prefixes.push((net, h.identity));
+            }
         }
     }
-    out.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+    out.prefixes
+        .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
     Ok(out)
 }
 
@@ -93,7 +130,7 @@ pub fn compile_spiffe(resources: &[Any]) -> Result<BTreeMap<String, u32>, String
     Ok(out)
 }
 
-/// Which way the request goes through this sidecar.
+/// Which way the traffic goes through this sidecar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     /// Into the local workload (`xds.listener_direction` 1).
@@ -102,9 +139,20 @@ pub enum Direction {
     Outbound,
 }
 
-/// What the filter knows about a request.
-#[derive(Debug)]
-pub struct RequestFacts<'a> {
+impl Direction {
+    /// `inbound` or `outbound`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// What the filter knows about a connection (the same for every request on it, so the glue reads
+/// it once per connection).
+#[derive(Clone, Debug)]
+pub struct ConnFacts {
     /// Direction of the listener.
     pub direction: Direction,
     /// Downstream peer address.
@@ -114,70 +162,121 @@ pub struct RequestFacts<'a> {
     /// Its port.
     pub port: u16,
     /// The mTLS peer's SPIFFE ID (from the verified certificate, never a header).
-    pub peer_spiffe: Option<&'a str>,
-    /// The HTTP request.
-    pub http: HttpRequest<'a>,
+    pub peer_spiffe: Option<String>,
 }
 
-/// The filter's verdict.
+/// The endpoints and identities a connection is between.
+#[derive(Clone, Debug)]
+pub struct Parties<'s> {
+    /// The local endpoint's policy, if this sidecar has one for the local address.
+    pub local: Option<&'s EndpointPolicy>,
+    /// The remote identity.
+    pub remote: u32,
+    /// The remote address.
+    pub remote_addr: IpAddr,
+}
+
+/// The L3/L4 stage of a judgement.
+#[derive(Debug)]
+pub enum L4Verdict<'s> {
+    /// Allowed without L7 rules (the reason).
+    Allow(&'static str),
+    /// Denied (why).
+    Deny(String),
+    /// Allowed at L3/L4; each request must satisfy one of these ORed rule sets.
+    L7(&'s [(Arc<str>, L7Rules)]),
+}
+
+/// The filter's verdict on a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Verdict<'s> {
     /// Let it through; the policy (or reason) that allowed it.
-    Allow(String),
+    Allow(&'s str),
     /// Answer 403; why.
     Deny(String),
 }
 
 impl PolicyState {
-    /// The identity of an address: longest listed prefix, else world.
+    /// The identity of an address.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
-        self.hosts
-            .iter()
-            .find(|(net, _)| net.contains(&ip))
-            .map_or(NumericIdentity::WORLD.0, |(_, id)| *id)
+        self.hosts.identity_of(ip)
     }
 
-    /// Judges a request. No policy for the local endpoint (none received yet, or not ours) denies:
-    /// the filter fails closed.
-    pub fn judge(&self, f: &RequestFacts<'_>) -> Verdict {
-        let (local, remote_ip) = match f.direction {
-            Direction::Inbound => (f.destination, f.source),
-            Direction::Outbound => (f.source, f.destination),
+    /// Who a connection is between: the local endpoint by its address, the remote identity from
+    /// the verified SPIFFE ID when it is known, otherwise from the remote address.
+    pub fn parties(&self, c: &ConnFacts) -> Parties<'_> {
+        let (local, remote_addr) = match c.direction {
+            Direction::Inbound => (c.destination, c.source),
+            Direction::Outbound => (c.source, c.destination),
         };
-        let Some(ep) = self.endpoints.get(&local) else {
-            return Verdict::Deny(format!("no policy for local address {local}"));
+        let by_spiffe = match (c.direction, &c.peer_spiffe) {
+            (Direction::Inbound, Some(id)) => self.spiffe.get(id).copied(),
+            _ => None,
         };
-        let remote = match (f.direction, f.peer_spiffe) {
-            (Direction::Inbound, Some(id)) => match self.spiffe.get(id) {
-                Some(identity) => *identity,
-                None => self.identity_of(remote_ip),
-            },
-            _ => self.identity_of(remote_ip),
+        Parties {
+            local: self.endpoints.get(&local).map(|p| &**p),
+            remote: by_spiffe.unwrap_or_else(|| self.identity_of(remote_addr)),
+            remote_addr,
+        }
+    }
+
+    /// Judges a connection at L3/L4 (`proto` 6 for TCP). No policy for the local endpoint (none
+    /// received yet, or not ours) denies: the filter fails closed.
+    pub fn judge_l4<'s>(
+        &'s self,
+        c: &ConnFacts,
+        parties: &Parties<'s>,
+        proto: u8,
+    ) -> L4Verdict<'s> {
+        let Some(ep) = parties.local else {
+            let local = match c.direction {
+                Direction::Inbound => c.destination,
+                Direction::Outbound => c.source,
+            };
+            return L4Verdict::Deny(format!("no policy for local address {local}"));
         };
-        let table = match f.direction {
+        let table = match c.direction {
             Direction::Inbound => &ep.ingress,
             Direction::Outbound => &ep.egress,
         };
         if !table.enforced {
-            return Verdict::Allow("direction not enforced".into());
+            return L4Verdict::Allow("direction not enforced");
         }
-        match table.lookup(NumericIdentity(remote), f.port, 6) {
-            None => Verdict::Deny(format!(
-                "L3/L4: identity {remote} may not reach {} port {}",
-                ep.name, f.port
+        match table.lookup(NumericIdentity(parties.remote), c.port, proto) {
+            None => L4Verdict::Deny(format!(
+                "L3/L4: identity {} may not reach port {}",
+                parties.remote, c.port
             )),
-            Some((_, EntryVerdict::Allow)) => Verdict::Allow("L3/L4 allow".into()),
-            Some((_, EntryVerdict::Redirect(sets))) => {
-                match first_allowing_http(sets.iter().map(|(_, r)| r), &f.http) {
-                    Some(i) => Verdict::Allow(sets[i].0.to_string()),
-                    None => Verdict::Deny(format!(
-                        "identity {remote}: no HTTP rule of {} allows {} {}",
-                        ep.name, f.http.method, f.http.path
-                    )),
-                }
-            }
+            Some((_, EntryVerdict::Allow)) => L4Verdict::Allow("L3/L4 allow"),
+            Some((_, EntryVerdict::Redirect(sets))) => L4Verdict::L7(sets),
         }
     }
+
+    /// Judges an HTTP request: [`judge_l4`](Self::judge_l4), then the HTTP rules if there are any.
+    pub fn judge<'s>(&'s self, c: &ConnFacts, http: &HttpRequest<'_>) -> Verdict<'s> {
+        let parties = self.parties(c);
+        match self.judge_l4(c, &parties, 6) {
+            L4Verdict::Allow(why) => Verdict::Allow(why),
+            L4Verdict::Deny(why) => Verdict::Deny(why),
+            L4Verdict::L7(sets) => judge_http(sets, http),
+        }
+    }
+}
+
+/// Judges a request against the ORed HTTP rule sets of its port.
+pub fn judge_http<'s>(sets: &'s [(Arc<str>, L7Rules)], http: &HttpRequest<'_>) -> Verdict<'s> {
+    match first_allowing_http(sets.iter().map(|(_, r)| r), http) {
+        Some(i) => Verdict::Allow(&sets[i].0),
+        None => Verdict::Deny("no HTTP rule allows it".into()),
+    }
+}
+
+/// Whether any rule of these sets looks at the authority (so it must be fetched).
+pub fn rules_use_host(sets: &[(Arc<str>, L7Rules)]) -> bool {
+    sets.iter().any(|(_, r)| match r {
+        L7Rules::Http(h) => h.rules().iter().any(|r| r.host.is_some()),
+        L7Rules::Kafka(_) => false,
+    })
 }
 
 #[cfg(test)]
@@ -244,32 +343,72 @@ mod tests {
         })
     }
 
-    fn facts<'a>(
+    #[test]
+    fn single_addresses_and_prefixes_resolve_most_specific_first() {
+        let st = state("/").unwrap();
+        assert_eq!(st.identity_of("10.0.0.2".parse().unwrap()), 301);
+        assert_eq!(st.identity_of("10.0.1.200".parse().unwrap()), 302);
+        assert_eq!(st.identity_of("10.0.2.1".parse().unwrap()), 2, "world");
+        assert_eq!(st.hosts.len(), 2);
+    }
+
+    #[test]
+    fn verdicts_name_the_policy_or_the_reason() {
+        let st = state("/public.*").unwrap();
+        let c = facts(Direction::Inbound, "10.0.0.2", "10.0.0.1", None);
+        let req = |path| HttpRequest {
+            method: "GET",
+            path,
+            host: "web",
+            headers: &NoHeaders,
+        };
+        assert_eq!(st.judge(&c, &req("/public/x")), Verdict::Allow("p"));
+        let parties = st.parties(&c);
+        assert_eq!(
+            (parties.local.unwrap().name.as_str(), parties.remote),
+            ("web", 301)
+        );
+        let L4Verdict::L7(sets) = st.judge_l4(&c, &parties, 6) else {
+            panic!("301 is L7-governed");
+        };
+        assert!(!rules_use_host(sets));
+        let mut c = c;
+        c.port = 81;
+        assert_eq!(
+            st.judge(&c, &req("/public/x")),
+            Verdict::Deny("L3/L4: identity 301 may not reach port 81".into())
+        );
+    }
+
+    fn facts(
         direction: Direction,
         source: &str,
         destination: &str,
-        spiffe: Option<&'a str>,
-        path: &'a str,
-    ) -> RequestFacts<'a> {
-        RequestFacts {
+        spiffe: Option<&str>,
+    ) -> ConnFacts {
+        ConnFacts {
             direction,
             source: source.parse().unwrap(),
             destination: destination.parse().unwrap(),
             port: 80,
-            peer_spiffe: spiffe,
-            http: HttpRequest {
-                method: "GET",
-                path,
-                host: "web",
-                headers: &NoHeaders,
-            },
+            peer_spiffe: spiffe.map(str::to_string),
         }
     }
 
     #[test]
     fn requests_are_judged_by_identity_and_rules() {
         let st = state("/public.*").unwrap();
-        let allowed = |f: RequestFacts<'_>| matches!(st.judge(&f), Verdict::Allow(_));
+        let judge = |(c, path): (ConnFacts, &str)| {
+            let http = HttpRequest {
+                method: "GET",
+                path,
+                host: "web",
+                headers: &NoHeaders,
+            };
+            st.judge(&c, &http)
+        };
+        let allowed = |f| matches!(judge(f), Verdict::Allow(_));
+        let facts = |d, s, t, spiffe, path| (facts(d, s, t, spiffe), path);
         use Direction::*;
         assert!(allowed(facts(
             Inbound,

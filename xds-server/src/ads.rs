@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -89,6 +90,17 @@ pub struct XdsCache {
     streams: Arc<std::sync::atomic::AtomicU64>,
     /// Ticks on every change of resources or of a node's status.
     changed: watch::Sender<u64>,
+    identifier: Arc<str>,
+}
+
+/// `membrane-xds/<pid>/<start time in ns>/<n>`: unique per cache on this node.
+fn control_plane_identifier() -> String {
+    static CACHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CACHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("membrane-xds/{}/{nanos}/{n}", std::process::id())
 }
 
 impl Default for XdsCache {
@@ -104,7 +116,14 @@ impl XdsCache {
             state: Arc::default(),
             streams: Arc::default(),
             changed: watch::channel(0).0,
+            identifier: Arc::from(control_plane_identifier()),
         }
+    }
+
+    /// This cache's control-plane identifier (in every response): versions restart at 1 with a
+    /// new cache, so a proxy compares versions only under the same identifier.
+    pub fn identifier(&self) -> &str {
+        &self.identifier
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -221,6 +240,9 @@ impl XdsCache {
             resources,
             type_url: type_url.to_string(),
             nonce: nonce.to_string(),
+            control_plane: Some(ControlPlane {
+                identifier: self.identifier.to_string(),
+            }),
             ..Default::default()
         })
     }

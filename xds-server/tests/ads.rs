@@ -132,6 +132,10 @@ async fn ack_update_nack_and_completions() {
     let first = a.next().await;
     assert_eq!(first.version_info, "1");
     assert_eq!(names(&first), ["db", "web"]);
+    // Versions restart with a new server instance; the identifier tells proxies so.
+    let plane = first.control_plane.as_ref().map(|c| c.identifier.as_str());
+    assert_eq!(plane, Some(cache.identifier()));
+    assert_ne!(XdsCache::new().identifier(), cache.identifier());
     // No ACK yet: a completion for version 1 is pending on this stream.
     let pending = cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", 1, Duration::from_millis(200))
