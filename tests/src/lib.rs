@@ -24,10 +24,17 @@ pub struct Example {
 /// `examples/starwars`: its policy directory and endpoints file, with reserved identities and
 /// identities numbered in file order.
 pub fn starwars() -> Example {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/starwars");
+    example(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/starwars"))
+}
+
+/// An example directory (`policy/*.yaml` and `endpoints.yaml`) resolved the way the agent
+/// resolves it: reserved identities, then identities numbered in file order. Panics with the
+/// parser's error on invalid input (this is a fixture loader).
+pub fn example(dir: impl AsRef<std::path::Path>) -> Example {
+    let dir = dir.as_ref().display();
     let mut sources = Vec::new();
     let mut paths: Vec<_> = std::fs::read_dir(format!("{dir}/policy"))
-        .expect("examples/starwars/policy")
+        .unwrap_or_else(|e| panic!("{dir}/policy: {e}"))
         .map(|e| e.expect("readable directory").path())
         .collect();
     paths.sort();
@@ -42,9 +49,9 @@ pub fn starwars() -> Example {
         ));
     }
     let set = PolicySet::from_sources(sources.iter().map(|(p, t)| (p.as_str(), t.as_str())))
-        .expect("the example is valid");
+        .unwrap_or_else(|e| panic!("{dir}/policy: {e:?}"));
     let text = std::fs::read_to_string(format!("{dir}/endpoints.yaml")).expect("endpoints.yaml");
-    let specs = parse_endpoints("endpoints.yaml", &text).expect("valid endpoints");
+    let specs = parse_endpoints("endpoints.yaml", &text).unwrap_or_else(|e| panic!("{dir}: {e:?}"));
     let mut resolver = Resolver::new(EnforcementMode::Default);
     resolver.set_rules(&set.rules);
     let mut alloc = LocalAllocator::new();
