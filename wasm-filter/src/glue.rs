@@ -7,7 +7,7 @@
 //! starting, or one rebuilt by `failure_policy: FAIL_RELOAD` after a panic) seeds itself from
 //! there before its own stream answers, so a reload never opens a default-deny gap.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use membrane_api::discovery::{DiscoveryRequest, DiscoveryResponse, Node, Status};
 use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE};
-use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
+use membrane_policy::l7::http::HeaderLookup;
 use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::state::{
     ConnFacts, Direction, L4Verdict, Parties, PolicyState, Verdict, compile_hosts,
-    compile_policies, compile_spiffe, judge_http, rules_use_host,
+    compile_policies, compile_spiffe, judge_http_fetching_host,
 };
 
 proxy_wasm::main! {{
@@ -111,6 +111,30 @@ impl Metrics {
     }
 }
 
+/// Verdicts counted in the VM and added to the metrics on each tick, which saves a hostcall per
+/// request.
+#[derive(Debug, Default)]
+struct Tally {
+    allowed: [Cell<i64>; 2],
+    denied: [Cell<i64>; 2],
+}
+
+impl Tally {
+    fn flush(&self, metrics: &Metrics) {
+        for (cells, ids) in [
+            (&self.allowed, &metrics.allowed),
+            (&self.denied, &metrics.denied),
+        ] {
+            for (cell, id) in cells.iter().zip(ids) {
+                let n = cell.take();
+                if n > 0 {
+                    hostcalls::increment_metric(*id, n).ok();
+                }
+            }
+        }
+    }
+}
+
 fn log(level: LogLevel, message: &str) {
     hostcalls::log(level, message).ok();
 }
@@ -121,6 +145,7 @@ struct Root {
     state: Rc<RefCell<PolicyState>>,
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
     metrics: Metrics,
+    tally: Rc<Tally>,
     stream: Option<u32>,
     ticks: u64,
     reconnect_at: u64,
@@ -319,6 +344,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        self.tally.flush(&self.metrics);
         if self.stream.is_none() && self.ticks >= self.reconnect_at {
             self.open_stream();
         }
@@ -335,7 +361,7 @@ impl RootContext for Root {
         Some(Box::new(Http {
             state: self.state.clone(),
             conns: self.conns.clone(),
-            metrics: self.metrics,
+            tally: self.tally.clone(),
             crash_on_header: self.config.crash_on_header.clone(),
         }))
     }
@@ -350,7 +376,7 @@ impl HttpContext for Noop {}
 struct Http {
     state: Rc<RefCell<PolicyState>>,
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
-    metrics: Metrics,
+    tally: Rc<Tally>,
     crash_on_header: Option<String>,
 }
 
@@ -426,11 +452,45 @@ impl Http {
         self.get_http_request_header(name).unwrap_or_default()
     }
 
-    fn deny(&self, facts: Option<(&ConnFacts, &Parties<'_>)>, why: &str) -> Action {
-        let (method, path) = (self.header(":method"), self.header(":path"));
+    fn allow(&self, conn: &ConnFacts) -> Action {
+        let n = &self.tally.allowed[conn.direction as usize];
+        n.set(n.get() + 1);
+        Action::Continue
+    }
+
+    /// Answers 403 and logs the deny (`request`: method and path when already fetched).
+    fn deny(
+        &self,
+        facts: Option<(&ConnFacts, &Parties<'_>)>,
+        why: &str,
+        request: Option<(String, String)>,
+    ) -> Action {
+        if let Some((c, _)) = facts {
+            let n = &self.tally.denied[c.direction as usize];
+            n.set(n.get() + 1);
+        }
+        // Formatting costs more than the log call: skip it when Envoy would drop the line.
+        if hostcalls::get_log_level().is_ok_and(|l| (l as u32) <= LogLevel::Info as u32) {
+            self.log_deny(facts, why, request);
+        }
+        self.send_http_response(
+            403,
+            vec![("content-type", "text/plain")],
+            Some(b"Access denied\r\n"),
+        );
+        Action::Pause
+    }
+
+    fn log_deny(
+        &self,
+        facts: Option<(&ConnFacts, &Parties<'_>)>,
+        why: &str,
+        request: Option<(String, String)>,
+    ) {
+        let (method, path) =
+            request.unwrap_or_else(|| (self.header(":method"), self.header(":path")));
         let line = match facts {
             Some((c, p)) => {
-                Metrics::bump(self.metrics.denied[c.direction as usize]);
                 let local = p.local.map_or_else(
                     || "no endpoint".to_string(),
                     |e| format!("{} identity {}", e.name, e.identity),
@@ -457,12 +517,6 @@ impl Http {
             None => format!("membrane: denied {method} {path}: {why}"),
         };
         log(LogLevel::Info, &line);
-        self.send_http_response(
-            403,
-            vec![("content-type", "text/plain")],
-            Some(b"Access denied\r\n"),
-        );
-        Action::Pause
     }
 }
 
@@ -474,38 +528,24 @@ impl HttpContext for Http {
             panic!("membrane: {h} asked for a crash (crash_on_header is set: testing only)");
         }
         let Some(conn) = self.conn_facts() else {
-            return self.deny(None, "no source or destination address");
+            return self.deny(None, "no source or destination address", None);
         };
         let state = self.state.clone();
         let state = state.borrow();
         let parties = state.parties(&conn);
-        let verdict = match state.judge_l4(&conn, &parties, 6) {
-            L4Verdict::Allow(why) => Verdict::Allow(why),
-            L4Verdict::Deny(why) => Verdict::Deny(why),
-            L4Verdict::L7(sets) => {
-                // Only the pseudo-headers the rules read; other headers are fetched one by one
-                // if a rule asks for them.
-                let (method, path) = (self.header(":method"), self.header(":path"));
-                let host = if rules_use_host(sets) {
-                    self.header(":authority")
-                } else {
-                    String::new()
-                };
-                let req = HttpRequest {
-                    method: &method,
-                    path: &path,
-                    host: &host,
-                    headers: &Headers,
-                };
-                judge_http(sets, &req)
-            }
+        let sets = match state.judge_l4(&conn, &parties, 6) {
+            L4Verdict::Allow(_) => return self.allow(&conn),
+            L4Verdict::Deny(why) => return self.deny(Some((&conn, &parties)), &why, None),
+            L4Verdict::L7(sets) => sets,
         };
+        // Only the pseudo-headers the rules read; other headers are fetched one by one if a
+        // rule asks for them, the authority only if it can change the verdict.
+        let (method, path) = (self.header(":method"), self.header(":path"));
+        let verdict =
+            judge_http_fetching_host(sets, &method, &path, &Headers, || self.header(":authority"));
         match verdict {
-            Verdict::Allow(_) => {
-                Metrics::bump(self.metrics.allowed[conn.direction as usize]);
-                Action::Continue
-            }
-            Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why),
+            Verdict::Allow(_) => self.allow(&conn),
+            Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why, Some((method, path))),
         }
     }
 }

@@ -10,9 +10,9 @@ use ipnet::IpNet;
 use membrane_api::discovery::Any;
 use membrane_api::{DirectionRules, EntryVerdict, v1};
 use membrane_policy::identity::NumericIdentity;
-use membrane_policy::l7::http::HttpRequest;
+use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::resolve::first_allowing_http;
-use membrane_policy::rule::L7Rules;
+use membrane_policy::rule::{L7Kind, L7Rules};
 use prost::Message;
 
 /// One local endpoint's compiled policy.
@@ -271,6 +271,44 @@ pub fn judge_http<'s>(sets: &'s [(Arc<str>, L7Rules)], http: &HttpRequest<'_>) -
     }
 }
 
+/// Judges a request, fetching the authority only when it can change the verdict: a rule without
+/// a host pattern that allows the request decides without it.
+pub fn judge_http_fetching_host<'s>(
+    sets: &'s [(Arc<str>, L7Rules)],
+    method: &str,
+    path: &str,
+    headers: &dyn HeaderLookup,
+    host: impl FnOnce() -> String,
+) -> Verdict<'s> {
+    let without_host = HttpRequest {
+        method,
+        path,
+        host: "",
+        headers,
+    };
+    if !rules_use_host(sets) {
+        return judge_http(sets, &without_host);
+    }
+    if sets.iter().all(|(_, r)| r.kind() == L7Kind::Http) {
+        for (policy, rules) in sets {
+            if let L7Rules::Http(h) = rules
+                && h.verdicts(&without_host)
+                    .any(|(i, miss)| miss.is_none() && h.rules()[i].host.is_none())
+            {
+                return Verdict::Allow(policy);
+            }
+        }
+    }
+    let host = host();
+    judge_http(
+        sets,
+        &HttpRequest {
+            host: &host,
+            ..without_host
+        },
+    )
+}
+
 /// Whether any rule of these sets looks at the authority (so it must be fetched).
 pub fn rules_use_host(sets: &[(Arc<str>, L7Rules)]) -> bool {
     sets.iter().any(|(_, r)| match r {
@@ -350,6 +388,38 @@ mod tests {
         assert_eq!(st.identity_of("10.0.1.200".parse().unwrap()), 302);
         assert_eq!(st.identity_of("10.0.2.1".parse().unwrap()), 2, "world");
         assert_eq!(st.hosts.len(), 2);
+    }
+
+    #[test]
+    fn the_authority_is_fetched_only_when_it_decides() {
+        use membrane_policy::l7::http::{HttpRule, HttpRules, Pattern};
+        let rule = |index, path: &str, host: Option<&str>| HttpRule {
+            index,
+            method: None,
+            path: Some(Pattern::new(path).unwrap()),
+            host: host.map(|h| Pattern::new(h).unwrap()),
+            headers: vec![],
+        };
+        let rules = HttpRules::new(vec![
+            rule(0, "/open", None),
+            // Matches an empty authority: must not allow without the real one.
+            rule(1, "/admin", Some("(admin[.]local)?")),
+        ])
+        .unwrap();
+        let sets = [(Arc::from("p"), L7Rules::Http(rules))];
+        let fetched = std::cell::Cell::new(0);
+        let judge = |path, host: &'static str| {
+            judge_http_fetching_host(&sets, "GET", path, &NoHeaders, || {
+                fetched.set(fetched.get() + 1);
+                host.to_string()
+            })
+        };
+        assert_eq!(judge("/open", "x"), Verdict::Allow("p"));
+        assert_eq!(fetched.get(), 0, "decided without the authority");
+        assert!(matches!(judge("/admin", "evil.local"), Verdict::Deny(_)));
+        assert_eq!(judge("/admin", "admin.local"), Verdict::Allow("p"));
+        assert!(matches!(judge("/other", "admin.local"), Verdict::Deny(_)));
+        assert_eq!(fetched.get(), 3);
     }
 
     #[test]

@@ -20,6 +20,10 @@ const UPSTREAM: u16 = 19381;
 const XDS: u16 = 19382;
 const ADMIN: u16 = 19383;
 const LISTEN_TLS: u16 = 19384;
+/// luke's sidecar: admin, and the outbound listener luke's app calls web through (bound at web's
+/// address, as Istio's capture presents the original destination).
+const LUKE_ADMIN: u16 = 19385;
+const LUKE_OUT: u16 = 19386;
 
 struct Proc(Child);
 
@@ -86,20 +90,53 @@ fn web_policy(paths: &[&str]) -> BTreeMap<String, Vec<u8>> {
         }),
         egress: Some(v1::DirectionPolicy::default()),
     };
-    BTreeMap::from([("web".to_string(), np.encode_to_vec())])
+    BTreeMap::from([
+        ("web".to_string(), np.encode_to_vec()),
+        ("luke".to_string(), luke_policy().encode_to_vec()),
+    ])
+}
+
+/// luke (127.0.0.2, identity 301): egress to web on its sidecar's outbound port, GET /public/.*
+/// and GET /admin only (web itself does not allow /admin).
+fn luke_policy() -> v1::NetworkPolicy {
+    let l7 = v1::L7RuleSet {
+        policy: "CiliumNetworkPolicy default/luke".into(),
+        rules: Some(v1::l7_rule_set::Rules::Http(v1::HttpRules {
+            rules: vec![http_rule("GET", "/public/.*"), http_rule("GET", "/admin")],
+        })),
+    };
+    v1::NetworkPolicy {
+        endpoint: "luke".into(),
+        identity: 301,
+        addresses: vec!["127.0.0.2".into()],
+        ingress: Some(v1::DirectionPolicy::default()),
+        egress: Some(v1::DirectionPolicy {
+            enforced: true,
+            entries: vec![v1::PolicyEntry {
+                remote_identity: 300,
+                port: LUKE_OUT.into(),
+                protocol: 6,
+                l7: vec![l7],
+            }],
+        }),
+    }
 }
 
 fn hosts() -> BTreeMap<String, Vec<u8>> {
-    [(301, "127.0.0.2/32"), (302, "127.0.0.3/32")]
-        .into_iter()
-        .map(|(id, net)| {
-            let h = v1::NetworkPolicyHosts {
-                identity: id,
-                host_addresses: vec![net.into()],
-            };
-            (id.to_string(), h.encode_to_vec())
-        })
-        .collect()
+    [
+        (300, "127.0.0.1/32"),
+        (301, "127.0.0.2/32"),
+        (302, "127.0.0.3/32"),
+    ]
+    .into_iter()
+    .map(|(id, net)| {
+        let h = v1::NetworkPolicyHosts {
+            identity: id,
+            host_addresses: vec![net.into()],
+        };
+        (id.to_string(), h.encode_to_vec())
+    })
+    .collect()
 }
 
 /// An inbound listener with membrane's filter; `tls` makes it require a client certificate
@@ -181,6 +218,78 @@ static_resources:
 "#,
         listener(wasm, LISTEN, None),
         listener(wasm, LISTEN_TLS, Some(tls))
+    )
+}
+
+/// luke's sidecar: an outbound listener with membrane's filter (luke's egress policy) whose
+/// cluster reaches web's sidecar over mTLS with luke's SPIFFE certificate.
+fn luke_envoy_config(wasm: &str, tls: &std::path::Path) -> String {
+    let f = |name: &str| tls.join(name).display().to_string();
+    let (crt, key, ca) = (f("luke.crt"), f("luke.key"), f("ca.crt"));
+    format!(
+        r#"
+node: {{id: sidecar-luke, cluster: luke}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {LUKE_ADMIN}}}}}}}
+static_resources:
+  listeners:
+  - name: outbound_web
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {LUKE_OUT}}}}}
+    traffic_direction: OUTBOUND
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: web_mtls}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: membrane
+                root_id: membrane
+                failure_policy: FAIL_RELOAD
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-luke"}}'
+                vm_config:
+                  vm_id: membrane
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: "{wasm}"}}}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: web_mtls
+    type: STATIC
+    connect_timeout: 1s
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names:
+            - san_type: URI
+              matcher: {{exact: "spiffe://cluster.local/ns/default/sa/web"}}
+    load_assignment:
+      cluster_name: web_mtls
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN_TLS}}}}}}}}}]}}]
+  - name: membrane_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: membrane_xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {XDS}}}}}}}}}]}}]
+"#
     )
 }
 
@@ -282,6 +391,22 @@ fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
         .trim()
         .parse()
         .unwrap_or(0)
+}
+
+/// Starts Envoy on `DIR/NAME.yaml`, logging to `DIR/NAME.log`.
+fn start_envoy(envoy: &str, dir: &std::path::Path, name: &str, base_id: u16) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Proc(
+        Command::new(envoy)
+            .arg("-c")
+            .arg(dir.join(format!("{name}.yaml")))
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--base-id", &base_id.to_string(), "--log-level", "info"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Serves `cache` on the xDS port from a runtime of its own, so that dropping the runtime ends the
@@ -455,32 +580,21 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     std::fs::create_dir_all(&tls).unwrap();
     certificates(&tls);
     std::fs::write(dir.path().join("envoy.yaml"), envoy_config(&wasm, &tls)).unwrap();
-    let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
-    let _envoy = Proc(
-        Command::new(&envoy)
-            .arg("-c")
-            .arg(dir.path().join("envoy.yaml"))
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--base-id",
-                "19380",
-            ])
-            .args(["--log-level", "info"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    std::fs::write(
+        dir.path().join("luke-envoy.yaml"),
+        luke_envoy_config(&wasm, &tls),
+    )
+    .unwrap();
+    let _envoy = start_envoy(&envoy, dir.path(), "envoy", 19380);
+    let _luke_envoy = start_envoy(&envoy, dir.path(), "luke-envoy", 19386);
     // Every VM's stream (main thread + worker) acknowledges the first policy.
     let realized = cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(60))
         .await;
     let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
     assert!(realized.is_ok(), "{realized:?}\n{}", envoy_log());
-    // Both VMs (main thread and the worker) hold a stream.
-    wait_subscribed(&cache, 2, &envoy_log).await;
+    // Every VM (main thread and worker of both sidecars) holds a stream.
+    wait_subscribed(&cache, 4, &envoy_log).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while get("127.0.0.2", "/public/a").0 != 200 {
         assert!(
@@ -548,6 +662,62 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     .await
     .unwrap();
 
+    // Two sidecars, mTLS between them: luke's app calls web through luke's sidecar, which judges
+    // the request with luke's egress policy and then carries it over mTLS (luke's SPIFFE
+    // certificate) to web's sidecar, which judges it with web's ingress policy.
+    let luke_log =
+        || std::fs::read_to_string(dir.path().join("luke-envoy.log")).unwrap_or_default();
+    let via_luke = |path: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+            ])
+            .args(["--interface", "127.0.0.2"])
+            .arg(format!("http://127.0.0.1:{LUKE_OUT}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while via_luke("/public/a") != "200" {
+        assert!(
+            Instant::now() < deadline,
+            "luke's sidecar never passed a request:\n{}\n{}",
+            luke_log(),
+            envoy_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(via_luke("/private"), "403", "luke's egress");
+    assert_eq!(via_luke("/admin"), "403", "web's ingress");
+    assert!(
+        luke_log().contains(
+            "membrane: denied outbound GET /private from luke identity 301 to 127.0.0.1 \
+             identity 300 port 19386: no HTTP rule allows it"
+        ),
+        "{}",
+        luke_log()
+    );
+    assert!(
+        !luke_log().contains("denied outbound GET /admin"),
+        "{}",
+        luke_log()
+    );
+    assert!(
+        envoy_log().contains(
+            "membrane: denied inbound GET /admin from 127.0.0.1 identity 301 \
+             (spiffe://cluster.local/ns/default/sa/luke) to web identity 300 port 19384"
+        ),
+        "{}",
+        envoy_log()
+    );
+
     // A policy change, applied in under a second, to a connection that stays open.
     let mut open = KeepAlive::open("127.0.0.2").await;
     assert_eq!(open.get("/private").await, 403, "before the change");
@@ -580,7 +750,9 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .await
         .unwrap();
 
-    // Every deny is counted and logged with the identities, the request and the reason.
+    // Every deny is counted and logged with the identities, the request and the reason (the VMs
+    // add their tallies to the counters on each 0.5 s tick).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let counters = stats("membrane");
     let counter = |name: &str| {
         counters
@@ -659,7 +831,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let _xds = start_xds(&cache);
-    wait_subscribed(&cache, 2, &envoy_log).await;
+    wait_subscribed(&cache, 4, &envoy_log).await;
     cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(30))
         .await
