@@ -43,7 +43,8 @@ struct Config {
     /// The Envoy cluster (HTTP/2) that reaches the agent's xDS socket.
     #[serde(default)]
     xds_cluster: String,
-    /// The node id this filter subscribes as.
+    /// The node id this filter subscribes as; empty: Envoy's own (`xds.node.id`, which Istio
+    /// makes unique per pod), since one WasmPlugin configuration serves every pod.
     #[serde(default)]
     node: String,
     /// Testing only: a request carrying this header panics the VM, so that tests can show
@@ -334,6 +335,11 @@ impl RootContext for Root {
         }
         if self.config.mode == Mode::Noop {
             return true;
+        }
+        if self.config.node.is_empty() {
+            self.config.node = property(&["xds", "node", "id"])
+                .and_then(|v| String::from_utf8(v).ok())
+                .unwrap_or_default();
         }
         self.metrics = Metrics::define();
         self.seed_from_shared_data();

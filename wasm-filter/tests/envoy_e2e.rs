@@ -253,7 +253,7 @@ static_resources:
                 failure_policy: FAIL_RELOAD
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-luke"}}'
+                  value: '{{"xds_cluster":"membrane_xds"}}'
                 vm_config:
                   vm_id: membrane
                   runtime: envoy.wasm.runtime.v8
@@ -593,8 +593,18 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .await;
     let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
     assert!(realized.is_ok(), "{realized:?}\n{}", envoy_log());
-    // Every VM (main thread and worker of both sidecars) holds a stream.
+    // Every VM (main thread and worker of both sidecars) holds a stream; luke's filter, whose
+    // configuration names no node (as one WasmPlugin for every pod), subscribes as its Envoy.
     wait_subscribed(&cache, 4, &envoy_log).await;
+    let nodes = cache.statuses(NETWORK_POLICY_TYPE);
+    assert_eq!(
+        nodes
+            .keys()
+            .filter(|k| k.starts_with("sidecar-luke#"))
+            .count(),
+        2,
+        "{nodes:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while get("127.0.0.2", "/public/a").0 != 200 {
         assert!(
