@@ -1,4 +1,4 @@
-//! The `membrane policy` commands, run as a user runs them.
+//! The `membrane policy` and `membrane istio` commands, run as a user runs them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -344,4 +344,53 @@ fn resolve_prints_tables() {
         &eps,
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Endpoint xwing (namespace rebels"));
+}
+
+#[test]
+fn istio_manifests_and_injection() {
+    let out = membrane(&["istio", "manifests", "--sha256", &"0f".repeat(32)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"sha256\": \"0f0f"), "{text}");
+    assert!(
+        text.contains("\"path\": \"/var/run/membrane/xds.sock\""),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(
+        &pod,
+        "kind: Pod\nmetadata: {name: web}\nspec: {containers: []}\n",
+    )
+    .unwrap();
+    let out = membrane(&[
+        "istio",
+        "inject",
+        "-f",
+        &pod.display().to_string(),
+        "--concurrency",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let annotations = &json(&out)["metadata"]["annotations"];
+    assert_eq!(annotations["proxy.istio.io/config"], "{\"concurrency\":3}");
+
+    std::fs::write(&pod, "kind: Service\nmetadata: {name: web}\n").unwrap();
+    let out = membrane(&["istio", "inject", "-f", &pod.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("pod.yaml: kind: Service has no pod template"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

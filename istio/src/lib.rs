@@ -1,4 +1,394 @@
-//! membrane Istio integration (skeleton).
+//! membrane's Istio integration (pure: text in, text out).
 //!
-//! Sidecar injection and the manifests that wire the wasm filter and the agent into Istio will
-//! live here. Nothing in this crate runs yet.
+//! In Istio mode the sidecar Envoy enforces membrane's L7 policy, because Istio's mutual TLS
+//! hides requests from the node's proxy. Three pieces wire it up:
+//! - a `WasmPlugin` (phase AUTHZ, `FAIL_RELOAD`) that makes istiod deliver membrane's filter to
+//!   every sidecar over ECDS, with a small configuration (the agent's cluster; no node id, so
+//!   each filter subscribes as its own Envoy's node);
+//! - an `EnvoyFilter` that adds the HTTP/2 cluster reaching the agent's xDS unix socket;
+//! - per workload, the annotations that mount the agent's socket directory into the sidecar
+//!   (`sidecar.istio.io/userVolume[Mount]`) and pin Envoy's concurrency (one policy stream per
+//!   worker); [`inject`] adds them to a Pod or a workload's pod template.
+//!
+//! The agent recognises sidecar endpoints by Istio's own pod label [`SIDECAR_LABEL`] and leaves
+//! their HTTP ports to the sidecar instead of redirecting them to its proxy.
+
+use serde_json::{Map, Value, json};
+
+/// The label Istio's injector puts on pods with a sidecar (`security.istio.io/tlsMode: istio`).
+pub const SIDECAR_LABEL: (&str, &str) = ("security.istio.io/tlsMode", "istio");
+
+/// The Envoy cluster name the filter's configuration points at.
+pub const XDS_CLUSTER: &str = "membrane_xds";
+
+const VOLUME: &str = "membrane-xds";
+
+/// What the manifests and the injection depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Where istiod's agent fetches the module from (`oci://`, `https://` or `file://`).
+    pub wasm_url: String,
+    /// The module's SHA-256 (hex), checked by the sidecar before loading it.
+    pub sha256: Option<String>,
+    /// Namespace of the WasmPlugin and EnvoyFilter (Istio's root namespace applies them
+    /// mesh-wide).
+    pub namespace: String,
+    /// The agent's xDS socket on the node.
+    pub xds_socket: String,
+    /// Envoy worker threads per sidecar (each holds one policy stream).
+    pub concurrency: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            wasm_url: "file:///var/lib/membrane/membrane_wasm_filter.wasm".into(),
+            sha256: None,
+            namespace: "istio-system".into(),
+            xds_socket: "/var/run/membrane/xds.sock".into(),
+            concurrency: 2,
+        }
+    }
+}
+
+impl Settings {
+    /// The directory holding the socket (what is mounted into the sidecar).
+    pub fn socket_dir(&self) -> &str {
+        match self.xds_socket.rsplit_once('/') {
+            Some(("", _)) => "/",
+            Some((dir, _)) => dir,
+            None => ".",
+        }
+    }
+
+    /// Checks what would otherwise produce a manifest that Istio or Envoy rejects later.
+    pub fn validate(&self) -> Result<(), String> {
+        if !["oci://", "https://", "http://", "file://"]
+            .iter()
+            .any(|s| self.wasm_url.starts_with(s))
+        {
+            return Err(format!(
+                "wasm URL {:?}: use oci://, https://, http:// or file://",
+                self.wasm_url
+            ));
+        }
+        if let Some(h) = &self.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("sha256 {h:?}: 64 hex digits expected"));
+        }
+        if !self.xds_socket.starts_with('/') || self.xds_socket.ends_with('/') {
+            return Err(format!(
+                "xDS socket {:?}: an absolute file path expected",
+                self.xds_socket
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("concurrency: at least 1 (0 means one worker per host CPU, each with its own policy stream)".into());
+        }
+        Ok(())
+    }
+}
+
+/// The WasmPlugin that delivers membrane's filter to every sidecar.
+pub fn wasm_plugin(s: &Settings) -> Value {
+    let mut spec = json!({
+        "url": s.wasm_url,
+        "phase": "AUTHZ",
+        "failStrategy": "FAIL_RELOAD",
+        "type": "HTTP",
+        "pluginName": "membrane",
+        "pluginConfig": {"xds_cluster": XDS_CLUSTER},
+        "match": [{"mode": "CLIENT_AND_SERVER"}],
+    });
+    if let Some(h) = &s.sha256 {
+        spec["sha256"] = json!(h);
+    }
+    json!({
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": "membrane", "namespace": s.namespace},
+        "spec": spec,
+    })
+}
+
+/// The EnvoyFilter that adds the cluster reaching the agent's xDS socket (HTTP/2, as gRPC needs).
+pub fn envoy_filter(s: &Settings) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": "membrane-xds", "namespace": s.namespace},
+        "spec": {
+            "configPatches": [{
+                "applyTo": "CLUSTER",
+                "match": {"context": "SIDECAR_OUTBOUND"},
+                "patch": {
+                    "operation": "ADD",
+                    "value": {
+                        "name": XDS_CLUSTER,
+                        "type": "STATIC",
+                        "connect_timeout": "1s",
+                        "typed_extension_protocol_options": {
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                                "explicit_http_config": {"http2_protocol_options": {}},
+                            },
+                        },
+                        "load_assignment": {
+                            "cluster_name": XDS_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                                "pipe": {"path": s.xds_socket},
+                            }}}]}],
+                        },
+                    },
+                },
+            }],
+        },
+    })
+}
+
+/// Both manifests as a multi-document YAML stream (JSON documents are YAML).
+pub fn manifests(s: &Settings) -> Result<String, String> {
+    s.validate()?;
+    let doc = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    Ok(format!(
+        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n",
+        doc(&wasm_plugin(s)),
+        doc(&envoy_filter(s))
+    ))
+}
+
+/// Kinds whose pods come from `spec.template`.
+const WORKLOADS: [&str; 6] = [
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+    "ReplicationController",
+];
+
+/// Prepares a Pod (or a workload's pod template) for membrane in Istio mode: mounts the agent's
+/// socket directory into the sidecar and pins Envoy's concurrency unless the pod already sets
+/// it. Annotations the pod already has are merged, not replaced. Returns what changed; errors
+/// name the field.
+pub fn inject(object: &mut Value, s: &Settings) -> Result<Vec<String>, String> {
+    s.validate()?;
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("kind: missing")?
+        .to_string();
+    let (meta, at) = match kind.as_str() {
+        "Pod" => (object.get_mut("metadata"), "metadata"),
+        k if WORKLOADS.contains(&k) => (
+            object.pointer_mut("/spec/template/metadata"),
+            "spec.template.metadata",
+        ),
+        "CronJob" => (
+            object.pointer_mut("/spec/jobTemplate/spec/template/metadata"),
+            "spec.jobTemplate.spec.template.metadata",
+        ),
+        other => return Err(format!("kind: {other} has no pod template")),
+    };
+    let meta = meta
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("{at}: missing"))?;
+    let inject_label = meta
+        .get("labels")
+        .and_then(|l| l.get("sidecar.istio.io/inject"))
+        .and_then(Value::as_str);
+    if inject_label == Some("false") {
+        return Err(format!(
+            "{at}.labels.sidecar.istio.io/inject is \"false\": membrane's Istio mode needs the sidecar"
+        ));
+    }
+    let annotations = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| format!("{at}.annotations: not a map"))?;
+    let mut changed = Vec::new();
+    let dir = s.socket_dir().to_string();
+    let mut merge = |key: &str, add: &dyn Fn(&mut Map<String, Value>) -> bool| {
+        let field = format!("{at}.annotations.{key}");
+        let mut map = match annotations.get(key) {
+            None => Map::new(),
+            Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(m)) => m,
+                _ => return Err(format!("{field}: not a JSON object")),
+            },
+            Some(_) => return Err(format!("{field}: not a string")),
+        };
+        if add(&mut map) {
+            annotations.insert(
+                key.to_string(),
+                Value::String(Value::Object(map).to_string()),
+            );
+            changed.push(field);
+        }
+        Ok(())
+    };
+    merge("sidecar.istio.io/userVolume", &|m| {
+        let want = json!({"hostPath": {"path": dir, "type": "Directory"}});
+        m.insert(VOLUME.into(), want.clone()) != Some(want)
+    })?;
+    merge("sidecar.istio.io/userVolumeMount", &|m| {
+        let want = json!({"mountPath": dir, "readOnly": true});
+        m.insert(VOLUME.into(), want.clone()) != Some(want)
+    })?;
+    merge("proxy.istio.io/config", &|m| {
+        if m.contains_key("concurrency") {
+            return false;
+        }
+        m.insert("concurrency".into(), json!(s.concurrency));
+        true
+    })?;
+    Ok(changed)
+}
+
+/// [`inject`] on a YAML or JSON document (`name` for errors); the result is JSON, which kubectl
+/// accepts as it does YAML.
+pub fn inject_document(name: &str, text: &str, s: &Settings) -> Result<String, String> {
+    let mut object: Value = serde_saphyr::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+    inject(&mut object, s).map_err(|e| format!("{name}: {e}"))?;
+    Ok(serde_json::to_string_pretty(&object).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: default
+  labels: {app: web}
+  annotations:
+    sidecar.istio.io/userVolume: '{\"certs\":{\"secret\":{\"secretName\":\"web-certs\"}}}'
+    proxy.istio.io/config: '{\"holdApplicationUntilProxyStarts\": true}'
+spec:
+  containers: [{name: web, image: nginx}]
+";
+
+    fn annotations(v: &Value, at: &str) -> Map<String, Value> {
+        v.pointer(at).and_then(Value::as_object).cloned().unwrap()
+    }
+
+    fn json_annotation(a: &Map<String, Value>, key: &str) -> Value {
+        serde_json::from_str(a[key].as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_pod_gets_the_socket_mount_and_a_pinned_concurrency() {
+        let s = Settings::default();
+        let out: Value =
+            serde_json::from_str(&inject_document("web.yaml", POD, &s).unwrap()).unwrap();
+        let a = annotations(&out, "/metadata/annotations");
+        let volumes = json_annotation(&a, "sidecar.istio.io/userVolume");
+        assert_eq!(
+            volumes["membrane-xds"],
+            json!({"hostPath": {"path": "/var/run/membrane", "type": "Directory"}})
+        );
+        assert_eq!(
+            volumes["certs"]["secret"]["secretName"], "web-certs",
+            "merged, not replaced"
+        );
+        assert_eq!(
+            json_annotation(&a, "sidecar.istio.io/userVolumeMount")["membrane-xds"],
+            json!({"mountPath": "/var/run/membrane", "readOnly": true})
+        );
+        let config = json_annotation(&a, "proxy.istio.io/config");
+        assert_eq!(config["concurrency"], 2);
+        assert_eq!(config["holdApplicationUntilProxyStarts"], true);
+        assert_eq!(out["spec"]["containers"][0]["image"], "nginx");
+    }
+
+    #[test]
+    fn injection_is_idempotent_and_respects_a_set_concurrency() {
+        let s = Settings::default();
+        let mut pod: Value = serde_saphyr::from_str(POD).unwrap();
+        pod["metadata"]["annotations"]["proxy.istio.io/config"] = json!("{\"concurrency\": 4}");
+        assert_eq!(inject(&mut pod, &s).unwrap().len(), 2);
+        assert!(inject(&mut pod, &s).unwrap().is_empty(), "second run");
+        let a = annotations(&pod, "/metadata/annotations");
+        assert_eq!(
+            json_annotation(&a, "proxy.istio.io/config")["concurrency"],
+            4
+        );
+    }
+
+    #[test]
+    fn workloads_are_injected_in_their_pod_template() {
+        let deployment = "kind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: []}\n";
+        let out: Value = serde_json::from_str(
+            &inject_document("d.yaml", deployment, &Settings::default()).unwrap(),
+        )
+        .unwrap();
+        let a = annotations(&out, "/spec/template/metadata/annotations");
+        assert!(a.contains_key("sidecar.istio.io/userVolumeMount"));
+        assert!(out["metadata"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let s = Settings::default();
+        let err = |text: &str| inject_document("x.yaml", text, &s).unwrap_err();
+        assert_eq!(
+            err("kind: Service\nmetadata: {}\n"),
+            "x.yaml: kind: Service has no pod template"
+        );
+        assert_eq!(
+            err("kind: Deployment\nspec: {}\n"),
+            "x.yaml: spec.template.metadata: missing"
+        );
+        assert!(
+            err("kind: Pod\nmetadata: {labels: {sidecar.istio.io/inject: \"false\"}}\n")
+                .contains("metadata.labels.sidecar.istio.io/inject is \"false\"")
+        );
+        assert_eq!(
+            err("kind: Pod\nmetadata: {annotations: {proxy.istio.io/config: '[1]'}}\n"),
+            "x.yaml: metadata.annotations.proxy.istio.io/config: not a JSON object"
+        );
+        assert!(err("kind: Pod\nmetadata: [\n").starts_with("x.yaml: "));
+        let bad = Settings {
+            wasm_url: "ftp://x".into(),
+            ..Settings::default()
+        };
+        assert!(manifests(&bad).unwrap_err().contains("ftp://x"));
+    }
+
+    #[test]
+    fn the_manifests_wire_the_filter_to_the_agent() {
+        let s = Settings {
+            sha256: Some("ab".repeat(32)),
+            ..Settings::default()
+        };
+        let text = manifests(&s).unwrap();
+        let docs: Vec<Value> = text
+            .split("\n---\n")
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect();
+        let [plugin, filter] = docs.as_slice() else {
+            panic!("two documents: {text}")
+        };
+        assert_eq!(plugin["spec"]["phase"], "AUTHZ");
+        assert_eq!(plugin["spec"]["failStrategy"], "FAIL_RELOAD");
+        assert_eq!(plugin["spec"]["sha256"], "ab".repeat(32));
+        // The filter's cluster is the one the EnvoyFilter adds.
+        let cluster = &filter["spec"]["configPatches"][0]["patch"]["value"];
+        assert_eq!(
+            plugin["spec"]["pluginConfig"]["xds_cluster"],
+            cluster["name"]
+        );
+        assert_eq!(
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"],
+            "/var/run/membrane/xds.sock"
+        );
+        // The checked-in manifests are these, rendered with the defaults.
+        let shipped = include_str!("../manifests/membrane.yaml");
+        assert_eq!(shipped, manifests(&Settings::default()).unwrap());
+    }
+}

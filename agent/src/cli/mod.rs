@@ -2,6 +2,7 @@
 
 mod agent;
 mod bpf;
+mod istio;
 mod policy;
 
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     Identity(agent::IdentityCommand),
     /// The agent's Prometheus metrics (datapath counters, endpoints, identities, policy, controllers).
     Metrics(agent::Api),
+    /// Istio mode: the manifests that deliver membrane's filter to sidecars, and pod injection.
+    #[command(subcommand)]
+    Istio(istio::IstioCommand),
 }
 
 /// Output format.
@@ -59,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Status(api) => exit_code(agent::status(api)),
         Command::Identity(cmd) => exit_code(agent::identity(cmd)),
         Command::Metrics(api) => exit_code(agent::metrics(api)),
+        Command::Istio(cmd) => exit_code(istio::run(cmd)),
     }
 }
 
