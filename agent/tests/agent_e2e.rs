@@ -265,13 +265,15 @@ impl Drop for Env {
             let _ = s.wait();
         }
         if self.agent.is_some() {
-            for ep in ["web", "client", "init", "l7c", "kafka", "hq", "outpost"] {
+            for ep in [
+                "web", "client", "init", "l7c", "kafka", "hq", "outpost", "mesh",
+            ] {
                 let _ = self.membrane(&["endpoint", "delete", &self.ns(ep)]);
             }
         }
         self.kill_agent();
         for ep in [
-            "web", "client", "world", "init", "l7c", "kafka", "hq", "outpost",
+            "web", "client", "world", "init", "l7c", "kafka", "hq", "outpost", "mesh",
         ] {
             common::sh(&["ip", "netns", "del", &self.ns(ep)]);
         }
@@ -590,9 +592,11 @@ spec:
         - {role: consume, topic: empire-announce}
 "#;
 
-fn kafka_peer(name: &str) -> String {
+fn peer(name: &str) -> String {
     let v = std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run scripts/test.sh (it installs the Kafka peers)")
+        panic!(
+            "{name} is not set: run scripts/test.sh (it installs the peers and builds the filter)"
+        )
     });
     assert!(Path::new(&v).exists(), "{name}={v} does not exist");
     v
@@ -602,8 +606,8 @@ fn kafka_peer(name: &str) -> String {
 /// only produce to empire-announce and a consumer endpoint that may only consume it, each using
 /// real clients. Every connection to 9092 is redirected to the agent's proxy by the datapath.
 fn kafka_checks(env: &mut Env) {
-    let tansu = kafka_peer("MEMBRANE_TANSU");
-    let python = kafka_peer("KAFKA_PYTHON");
+    let tansu = peer("MEMBRANE_TANSU");
+    let python = peer("KAFKA_PYTHON");
     let client_py = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../l7-proxy/tests/kafka/client.py"
@@ -770,6 +774,178 @@ fn kafka_checks(env: &mut Env) {
 /// The agent's xDS: a stream subscribed to an endpoint's NetworkPolicy gets it (and the hosts
 /// map), its ACK shows in `membrane endpoint get`, a policy change reaches it within a second,
 /// and a NACK shows with its error.
+const MESH_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mesh}
+spec:
+  endpointSelector: {matchLabels: {app: mesh}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/public/.*"}]
+  egress:
+  - toEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+"#;
+
+/// Istio mode: endpoint `mesh` carries Istio's sidecar label and runs a real Envoy with
+/// membrane's wasm filter in its namespace, fed by the agent's xDS socket. The datapath leaves
+/// its HTTP port to the sidecar (L3/L4 only, no redirect to the agent's proxy), the sidecar
+/// judges the HTTP rules, and everything Istio does not capture (here UDP) is still enforced by
+/// the datapath: the sidecar endpoint reaches the client's DNS port and nothing else.
+fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
+    let envoy = peer("MEMBRANE_ENVOY");
+    let wasm = peer("MEMBRANE_WASM_FILTER");
+    write_policy(&env.dir.join("policy"), "mesh.yaml", MESH_POLICY);
+    let mesh = env.ns("mesh");
+    let m = env.json(&[
+        "endpoint",
+        "create",
+        &mesh,
+        "--labels",
+        "app=mesh,security.istio.io/tlsMode=istio",
+    ]);
+    let mesh_ip = m["addresses"][0].as_str().unwrap().to_string();
+    let mesh_identity = m["identity"].as_u64().unwrap();
+    let www = env.dir.join("mesh-www");
+    fs::create_dir_all(www.join("public")).unwrap();
+    fs::write(www.join("public/a"), "public\n").unwrap();
+    fs::write(www.join("private"), "private\n").unwrap();
+    let app = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &mesh,
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+        ])
+        .args(["--bind", "127.0.0.1"])
+        .current_dir(&www)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env.servers.push(app);
+    let config = format!(
+        r#"
+node: {{id: sidecar-mesh, cluster: mesh}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: inbound_80
+    address: {{socket_address: {{address: {mesh_ip}, port_value: 80}}}}
+    traffic_direction: INBOUND
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: membrane
+                root_id: membrane
+                failure_policy: FAIL_RELOAD
+                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: '{{"xds_cluster":"membrane_xds"}}'}}
+                vm_config: {{vm_id: membrane, runtime: envoy.wasm.runtime.v8, code: {{local: {{filename: "{wasm}"}}}}}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8080}}}}}}}}]}}]
+  - name: membrane_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: membrane_xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{}"}}}}}}}}]}}]
+"#,
+        env.xds_socket().display()
+    );
+    fs::write(env.dir.join("mesh-envoy.yaml"), config).unwrap();
+    let log_path = env.dir.join("mesh-envoy.log");
+    let sidecar = Command::new("ip")
+        .args(["netns", "exec", &mesh, &envoy, "-c"])
+        .arg(env.dir.join("mesh-envoy.yaml"))
+        .args(["--concurrency", "1", "--disable-hot-restart"])
+        .args(["--base-id", &(30000 + env.tag).to_string()])
+        .args(["--log-level", "info"])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    env.servers.push(sidecar);
+    let envoy_log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let url = |path: &str| format!("http://{mesh_ip}/{path}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.curl("client", &[&url("public/a")]).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never served:\n{}",
+            envoy_log()
+        );
+        sleep(Duration::from_millis(300));
+    }
+    let (code, body) = env.curl("client", &[&url("private")]);
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "Access denied\r"),
+        "the sidecar's deny"
+    );
+    assert!(
+        envoy_log().contains(&format!(
+            "membrane: denied inbound GET /private from {client_ip} identity {client_identity} \
+             to {mesh} identity {mesh_identity} port 80: no HTTP rule allows it"
+        )),
+        "judged in the sidecar with the agent's identities:\n{}",
+        envoy_log()
+    );
+    // The sidecar's policy streams (main thread and worker) acknowledged the endpoint's policy.
+    let x = env.json(&["endpoint", "get", &mesh])["xds"].clone();
+    let acked = x["proxies"]
+        .as_object()
+        .map(|p| {
+            p.iter()
+                .filter(|(k, v)| k.starts_with("sidecar-mesh#") && v["acked"] == x["revision"])
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(acked, 2, "{x}");
+    // L3/L4 still in the datapath: an identity the policy does not name never reaches Envoy.
+    assert_eq!(
+        env.curl("web", &[&url("public/a")]).0,
+        0,
+        "web is not allowed"
+    );
+    // UDP, which Istio does not capture: DNS to the client passes, anything else is dropped.
+    env.serve("client", client_ip, &[], &[53, 5353]);
+    assert!(env.udp("mesh", client_ip, 53), "DNS is allowed");
+    assert!(!env.udp("mesh", client_ip, 5353), "a UDP leak is dropped");
+    // Leave the agent as the later steps expect it: the sidecar, its app and the endpoint gone.
+    for mut p in env.servers.drain(env.servers.len() - 3..) {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    fs::remove_file(env.dir.join("policy/mesh.yaml")).unwrap();
+    env.json(&["endpoint", "delete", &mesh]);
+}
+
 fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
     use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, v1};
     use membrane_xds_server::client::AdsClient;
@@ -1214,6 +1390,7 @@ fn agent_enforces_policy_between_endpoints() {
     l7_checks(&mut env, &web_ip, &web_ip6);
     kafka_checks(&mut env);
     xds_checks(&env, &web, w["identity"].as_u64().unwrap(), &web_ip);
+    sidecar_checks(&mut env, &client_ip, c["identity"].as_u64().unwrap());
 
     // A label change gives the client a new identity that the policy does not allow.
     let relabeled = env.json(&["endpoint", "labels", &client, "--set", "app=intruder"]);

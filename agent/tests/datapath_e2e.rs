@@ -238,8 +238,11 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
                 },
             )
             .unwrap();
-            dp.sync_policy(ep, &sync::policy_entries(ep, table, |_| 0))
-                .unwrap();
+            dp.sync_policy(
+                ep,
+                &sync::policy_entries(ep, table, sync::HttpEnforcer::Proxy, |_| 0),
+            )
+            .unwrap();
         }
     };
     write(&mut dp, &resolver);

@@ -689,7 +689,13 @@ impl Agent {
         // The L7 proxy does not exist yet: redirects carry no port and the datapath fails closed.
         // Redirects go to the embedded proxy's listener (0 without a proxy: the datapath drops).
         let proxy_port = self.config.proxy_port;
-        let entries = sync::policy_entries(id, table, |_| proxy_port);
+        let (key, value) = membrane_istio::SIDECAR_LABEL;
+        let http = if ep.labels.value(Source::K8s, key) == Some(value) {
+            sync::HttpEnforcer::Sidecar
+        } else {
+            sync::HttpEnforcer::Proxy
+        };
+        let entries = sync::policy_entries(id, table, http, |_| proxy_port);
         self.datapath.set_endpoint(
             ifindex,
             EndpointInfo {

@@ -5,7 +5,7 @@ use membrane_bpf::abi::{
     PolicyKey, PolicyValue,
 };
 use membrane_policy::resolve::{PolicyTable, Verdict};
-use membrane_policy::rule::Direction;
+use membrane_policy::rule::{Direction, L7Kind};
 
 /// The `EP_ENFORCE_*` flags of an endpoint's table.
 pub fn enforcement_flags(table: &PolicyTable) -> u32 {
@@ -19,12 +19,24 @@ pub fn enforcement_flags(table: &PolicyTable) -> u32 {
     flags
 }
 
+/// Who enforces an endpoint's HTTP rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpEnforcer {
+    /// The node's L7 proxy: the datapath redirects HTTP-governed connections to it.
+    Proxy,
+    /// The endpoint's own sidecar (Istio with membrane's wasm filter): its HTTP ports are only
+    /// checked at L3/L4 here, since under mutual TLS the node's proxy could not read them.
+    /// Kafka keys are still redirected.
+    Sidecar,
+}
+
 /// The policy-map entries of one endpoint. Each table key becomes one map key whose value is
 /// the key's effective verdict (the union over the keys that cover it), so the datapath's
 /// first-hit probe gives the table's answer. `proxy_port` gives the listener for L7 redirects.
 pub fn policy_entries(
     endpoint_id: u32,
     table: &PolicyTable,
+    http: HttpEnforcer,
     proxy_port: impl Fn(Direction) -> u16,
 ) -> Vec<(PolicyKey, PolicyValue)> {
     let mut out = Vec::new();
@@ -42,6 +54,11 @@ pub fn policy_entries(
             };
             let (action, port) = match effective.verdict {
                 Verdict::Allow => (POLICY_ALLOW, 0),
+                Verdict::Redirect(l7)
+                    if http == HttpEnforcer::Sidecar && l7.kind == Some(L7Kind::Http) =>
+                {
+                    (POLICY_ALLOW, 0)
+                }
                 Verdict::Redirect(_) => (POLICY_REDIRECT, proxy_port(dir)),
             };
             out.push((
@@ -90,8 +107,12 @@ mod tests {
         r.add_endpoint(NumericIdentity(257));
         let table = r.table(NumericIdentity(257)).unwrap();
         assert_eq!(enforcement_flags(table), EP_ENFORCE_INGRESS);
-        let mut e = policy_entries(9, table, |_| 15001);
-        e.sort_by_key(|(k, _)| (k.identity, k.dport, k.proto));
+        let entries = |http| {
+            let mut e = policy_entries(9, table, http, |_| 15001);
+            e.sort_by_key(|(k, _)| (k.identity, k.dport, k.proto));
+            e
+        };
+        let e = entries(HttpEnforcer::Proxy);
         let got: Vec<(u32, u16, u8, u8, u16)> = e
             .iter()
             .map(|(k, v)| (k.identity, k.dport, k.proto, v.action, v.proxy_port))
@@ -102,6 +123,19 @@ mod tests {
                 (0, 5432, 6, POLICY_ALLOW, 0),
                 (0, 5432, 17, POLICY_ALLOW, 0),
                 (256, 80, 6, POLICY_REDIRECT, 15001)
+            ]
+        );
+        // A sidecar endpoint's HTTP port is left to its sidecar: L3/L4 only.
+        let sidecar: Vec<(u32, u16, u8)> = entries(HttpEnforcer::Sidecar)
+            .iter()
+            .map(|(k, v)| (k.identity, k.dport, v.action))
+            .collect();
+        assert_eq!(
+            sidecar,
+            vec![
+                (0, 5432, POLICY_ALLOW),
+                (0, 5432, POLICY_ALLOW),
+                (256, 80, POLICY_ALLOW)
             ]
         );
         assert!(
