@@ -927,6 +927,30 @@ static_resources:
         })
         .unwrap_or(0);
     assert_eq!(acked, 2, "{x}");
+    let waited = env.json(&["endpoint", "wait", &mesh]);
+    assert_eq!(waited["realized"], true, "{waited}");
+    // A policy change: once `endpoint wait` returns, both sidecar VMs enforce it.
+    write_policy(
+        &env.dir.join("policy"),
+        "mesh.yaml",
+        &MESH_POLICY.replace("\"/public/.*\"", "\"/public/.*|/private\""),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.json(&["endpoint", "get", &mesh])["xds"]["revision"] == x["revision"] {
+        assert!(Instant::now() < deadline, "the edit was not published");
+        sleep(Duration::from_millis(50));
+    }
+    let waited = env.json(&["endpoint", "wait", &mesh, "--timeout", "5"]);
+    assert_eq!(
+        waited["acked"].as_object().map(|m| m.len()),
+        Some(2),
+        "{waited}"
+    );
+    assert_eq!(
+        env.curl("client", &[&url("private")]).0,
+        200,
+        "realized means enforced"
+    );
     // L3/L4 still in the datapath: an identity the policy does not name never reaches Envoy.
     assert_eq!(
         env.curl("web", &[&url("public/a")]).0,
@@ -942,8 +966,18 @@ static_resources:
         let _ = p.kill();
         let _ = p.wait();
     }
+    let revision = env.json(&["status"])["policy"]["revision"].clone();
     fs::remove_file(env.dir.join("policy/mesh.yaml")).unwrap();
     env.json(&["endpoint", "delete", &mesh]);
+    // Later steps tamper with the maps: the removal must be applied before they start.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.json(&["status"])["policy"]["revision"] == revision {
+        assert!(
+            Instant::now() < deadline,
+            "the policy removal was not applied"
+        );
+        sleep(Duration::from_millis(50));
+    }
 }
 
 fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
@@ -993,6 +1027,15 @@ fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
             .iter()
             .any(|e| e.port == 8090 && !e.l7.is_empty()),
         "the L7 port carries its HTTP rules: {ingress:?}"
+    );
+    // Not acknowledged yet: waiting for the revision to be realized times out, naming the stream.
+    let out = env.membrane(&["endpoint", "wait", web, "--timeout", "0.3"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("not acknowledged in time by sidecar-web#"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     rt.block_on(c.ack(&first, &[web])).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);

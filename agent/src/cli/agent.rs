@@ -49,6 +49,20 @@ pub(super) enum EndpointCommand {
         #[command(flatten)]
         api: Api,
     },
+    /// Wait until every sidecar proxy subscribed to the endpoint's policy has acknowledged a
+    /// revision (exit 0), or fail when one rejects it or the timeout passes.
+    Wait {
+        /// Name.
+        name: String,
+        /// The xDS revision (default: the current one, as `endpoint get` shows it).
+        #[arg(long)]
+        revision: Option<u64>,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        #[command(flatten)]
+        api: Api,
+    },
     /// Delete an endpoint and its namespace.
     Delete {
         /// Name.
@@ -147,6 +161,31 @@ pub(super) fn endpoint(cmd: EndpointCommand) -> Result<()> {
             )?;
             show(&api, &v, |v| {
                 serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+            });
+        }
+        EndpointCommand::Wait {
+            name,
+            revision,
+            timeout,
+            api,
+        } => {
+            if !(timeout.is_finite() && timeout >= 0.0) {
+                anyhow::bail!("--timeout {timeout}: a number of seconds expected");
+            }
+            let mut path = format!(
+                "/v1/endpoints/{name}/realized?timeout_ms={}",
+                (timeout * 1000.0) as u64
+            );
+            if let Some(r) = revision {
+                path += &format!("&revision={r}");
+            }
+            let v = expect_ok(&api.api_socket, Method::GET, &path, None)?;
+            show(&api, &v, |v| {
+                format!(
+                    "endpoint {name}: revision {} realized by {} proxies\n",
+                    v["revision"],
+                    v["acked"].as_object().map_or(0, |m| m.len())
+                )
             });
         }
         EndpointCommand::Delete { name, api } => {

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
@@ -28,6 +28,7 @@ pub fn router(agent: Shared) -> Router {
             get(get_one).put(create).delete(delete),
         )
         .route("/v1/endpoints/{name}/labels", patch(relabel))
+        .route("/v1/endpoints/{name}/realized", get(realized))
         .with_state(agent)
 }
 
@@ -177,6 +178,67 @@ async fn get_one(
         Ok(Json(json))
     })
     .await
+}
+
+#[derive(Debug, Deserialize)]
+struct RealizedQuery {
+    /// The NetworkPolicy revision to wait for (default: the current one).
+    revision: Option<u64>,
+    /// How long to wait, in milliseconds (default 5000).
+    timeout_ms: Option<u64>,
+}
+
+/// Waits until every proxy subscribed to the endpoint's policy has acknowledged `revision`:
+/// 200 when it has (also when no proxy is subscribed: nothing is pending), 409 as soon as one
+/// rejects it (with Envoy's error), 504 when the timeout passes first (naming who is pending).
+async fn realized(
+    State(agent): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<RealizedQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (xds, current) = with_agent(agent, {
+        let name = name.clone();
+        move |a| {
+            a.endpoint(&name)
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no endpoint {name:?}")))?;
+            let xds = a.xds();
+            let current = xds.version(membrane_api::NETWORK_POLICY_TYPE);
+            Ok((xds, current))
+        }
+    })
+    .await?;
+    let revision = q.revision.unwrap_or(current);
+    if revision > current {
+        return Err(bad(format!(
+            "revision {revision} does not exist yet (current: {current})"
+        )));
+    }
+    let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(5000));
+    let waited = xds
+        .wait_realized(membrane_api::NETWORK_POLICY_TYPE, &name, revision, timeout)
+        .await;
+    let status = xds
+        .statuses(membrane_api::NETWORK_POLICY_TYPE)
+        .into_iter()
+        .filter(|(_, s)| s.subscribed.is_empty() || s.subscribed.contains(&name))
+        .map(|(node, s)| (node, json!(s.acked)))
+        .collect::<serde_json::Map<_, _>>();
+    match waited {
+        Ok(()) => Ok(Json(json!({
+            "endpoint": name,
+            "revision": revision,
+            "realized": true,
+            "acked": status,
+        }))),
+        Err(e @ membrane_xds_server::ads::RealizeError::Nacked { .. }) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("{name} revision {revision}: {e}"),
+        )),
+        Err(e) => Err(ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("{name} revision {revision}: {e}"),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
