@@ -412,6 +412,10 @@ fn start_envoy(envoy: &str, dir: &std::path::Path, name: &str, base_id: u16) -> 
 /// Serves `cache` on the xDS port from a runtime of its own, so that dropping the runtime ends the
 /// server and its streams at once, as an agent crash would.
 fn start_xds(cache: &XdsCache) -> XdsServer {
+    start_xds_on(XDS, cache)
+}
+
+fn start_xds_on(port: u16, cache: &XdsCache) -> XdsServer {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -419,7 +423,7 @@ fn start_xds(cache: &XdsCache) -> XdsServer {
         .unwrap();
     let cache = cache.clone();
     rt.spawn(async move {
-        serve_tcp(([127, 0, 0, 1], XDS).into(), cache, std::future::pending())
+        serve_tcp(([127, 0, 0, 1], port).into(), cache, std::future::pending())
             .await
             .unwrap();
     });
@@ -538,8 +542,13 @@ fn get(from: &str, path: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// The tests start Envoys whose V8 compiles take seconds of CPU; one at a time keeps the
+/// sub-second assertions meaningful on two cores.
+static ONE_ENVOY_TEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_filter_enforces_membrane_policy_inside_envoy() {
+    let _one = ONE_ENVOY_TEST.lock().await;
     let envoy = env_path("MEMBRANE_ENVOY");
     let wasm = env_path("MEMBRANE_WASM_FILTER");
     let dir = tempfile::tempdir().unwrap();
@@ -849,4 +858,156 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     tokio::task::spawn_blocking(move || checks(403))
         .await
         .unwrap();
+}
+
+const ECDS_LISTEN: u16 = 19390;
+const ECDS_XDS: u16 = 19392;
+const ECDS_ADMIN: u16 = 19393;
+
+/// Standalone (non-Istio) mode: Envoy's bootstrap names only the agent's cluster; the filter
+/// itself (module, V8, FAIL_RELOAD, its configuration) arrives over ECDS from membrane's ADS
+/// server, built by the function the agent publishes with. A configuration the filter refuses
+/// is NACKed by Envoy and the filter in force keeps enforcing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_envoy_gets_the_filter_over_ecds() {
+    use membrane_xds_server::translate::{
+        HTTP_WASM_TYPE, TYPED_EXTENSION_CONFIG_TYPE, wasm_filter_extension,
+    };
+    let _one = ONE_ENVOY_TEST.lock().await;
+    let envoy = env_path("MEMBRANE_ENVOY");
+    let wasm = env_path("MEMBRANE_WASM_FILTER");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = XdsCache::new();
+    let mut policy = web_policy(&["/public/.*"]);
+    // This listener's port, for identity 301 with the same rules.
+    let mut np = v1::NetworkPolicy::decode(policy["web"].as_slice()).unwrap();
+    let entries = &mut np.ingress.as_mut().unwrap().entries;
+    entries.retain(|e| e.port == u32::from(LISTEN));
+    for e in entries {
+        e.port = ECDS_LISTEN.into();
+    }
+    policy.insert("web".into(), np.encode_to_vec());
+    cache.set_resources(NETWORK_POLICY_TYPE, policy);
+    cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
+    let ecds = |cluster: &str| {
+        BTreeMap::from([(
+            "membrane".to_string(),
+            wasm_filter_extension("membrane", &wasm, cluster).encode_to_vec(),
+        )])
+    };
+    let first = cache.set_resources(TYPED_EXTENSION_CONFIG_TYPE, ecds("membrane_xds"));
+    let _xds = start_xds_on(ECDS_XDS, &cache);
+    let config = format!(
+        r#"
+node: {{id: standalone-web, cluster: web}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_ADMIN}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]
+static_resources:
+  listeners:
+  - name: inbound_{ECDS_LISTEN}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_LISTEN}}}}}
+    traffic_direction: INBOUND
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "ok"}}}}}}]}}]
+          http_filters:
+          - name: membrane
+            config_discovery:
+              config_source: {{resource_api_version: V3, ads: {{}}, initial_fetch_timeout: 30s}}
+              type_urls: ["{HTTP_WASM_TYPE}"]
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: membrane_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: membrane_xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_XDS}}}}}}}}}]}}]
+"#
+    );
+    std::fs::write(dir.path().join("standalone.yaml"), config).unwrap();
+    let _envoy = start_envoy(&envoy, dir.path(), "standalone", 19390);
+    let log = || std::fs::read_to_string(dir.path().join("standalone.log")).unwrap_or_default();
+    let status = |from: &'static str, path: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "3",
+                ])
+                .args(["--interface", from])
+                .arg(format!("http://127.0.0.1:{ECDS_LISTEN}{path}"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .await
+        .unwrap()
+    };
+    // Envoy (node standalone-web) acknowledges the extension; the listener serves once the
+    // module is compiled and the filter has its policy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cache
+        .statuses(TYPED_EXTENSION_CONFIG_TYPE)
+        .iter()
+        .any(|(k, s)| k.starts_with("standalone-web#") && s.acked == Some(first))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Envoy never acknowledged the filter's configuration:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status("127.0.0.2", "/public/a").await != "200" {
+        assert!(
+            Instant::now() < deadline,
+            "the listener never served:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status("127.0.0.2", "/private").await, "403", "301's rules");
+    assert_eq!(status("127.0.0.3", "/private").await, "200", "302: L3/L4");
+    assert_eq!(status("127.0.0.4", "/public/a").await, "403", "world");
+
+    // A configuration the filter refuses (no cluster): Envoy NACKs it with its reason, and the
+    // filter in force keeps enforcing.
+    let bad = cache.set_resources(TYPED_EXTENSION_CONFIG_TYPE, ecds(""));
+    let nack = cache
+        .wait_realized(
+            TYPED_EXTENSION_CONFIG_TYPE,
+            "membrane",
+            bad,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        matches!(&nack, Err(RealizeError::Nacked { detail, .. }) if detail.contains("membrane")),
+        "{nack:?}\n{}",
+        log()
+    );
+    assert_eq!(status("127.0.0.2", "/public/a").await, "200");
+    assert_eq!(status("127.0.0.2", "/private").await, "403");
+    assert!(log().contains("xds_cluster is required"), "{}", log());
 }

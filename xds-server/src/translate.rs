@@ -81,3 +81,64 @@ pub fn spiffe_identities<'i>(
             .collect(),
     }
 }
+
+/// Type URL of ECDS resources.
+pub const TYPED_EXTENSION_CONFIG_TYPE: &str =
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// Type URL of Envoy's wasm HTTP filter configuration.
+pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+/// The ECDS resource (`TypedExtensionConfig`) that configures membrane's wasm filter in a
+/// standalone Envoy (outside Istio, where istiod delivers it): the module from a local file,
+/// V8, FAIL_RELOAD, and the filter's JSON configuration (`xds_cluster` naming Envoy's cluster
+/// for the agent). `name` is the filter name the listener's `config_discovery` asks for.
+pub fn wasm_filter_extension(
+    name: &str,
+    module_path: &str,
+    xds_cluster: &str,
+) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+    use envoy_types::pb::envoy::config::core::v3::{
+        AsyncDataSource, DataSource, TypedExtensionConfig, async_data_source, data_source,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::{
+        FailurePolicy, PluginConfig, VmConfig, plugin_config,
+    };
+    use envoy_types::pb::google::protobuf::{Any, StringValue};
+    use prost::Message;
+    let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
+    let wasm = Wasm {
+        config: Some(PluginConfig {
+            name: name.to_string(),
+            root_id: name.to_string(),
+            configuration: Some(Any {
+                type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
+                value: StringValue {
+                    value: configuration,
+                }
+                .encode_to_vec(),
+            }),
+            failure_policy: FailurePolicy::FailReload as i32,
+            vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+                vm_id: name.to_string(),
+                runtime: "envoy.wasm.runtime.v8".into(),
+                code: Some(AsyncDataSource {
+                    specifier: Some(async_data_source::Specifier::Local(DataSource {
+                        specifier: Some(data_source::Specifier::Filename(module_path.to_string())),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+    };
+    TypedExtensionConfig {
+        name: name.to_string(),
+        typed_config: Some(Any {
+            type_url: HTTP_WASM_TYPE.into(),
+            value: wasm.encode_to_vec(),
+        }),
+    }
+}

@@ -93,6 +93,17 @@ pub struct Config {
         default_value = "cluster.local"
     )]
     pub xds_trust_domain: String,
+    /// For a standalone (non-Istio) Envoy: serve ECDS (`TypedExtensionConfig` named `membrane`)
+    /// configuring membrane's wasm filter from this module file on Envoy's host.
+    #[arg(long, env = "MEMBRANE_XDS_WASM_MODULE")]
+    pub xds_wasm_module: Option<PathBuf>,
+    /// The Envoy cluster through which that filter reaches the agent's xDS.
+    #[arg(
+        long,
+        env = "MEMBRANE_XDS_WASM_CLUSTER",
+        default_value = "membrane_xds"
+    )]
+    pub xds_wasm_cluster: String,
 }
 
 impl Config {
@@ -179,6 +190,8 @@ impl Config {
             "xds_socket" => self.xds_socket = other.xds_socket.clone(),
             "xds_addr" => self.xds_addr = other.xds_addr,
             "xds_trust_domain" => self.xds_trust_domain = other.xds_trust_domain.clone(),
+            "xds_wasm_module" => self.xds_wasm_module = other.xds_wasm_module.clone(),
+            "xds_wasm_cluster" => self.xds_wasm_cluster = other.xds_wasm_cluster.clone(),
             _ => {}
         }
     }

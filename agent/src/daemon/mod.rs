@@ -307,6 +307,17 @@ impl Agent {
             SPIFFE_IDENTITIES_TYPE,
             BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
         );
+        if let Some(module) = &self.config.xds_wasm_module {
+            let ecds = translate::wasm_filter_extension(
+                "membrane",
+                &module.display().to_string(),
+                &self.config.xds_wasm_cluster,
+            );
+            self.xds.set_resources(
+                translate::TYPED_EXTENSION_CONFIG_TYPE,
+                BTreeMap::from([("membrane".to_string(), ecds.encode_to_vec())]),
+            );
+        }
     }
 
     /// The xDS resources and their subscribers' acknowledgements.
