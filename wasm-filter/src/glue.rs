@@ -163,7 +163,7 @@ impl Root {
         ) {
             Ok(token) => {
                 self.stream = Some(token);
-                // Resubscribe with what is in force, so the server only sends what changed.
+                // Report what is in force; a new stream is answered with the current state.
                 let versions = self.state.borrow().versions.clone();
                 for t in TYPES {
                     let v = versions.get(t).map_or("", String::as_str);
