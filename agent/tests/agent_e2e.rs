@@ -8,6 +8,8 @@
 
 mod common;
 
+use membrane_tests::envoy;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -830,53 +832,23 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
         .spawn()
         .unwrap();
     env.servers.push(app);
+    let filter = envoy::membrane_filter(&wasm, r#"{"xds_cluster":"membrane_xds"}"#);
+    let inbound = envoy::Listener {
+        name: "inbound_80",
+        address: &mesh_ip,
+        port: 80,
+        direction: "INBOUND",
+        transport: "",
+        route: "route: {cluster: app}",
+        filters: &filter,
+    };
+    let agent_xds = format!("{{pipe: {{path: \"{}\"}}}}", env.xds_socket().display());
     let config = format!(
-        r#"
-node: {{id: sidecar-mesh, cluster: mesh}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
-static_resources:
-  listeners:
-  - name: inbound_80
-    address: {{socket_address: {{address: {mesh_ip}, port_value: 80}}}}
-    traffic_direction: INBOUND
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: membrane
-                root_id: membrane
-                failure_policy: FAIL_RELOAD
-                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: '{{"xds_cluster":"membrane_xds"}}'}}
-                vm_config: {{vm_id: membrane, runtime: envoy.wasm.runtime.v8, code: {{local: {{filename: "{wasm}"}}}}}}
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: app
-    type: STATIC
-    load_assignment:
-      cluster_name: app
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8080}}}}}}}}]}}]
-  - name: membrane_xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: membrane_xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{}"}}}}}}}}]}}]
-"#,
-        env.xds_socket().display()
+        "node: {{id: sidecar-mesh, cluster: mesh}}\nadmin: {{address: {}}}\nstatic_resources:\n  listeners:\n{}  clusters:\n{}{}",
+        envoy::socket("127.0.0.1", 15000),
+        inbound.yaml(),
+        envoy::cluster("app", &envoy::socket("127.0.0.1", 8080), false, ""),
+        envoy::cluster("membrane_xds", &agent_xds, true, ""),
     );
     fs::write(env.dir.join("mesh-envoy.yaml"), config).unwrap();
     let log_path = env.dir.join("mesh-envoy.log");
@@ -1491,6 +1463,18 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(counts["ok"].as_u64().unwrap() > 5, "{counts}");
 
     // Something else deletes web's policy entries: the reconcile controller puts them back.
+    // It runs every 10 s: tamper right after one run, so that the check below cannot race it.
+    let reconciled = |env: &Env| {
+        env.json(&["status"])["controllers"]["reconcile"]["successes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = reconciled(&env);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reconciled(&env) == before {
+        assert!(Instant::now() < deadline, "no reconcile run in 15 s");
+        sleep(Duration::from_millis(50));
+    }
     {
         use aya::maps::{HashMap, Map, MapData};
         use membrane_bpf::abi::{PolicyKey, PolicyValue};
@@ -1519,12 +1503,7 @@ fn agent_enforces_policy_between_endpoints() {
         env.eventually("client", &web_ip, 8080, true, 15),
         "the reconcile controller did not repair the map"
     );
-    assert!(
-        env.json(&["status"])["controllers"]["reconcile"]["successes"]
-            .as_u64()
-            .unwrap()
-            >= 1
-    );
+    assert!(reconciled(&env) > before);
 
     // kill -9 and restart under load: every allowed request succeeds and nothing denied passes,
     // all along (8082 has no server: a packet that got through would come back refused).

@@ -1,5 +1,8 @@
 //! End-to-end tests live in `tests/`. This library holds fixtures that other crates' tests share:
-//! the Star Wars example (`examples/starwars`) resolved the way the agent resolves it.
+//! the Star Wars example (`examples/starwars`) resolved the way the agent resolves it, and the
+//! Envoy configuration pieces of the tests that run a real Envoy.
+
+pub mod envoy;
 
 use std::net::IpAddr;
 

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE, v1};
+use membrane_tests::envoy;
 use membrane_xds_server::ads::{RealizeError, XdsCache, serve_tcp};
 use prost::Message;
 
@@ -159,65 +160,41 @@ fn listener(wasm: &str, port: u16, tls: Option<&std::path::Path>) -> String {
             f("ca.crt")
         )
     });
-    format!(
-        r#"
-  - name: inbound_{port}
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    traffic_direction: INBOUND
-    filter_chains:
-    - {transport}filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: membrane
-                root_id: membrane
-                failure_policy: FAIL_RELOAD
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{{"xds_cluster":"membrane_xds","node":"sidecar-web","crash_on_header":"x-membrane-test-crash"}}'
-                vm_config:
-                  vm_id: membrane
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: "{wasm}"}}}}
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
-    )
+    let filter = envoy::membrane_filter(
+        wasm,
+        r#"{"xds_cluster":"membrane_xds","node":"sidecar-web","crash_on_header":"x-membrane-test-crash"}"#,
+    );
+    envoy::Listener {
+        name: &format!("inbound_{port}"),
+        address: "127.0.0.1",
+        port,
+        direction: "INBOUND",
+        transport: &transport,
+        route: "route: {cluster: app}",
+        filters: &filter,
+    }
+    .yaml()
+}
+
+/// The cluster through which a filter reaches the test's xDS server.
+fn xds_cluster(port: u16) -> String {
+    envoy::cluster("membrane_xds", &envoy::socket("127.0.0.1", port), true, "")
 }
 
 fn envoy_config(wasm: &str, tls: &std::path::Path) -> String {
     format!(
         r#"
 node: {{id: sidecar-web, cluster: web}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
+admin: {{address: {}}}
 static_resources:
-  listeners:{}{}
-  clusters:
-  - name: app
-    type: STATIC
-    load_assignment:
-      cluster_name: app
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {UPSTREAM}}}}}}}}}]}}]
-  - name: membrane_xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: membrane_xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {XDS}}}}}}}}}]}}]
-"#,
+  listeners:
+{}{}  clusters:
+{}{}"#,
+        envoy::socket("127.0.0.1", ADMIN),
         listener(wasm, LISTEN, None),
-        listener(wasm, LISTEN_TLS, Some(tls))
+        listener(wasm, LISTEN_TLS, Some(tls)),
+        envoy::cluster("app", &envoy::socket("127.0.0.1", UPSTREAM), false, ""),
+        xds_cluster(XDS),
     )
 }
 
@@ -226,45 +203,8 @@ static_resources:
 fn luke_envoy_config(wasm: &str, tls: &std::path::Path) -> String {
     let f = |name: &str| tls.join(name).display().to_string();
     let (crt, key, ca) = (f("luke.crt"), f("luke.key"), f("ca.crt"));
-    format!(
-        r#"
-node: {{id: sidecar-luke, cluster: luke}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {LUKE_ADMIN}}}}}}}
-static_resources:
-  listeners:
-  - name: outbound_web
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {LUKE_OUT}}}}}
-    traffic_direction: OUTBOUND
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: web_mtls}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: membrane
-                root_id: membrane
-                failure_policy: FAIL_RELOAD
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{{"xds_cluster":"membrane_xds"}}'
-                vm_config:
-                  vm_id: membrane
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: "{wasm}"}}}}
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: web_mtls
-    type: STATIC
-    connect_timeout: 1s
-    transport_socket:
+    let upstream_tls = format!(
+        r#"    transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
@@ -276,20 +216,36 @@ static_resources:
             match_typed_subject_alt_names:
             - san_type: URI
               matcher: {{exact: "spiffe://cluster.local/ns/default/sa/web"}}
-    load_assignment:
-      cluster_name: web_mtls
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN_TLS}}}}}}}}}]}}]
-  - name: membrane_xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: membrane_xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {XDS}}}}}}}}}]}}]
 "#
+    );
+    // No node in the configuration: the filter subscribes as its Envoy (sidecar-luke).
+    let filter = envoy::membrane_filter(wasm, r#"{"xds_cluster":"membrane_xds"}"#);
+    let outbound = envoy::Listener {
+        name: "outbound_web",
+        address: "127.0.0.1",
+        port: LUKE_OUT,
+        direction: "OUTBOUND",
+        transport: "",
+        route: "route: {cluster: web_mtls}",
+        filters: &filter,
+    };
+    format!(
+        r#"
+node: {{id: sidecar-luke, cluster: luke}}
+admin: {{address: {}}}
+static_resources:
+  listeners:
+{}  clusters:
+{}{}"#,
+        envoy::socket("127.0.0.1", LUKE_ADMIN),
+        outbound.yaml(),
+        envoy::cluster(
+            "web_mtls",
+            &envoy::socket("127.0.0.1", LISTEN_TLS),
+            false,
+            &upstream_tls
+        ),
+        xds_cluster(XDS),
     )
 }
 
@@ -365,32 +321,50 @@ fn certificates(dir: &std::path::Path) {
     }
 }
 
-/// curl over mTLS with a client certificate, from a source address: the status.
-fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
+/// curl from a source address with extra arguments: the HTTP status (0 when none came).
+fn status(from: &str, args: &[&str], url: &str) -> u16 {
     let out = Command::new("curl")
         .args([
             "-s",
             "-o",
             "/dev/null",
+            "-w",
+            "%{http_code}",
             "--max-time",
             "3",
-            "--interface",
-            from,
         ])
-        .args(["-w", "%{http_code}", "--cacert"])
-        .arg(dir.join("ca.crt"))
-        .arg("--cert")
-        .arg(dir.join(format!("{cert}.crt")))
-        .arg("--key")
-        .arg(dir.join(format!("{cert}.key")))
-        .args(["--resolve", &format!("localhost:{LISTEN_TLS}:127.0.0.1")])
-        .arg(format!("https://localhost:{LISTEN_TLS}{path}"))
+        .args(["--interface", from])
+        .args(args)
+        .arg(url)
         .output()
         .expect("curl");
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
         .unwrap_or(0)
+}
+
+/// curl over mTLS with a client certificate, from a source address: the status.
+fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
+    let file = |ext: &str| dir.join(format!("{cert}.{ext}")).display().to_string();
+    let ca = dir.join("ca.crt").display().to_string();
+    let resolve = format!("localhost:{LISTEN_TLS}:127.0.0.1");
+    let (crt, key) = (file("crt"), file("key"));
+    let args = [
+        "--cacert",
+        &ca,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        "--resolve",
+        &resolve,
+    ];
+    status(
+        from,
+        &args,
+        &format!("https://localhost:{LISTEN_TLS}{path}"),
+    )
 }
 
 /// Starts Envoy on `DIR/NAME.yaml`, logging to `DIR/NAME.log`.
@@ -658,23 +632,13 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         );
         let xfcc = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/default/sa/web;\
                     URI=spiffe://cluster.local/ns/default/sa/luke";
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--interface",
-                "127.0.0.4",
-            ])
-            .args(["-H", xfcc])
-            .arg(format!("http://127.0.0.1:{LISTEN}/public/a"))
-            .output()
-            .unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "403",
+            status(
+                "127.0.0.4",
+                &["-H", xfcc],
+                &format!("http://127.0.0.1:{LISTEN}/public/a")
+            ),
+            403,
             "XFCC is never trusted"
         );
     })
@@ -687,24 +651,14 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     let luke_log =
         || std::fs::read_to_string(dir.path().join("luke-envoy.log")).unwrap_or_default();
     let via_luke = |path: &str| {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "3",
-            ])
-            .args(["--interface", "127.0.0.2"])
-            .arg(format!("http://127.0.0.1:{LUKE_OUT}{path}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        status(
+            "127.0.0.2",
+            &[],
+            &format!("http://127.0.0.1:{LUKE_OUT}{path}"),
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while via_luke("/public/a") != "200" {
+    while via_luke("/public/a") != 200 {
         assert!(
             Instant::now() < deadline,
             "luke's sidecar never passed a request:\n{}\n{}",
@@ -713,8 +667,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(via_luke("/private"), "403", "luke's egress");
-    assert_eq!(via_luke("/admin"), "403", "web's ingress");
+    assert_eq!(via_luke("/private"), 403, "luke's egress");
+    assert_eq!(via_luke("/admin"), 403, "web's ingress");
     assert!(
         luke_log().contains(
             "membrane: denied outbound GET /private from luke identity 301 to 127.0.0.1 \
@@ -817,17 +771,15 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     let seeded = || envoy_log().matches("from shared data").count();
     let seeded_before = seeded();
     let crashed = tokio::task::spawn_blocking(|| {
-        let out = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(["--interface", "127.0.0.2", "-H", "x-membrane-test-crash: 1"])
-            .arg(format!("http://127.0.0.1:{LISTEN}/public/a"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        status(
+            "127.0.0.2",
+            &["-H", "x-membrane-test-crash: 1"],
+            &format!("http://127.0.0.1:{LISTEN}/public/a"),
+        )
     })
     .await
     .unwrap();
-    assert_eq!(crashed, "503", "the panicking request");
+    assert_eq!(crashed, 503, "the panicking request");
     tokio::task::spawn_blocking(move || checks(200))
         .await
         .unwrap();
@@ -897,10 +849,26 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
     };
     let first = cache.set_resources(TYPED_EXTENSION_CONFIG_TYPE, ecds("membrane_xds"));
     let _xds = start_xds_on(ECDS_XDS, &cache);
+    let ecds_filter = format!(
+        r#"          - name: membrane
+            config_discovery:
+              config_source: {{resource_api_version: V3, ads: {{}}, initial_fetch_timeout: 30s}}
+              type_urls: ["{HTTP_WASM_TYPE}"]
+"#
+    );
+    let inbound = envoy::Listener {
+        name: "inbound",
+        address: "127.0.0.1",
+        port: ECDS_LISTEN,
+        direction: "INBOUND",
+        transport: "",
+        route: r#"direct_response: {status: 200, body: {inline_string: "ok"}}"#,
+        filters: &ecds_filter,
+    };
     let config = format!(
         r#"
 node: {{id: standalone-web, cluster: web}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_ADMIN}}}}}}}
+admin: {{address: {}}}
 dynamic_resources:
   ads_config:
     api_type: GRPC
@@ -908,57 +876,18 @@ dynamic_resources:
     grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]
 static_resources:
   listeners:
-  - name: inbound_{ECDS_LISTEN}
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_LISTEN}}}}}
-    traffic_direction: INBOUND
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "ok"}}}}}}]}}]
-          http_filters:
-          - name: membrane
-            config_discovery:
-              config_source: {{resource_api_version: V3, ads: {{}}, initial_fetch_timeout: 30s}}
-              type_urls: ["{HTTP_WASM_TYPE}"]
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: membrane_xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: membrane_xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_XDS}}}}}}}}}]}}]
-"#
+{}  clusters:
+{}"#,
+        envoy::socket("127.0.0.1", ECDS_ADMIN),
+        inbound.yaml(),
+        xds_cluster(ECDS_XDS),
     );
     std::fs::write(dir.path().join("standalone.yaml"), config).unwrap();
     let _envoy = start_envoy(&envoy, dir.path(), "standalone", 19390);
     let log = || std::fs::read_to_string(dir.path().join("standalone.log")).unwrap_or_default();
-    let status = |from: &'static str, path: &'static str| async move {
+    let status_of = |from: &'static str, path: &'static str| async move {
         tokio::task::spawn_blocking(move || {
-            let out = Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "3",
-                ])
-                .args(["--interface", from])
-                .arg(format!("http://127.0.0.1:{ECDS_LISTEN}{path}"))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            status(from, &[], &format!("http://127.0.0.1:{ECDS_LISTEN}{path}"))
         })
         .await
         .unwrap()
@@ -979,7 +908,7 @@ static_resources:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status("127.0.0.2", "/public/a").await != "200" {
+    while status_of("127.0.0.2", "/public/a").await != 200 {
         assert!(
             Instant::now() < deadline,
             "the listener never served:\n{}",
@@ -987,9 +916,9 @@ static_resources:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(status("127.0.0.2", "/private").await, "403", "301's rules");
-    assert_eq!(status("127.0.0.3", "/private").await, "200", "302: L3/L4");
-    assert_eq!(status("127.0.0.4", "/public/a").await, "403", "world");
+    assert_eq!(status_of("127.0.0.2", "/private").await, 403, "301's rules");
+    assert_eq!(status_of("127.0.0.3", "/private").await, 200, "302: L3/L4");
+    assert_eq!(status_of("127.0.0.4", "/public/a").await, 403, "world");
 
     // A configuration the filter refuses (no cluster): Envoy NACKs it with its reason, and the
     // filter in force keeps enforcing.
@@ -1007,7 +936,7 @@ static_resources:
         "{nack:?}\n{}",
         log()
     );
-    assert_eq!(status("127.0.0.2", "/public/a").await, "200");
-    assert_eq!(status("127.0.0.2", "/private").await, "403");
+    assert_eq!(status_of("127.0.0.2", "/public/a").await, 200);
+    assert_eq!(status_of("127.0.0.2", "/private").await, 403);
     assert!(log().contains("xds_cluster is required"), "{}", log());
 }

@@ -1,0 +1,101 @@
+//! Envoy configuration pieces that the end-to-end tests with a real Envoy share (YAML text, at
+//! the indentation of a bootstrap's `static_resources`).
+
+/// membrane's wasm filter as an `http_filters` entry (V8, FAIL_RELOAD), with its JSON
+/// `configuration`.
+pub fn membrane_filter(wasm: &str, configuration: &str) -> String {
+    format!(
+        r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: membrane
+                root_id: membrane
+                failure_policy: FAIL_RELOAD
+                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: '{configuration}'}}
+                vm_config: {{vm_id: membrane, runtime: envoy.wasm.runtime.v8, code: {{local: {{filename: "{wasm}"}}}}}}
+"#
+    )
+}
+
+/// An HTTP listener (a `listeners` entry): one filter chain with an HTTP connection manager
+/// whose single route does `route` (`route: {cluster: app}`, `direct_response: ...`), running
+/// `filters` (entries such as [`membrane_filter`]) and then the router.
+#[derive(Clone, Copy, Debug)]
+pub struct Listener<'a> {
+    /// Listener name.
+    pub name: &'a str,
+    /// Address to bind.
+    pub address: &'a str,
+    /// Port to bind.
+    pub port: u16,
+    /// `INBOUND` or `OUTBOUND` (the filter reads it as `xds.listener_direction`).
+    pub direction: &'a str,
+    /// A `transport_socket:` block at the filter chain's indentation, or empty.
+    pub transport: &'a str,
+    /// What the route does.
+    pub route: &'a str,
+    /// The HTTP filters before the router.
+    pub filters: &'a str,
+}
+
+impl Listener<'_> {
+    /// The YAML.
+    pub fn yaml(&self) -> String {
+        let Listener {
+            name,
+            address,
+            port,
+            direction,
+            transport,
+            route,
+            filters,
+        } = self;
+        format!(
+            r#"  - name: {name}
+    address: {{socket_address: {{address: {address}, port_value: {port}}}}}
+    traffic_direction: {direction}
+    filter_chains:
+    - {transport}filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, {route}}}]}}]
+          http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+        )
+    }
+}
+
+/// A static cluster (a `clusters` entry) with one endpoint at `address` (`{socket_address:
+/// {...}}` or `{pipe: {path: ...}}`); `http2` for gRPC, as the agent's xDS needs. `extra` is
+/// inserted as is (a `transport_socket:` block, say).
+pub fn cluster(name: &str, address: &str, http2: bool, extra: &str) -> String {
+    let protocol = if http2 {
+        r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"#
+    } else {
+        ""
+    };
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+{protocol}{extra}    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {address}}}}}]}}]
+"#
+    )
+}
+
+/// `{socket_address: {address: A, port_value: P}}`.
+pub fn socket(address: &str, port: u16) -> String {
+    format!("{{socket_address: {{address: {address}, port_value: {port}}}}}")
+}
