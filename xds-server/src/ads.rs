@@ -45,6 +45,13 @@ pub struct NodeStatus {
     pub subscribed: Vec<String>,
 }
 
+impl NodeStatus {
+    /// Whether the stream subscribed to `resource` (by name, or to every resource).
+    pub fn wants(&self, resource: &str) -> bool {
+        self.subscribed.is_empty() || self.subscribed.iter().any(|r| r == resource)
+    }
+}
+
 /// Why a wait for acknowledgement ended without one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RealizeError {
@@ -167,6 +174,14 @@ impl XdsCache {
             .collect()
     }
 
+    /// The statuses of the streams subscribed to `resource` of `type_url` (by name, or to all):
+    /// the ones [`wait_realized`](Self::wait_realized) waits for.
+    pub fn subscribers(&self, type_url: &str, resource: &str) -> BTreeMap<String, NodeStatus> {
+        let mut all = self.statuses(type_url);
+        all.retain(|_, s| s.wants(resource));
+        all
+    }
+
     /// Waits until every stream subscribed to `resource` of `type_url` (by name, or to all) has
     /// acknowledged `version` or a later one. Fails at once when one of them rejects it, and with
     /// the nodes still pending after `timeout`. With no subscribed node it succeeds at once.
@@ -184,9 +199,7 @@ impl XdsCache {
                 let st = self.lock();
                 let mut pending = Vec::new();
                 for ((node, t), s) in &st.nodes {
-                    let wants =
-                        s.subscribed.is_empty() || s.subscribed.iter().any(|r| r == resource);
-                    if t != type_url || !wants {
+                    if t != type_url || !s.wants(resource) {
                         continue;
                     }
                     if let Some((v, detail)) = &s.nacked

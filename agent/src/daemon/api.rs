@@ -218,9 +218,8 @@ async fn realized(
         .wait_realized(membrane_api::NETWORK_POLICY_TYPE, &name, revision, timeout)
         .await;
     let status = xds
-        .statuses(membrane_api::NETWORK_POLICY_TYPE)
+        .subscribers(membrane_api::NETWORK_POLICY_TYPE, &name)
         .into_iter()
-        .filter(|(_, s)| s.subscribed.is_empty() || s.subscribed.contains(&name))
         .map(|(node, s)| (node, json!(s.acked)))
         .collect::<serde_json::Map<_, _>>();
     match waited {

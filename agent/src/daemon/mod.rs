@@ -330,9 +330,8 @@ impl Agent {
     pub fn xds_status(&self, endpoint: &str) -> serde_json::Value {
         let proxies: serde_json::Map<String, serde_json::Value> = self
             .xds
-            .statuses(NETWORK_POLICY_TYPE)
+            .subscribers(NETWORK_POLICY_TYPE, endpoint)
             .into_iter()
-            .filter(|(_, s)| s.subscribed.is_empty() || s.subscribed.iter().any(|n| n == endpoint))
             .map(|(k, s)| {
                 (
                     k,
