@@ -59,7 +59,7 @@ step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
 MEMBRANE_BENCH_SMOKE=1 cargo bench --quiet -p membrane-xds-server --bench scale
 
-step "fuzz: policy parser, HTTP/1 framer, path normalization, Kafka request decoding"
+step "fuzz: policy parser, HTTP/1 framer, path normalization, Kafka request decoding, Kafka session"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
@@ -85,6 +85,7 @@ fuzz policy parse_policy
 fuzz codec http1_framer
 fuzz codec path_normalize
 fuzz codec kafka_request
+fuzz codec kafka_session
 
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -5,7 +5,8 @@
 //!   (request smuggling) before any lenient parser sees it;
 //! - [`path`]: request-path normalization applied before matching and forwarding;
 //! - [`kafka`]: Kafka request framing and decoding, the topics a request names, synthetic
-//!   authorization-failure answers and the response rewrites policy needs.
+//!   authorization-failure answers, the response rewrites policy needs, and the per-connection
+//!   session ([`kafka::session`]) that the proxy and the wasm filter both drive.
 
 pub mod http1;
 pub mod kafka;

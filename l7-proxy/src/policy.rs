@@ -18,7 +18,7 @@ use membrane_policy::l7::http::HttpRequest;
 use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
 use membrane_policy::labels::{Label, LabelSet};
 use membrane_policy::resolve::{
-    DirectionTable, Resolver, Verdict, first_allowing_http, judge_kafka_sets,
+    DirectionTable, Resolver, Verdict, first_allowing_http, judge_kafka_sets_credited,
 };
 use membrane_policy::rule::{Direction, EnforcementMode, L7Kind, L7Rules, PortRule, Proto};
 
@@ -51,19 +51,11 @@ impl L7Requirement {
     /// The Kafka verdict of these ORed rule sets, with the policy credited for an allow: the first
     /// set that allows the request on its own, else (the union was needed) the first set.
     pub fn judge_kafka(&self, req: &KafkaRequest<'_>) -> (KafkaVerdict, Option<&Arc<str>>) {
-        let verdict = judge_kafka_sets(self.rule_sets(), req);
-        if !verdict.is_allowed() {
-            return (verdict, None);
-        }
-        let credited = self
-            .sets
-            .iter()
-            .find(|(p, _)| {
-                p.l7.as_ref()
-                    .is_some_and(|r| judge_kafka_sets([r], req).is_allowed())
-            })
-            .or(self.sets.first())
-            .map(|(_, name)| name);
+        let (verdict, credited) = judge_kafka_sets_credited(self.rule_sets(), req);
+        let credited = credited.map(|i| {
+            let mut with_rules = self.sets.iter().filter(|(p, _)| p.l7.is_some());
+            &with_rules.nth(i).unwrap_or(&self.sets[0]).1
+        });
         (verdict, credited)
     }
 

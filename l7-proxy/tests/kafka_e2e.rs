@@ -10,11 +10,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use membrane_codec::kafka::kafka_protocol::messages::*;
-use membrane_codec::kafka::kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use membrane_l7_proxy::policy::{PolicyHandle, SnapshotBuilder};
 use membrane_l7_proxy::server::{Mode, Proxy};
 use membrane_l7_proxy::service::{ProxyConfig, Shared};
@@ -22,6 +21,7 @@ use membrane_l7_proxy::telemetry::{FlowRecord, FlowSink, Metrics};
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::parse_endpoints;
 use membrane_policy::rule::EnforcementMode;
+use membrane_tests::kafka::{self, encode_request, produce, read_response};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,14 +54,7 @@ const WORKLOADS: &str =
     "endpoints:\n  - name: kafka\n    labels: {app: kafka}\n    ips: [127.0.0.3]\n";
 
 fn env_path(name: &str) -> PathBuf {
-    let v = std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run scripts/test.sh, or `. scripts/env.sh; export MEMBRANE_TANSU=$(tansu_bin); kafka_clients`"
-        )
-    });
-    let p = PathBuf::from(v);
-    assert!(p.exists(), "{name}={} does not exist", p.display());
-    p
+    PathBuf::from(kafka::peer(name))
 }
 
 struct Proc(Child);
@@ -136,72 +129,22 @@ async fn start_proxy(upstream: SocketAddr, listen: SocketAddr) -> Running {
 }
 
 fn start_broker() -> Proc {
-    let tansu = env_path("MEMBRANE_TANSU");
-    let child = Command::new(&tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &format!("tcp://127.0.0.3:{BROKER_PORT}"),
-            // Clients must come back through the proxy after bootstrap.
-            "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{PROXY_PORT}"),
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let broker = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.3", BROKER_PORT)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "tansu did not listen within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for topic in ["empire-announce", "deathstar-plans"] {
-        let out = Command::new(&tansu)
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://127.0.0.3:{BROKER_PORT}"),
-                "--partitions",
-                "1",
-                topic,
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "topic create {topic}: {out:?}");
-    }
-    broker
+    Proc(kafka::start_tansu(
+        SocketAddr::from(([127, 0, 0, 3], BROKER_PORT)),
+        // Clients must come back through the proxy after bootstrap.
+        SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+        &["empire-announce", "deathstar-plans"],
+    ))
 }
 
-/// Runs `client.py`; returns its JSON line.
 fn client(lib: &str, action: &str, topic: &str, client_id: &str) -> Value {
-    let python = env_path("KAFKA_PYTHON");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kafka/client.py");
-    let out = Command::new(python)
-        .args([
-            script,
-            lib,
-            action,
-            &format!("127.0.0.1:{PROXY_PORT}"),
-            topic,
-            client_id,
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|_| {
-        panic!(
-            "{lib} {action} {topic}: no result line; stdout={stdout} stderr={}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    kafka::client(
+        &format!("127.0.0.1:{PROXY_PORT}"),
+        lib,
+        action,
+        topic,
+        client_id,
+    )
 }
 
 fn kcat(args: &[&str], stdin: Option<&str>) -> (bool, String) {
@@ -243,50 +186,6 @@ fn collect(rx: &mut tokio::sync::broadcast::Receiver<FlowRecord>) -> Vec<FlowRec
         out.push(r);
     }
     out
-}
-
-fn encode_request(key: ApiKey, version: i16, correlation_id: i32, body: &RequestKind) -> Bytes {
-    let mut header = RequestHeader::default();
-    header.request_api_key = key as i16;
-    header.request_api_version = version;
-    header.correlation_id = correlation_id;
-    header.client_id = Some(StrBytes::from_static_str("empire-hq"));
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    header
-        .encode(&mut buf, key.request_header_version(version))
-        .unwrap();
-    body.encode(&mut buf, version).unwrap();
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
-}
-
-fn produce(topic: &'static str) -> RequestKind {
-    let mut req = ProduceRequest::default();
-    req.acks = 1;
-    req.timeout_ms = 5000;
-    let mut data = produce_request::TopicProduceData::default();
-    data.name = TopicName(StrBytes::from_static_str(topic));
-    let mut part = produce_request::PartitionProduceData::default();
-    part.index = 0;
-    // One record batch (magic 2) with one record; the CRC is not checked by the proxy.
-    part.records = Some(Bytes::new());
-    data.partition_data.push(part);
-    req.topic_data.push(data);
-    RequestKind::Produce(req)
-}
-
-async fn read_response(s: &mut TcpStream, key: ApiKey, version: i16) -> (i32, ResponseKind) {
-    let len = s.read_i32().await.expect("a response") as usize;
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await.unwrap();
-    let mut body = Bytes::from(body);
-    let header = ResponseHeader::decode(&mut body, key.response_header_version(version)).unwrap();
-    (
-        header.correlation_id,
-        ResponseKind::decode(key, &mut body, version).unwrap(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

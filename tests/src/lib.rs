@@ -1,8 +1,10 @@
 //! End-to-end tests live in `tests/`. This library holds fixtures that other crates' tests share:
 //! the Star Wars example (`examples/starwars`) resolved the way the agent resolves it, and the
-//! Envoy configuration pieces of the tests that run a real Envoy.
+//! Envoy configuration pieces of the tests that run a real Envoy, and the Kafka broker, client and
+//! frames of the tests that run Kafka.
 
 pub mod envoy;
+pub mod kafka;
 
 use std::net::IpAddr;
 

@@ -1,6 +1,6 @@
 //! Kafka: request framing and decoding (the `kafka-protocol` schemas), the topics a request names,
-//! synthetic authorization-failure answers ([`deny`]) and the few response rewrites a policy proxy
-//! needs ([`rewrite`]).
+//! synthetic authorization-failure answers ([`deny`]), the few response rewrites a policy proxy
+//! needs ([`rewrite`]) and the policy side of a connection that puts them together ([`session`]).
 //!
 //! Every API key and version the `kafka-protocol` schemas know is decoded, including flexible
 //! (compact, tagged-field) versions, with four caps: Produce and Fetch stop at 12 and OffsetCommit
@@ -10,6 +10,7 @@
 
 pub mod deny;
 pub mod rewrite;
+pub mod session;
 
 use std::fmt;
 

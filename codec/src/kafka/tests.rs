@@ -524,3 +524,179 @@ fn a_narrowed_metadata_request_with_a_tag_beyond_i32_still_decodes() {
     let again = decode_request(narrowed.freeze().slice(LENGTH_PREFIX..)).unwrap();
     assert_eq!(again.topics(), Topics::Named(vec![]));
 }
+
+mod session {
+    use super::*;
+    use crate::kafka::session::{
+        Judged, KafkaJudge, KafkaSession, Owed, ToBroker, placeholder_request,
+    };
+    use membrane_policy::l7::kafka::KafkaRequest;
+
+    /// Allows requests whose topics are all in `allowed` (and those without topics).
+    struct Topics(&'static [&'static str], bool);
+
+    impl KafkaJudge for Topics {
+        fn refuses_connection(&self) -> Option<(&'static str, String)> {
+            self.1.then(|| ("ingress", "L3/L4 denies".to_string()))
+        }
+
+        fn judge(&self, facts: &KafkaRequest<'_>) -> Judged {
+            let denied: Vec<String> = match facts.topics {
+                None => {
+                    return Judged::Deny {
+                        direction: "ingress",
+                        denied_topics: vec![],
+                    };
+                }
+                Some(t) => t
+                    .iter()
+                    .filter(|t| !self.0.contains(t))
+                    .map(|t| t.to_string())
+                    .collect(),
+            };
+            if denied.is_empty() {
+                Judged::Allow {
+                    direction: "ingress",
+                    policy: "p".into(),
+                }
+            } else {
+                Judged::Deny {
+                    direction: "ingress",
+                    denied_topics: denied,
+                }
+            }
+        }
+    }
+
+    fn prefixed(frame: Bytes) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_i32(frame.len() as i32);
+        out.extend_from_slice(&frame);
+        out.freeze()
+    }
+
+    #[test]
+    fn allowed_requests_go_to_the_broker_unchanged_and_denied_ones_are_answered_here() {
+        let mut session = KafkaSession::default();
+        let judge = Topics(&["ok"], false);
+        let frame = prefixed(request_frame(ApiKey::Produce, 7, 1, &produce(&["ok"], 1)));
+        let s = session.settle(frame.clone(), &judge);
+        assert!(matches!(&s.to_broker, ToBroker::Frame(f) if *f == frame));
+        assert!(matches!(s.owed, Some(Owed::Broker(ref e)) if !e.rewrites()));
+        assert_eq!((s.record.verdict, &*s.record.policy), ("forwarded", "p"));
+
+        let s = session.settle(
+            prefixed(request_frame(
+                ApiKey::Produce,
+                7,
+                2,
+                &produce(&["secret"], 1),
+            )),
+            &judge,
+        );
+        assert!(matches!(s.to_broker, ToBroker::Nothing));
+        let Some(Owed::Local(answer)) = s.owed else {
+            panic!("a local answer")
+        };
+        let (corr, ResponseKind::Produce(resp)) = decode_response(&answer, ApiKey::Produce, 7)
+        else {
+            panic!()
+        };
+        assert_eq!(corr, 2);
+        assert_eq!(
+            resp.responses[0].partition_responses[0].error_code,
+            TOPIC_AUTHORIZATION_FAILED
+        );
+        assert_eq!(s.record.denied_topics, ["secret"]);
+
+        // acks=0: the client expects nothing, so nothing is owed.
+        let s = session.settle(
+            prefixed(request_frame(
+                ApiKey::Produce,
+                7,
+                3,
+                &produce(&["secret"], 0),
+            )),
+            &judge,
+        );
+        assert!(matches!(s.to_broker, ToBroker::Nothing) && s.owed.is_none());
+
+        // The connection refused at L3/L4: close, forward nothing.
+        let s = session.settle(frame, &Topics(&["ok"], true));
+        assert!(matches!(s.to_broker, ToBroker::Close) && s.owed.is_none());
+        assert_eq!(s.record.verdict, "denied");
+
+        // Garbage closes too, with the codec's reason.
+        let s = session.settle(prefixed(Bytes::from_static(b"\x00\x00\x00")), &judge);
+        assert!(matches!(s.to_broker, ToBroker::Close));
+        assert_eq!(s.record.verdict, "error");
+    }
+
+    #[test]
+    fn an_incremental_fetch_is_judged_with_its_session_topics() {
+        let mut session = KafkaSession::default();
+        let judge = Topics(&["ok"], false);
+        let fetch = |session_id, epoch, topics: &[&'static str]| {
+            let mut f = FetchRequest::default();
+            f.session_id = session_id;
+            f.session_epoch = epoch;
+            for t in topics {
+                let mut ft = fetch_request::FetchTopic::default();
+                ft.topic = topic(t);
+                ft.partitions.push(fetch_request::FetchPartition::default());
+                f.topics.push(ft);
+            }
+            prefixed(request_frame(ApiKey::Fetch, 7, 1, &RequestKind::Fetch(f)))
+        };
+        // A session this connection never opened: unknown topics, denied.
+        let s = session.settle(fetch(77, 1, &[]), &judge);
+        assert_eq!(s.record.verdict, "denied");
+        // Opened with "ok"; the broker's answer names session 77.
+        let s = session.settle(fetch(0, 0, &["ok"]), &judge);
+        let Some(Owed::Broker(expect)) = s.owed else {
+            panic!()
+        };
+        let mut resp = FetchResponse::default();
+        resp.session_id = 77;
+        let answer =
+            super::super::deny::encode_response(1, 1, 7, &ResponseKind::Fetch(resp)).unwrap();
+        session.pass_head(expect, &answer[4..]).unwrap();
+        // Now an incremental fetch naming nothing is about "ok".
+        let s = session.settle(fetch(77, 1, &[]), &judge);
+        assert_eq!(
+            (s.record.verdict, s.record.topics.clone()),
+            ("forwarded", vec!["ok".to_string()])
+        );
+    }
+
+    #[test]
+    fn answers_must_carry_the_due_correlation_id() {
+        let mut session = KafkaSession::default();
+        let judge = Topics(&["ok"], false);
+        let s = session.settle(
+            prefixed(request_frame(ApiKey::Produce, 7, 5, &produce(&["ok"], 1))),
+            &judge,
+        );
+        let Some(Owed::Broker(expect)) = s.owed else {
+            panic!()
+        };
+        let err = session.pass_head(expect, &6i32.to_be_bytes()).unwrap_err();
+        assert!(err.contains("correlation id 6 where 5 was due"), "{err}");
+    }
+
+    #[test]
+    fn the_placeholder_is_an_api_versions_v0_request_with_the_same_correlation_id() {
+        let frame = placeholder_request(42);
+        assert_eq!(frame_len(&frame, 100).unwrap(), Some(frame.len() - 4));
+        let req = decode_request(frame.slice(4..)).unwrap();
+        assert_eq!(
+            (
+                req.api_key,
+                req.api_version,
+                req.correlation_id,
+                req.client_id()
+            ),
+            (ApiKey::ApiVersions as i16, 0, 42, None)
+        );
+    }
+}

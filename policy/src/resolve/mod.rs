@@ -23,7 +23,7 @@ use crate::rule::{Direction, EnforcementMode, Peers, Rule};
 use crate::selector::Selector;
 pub use table::{
     Contribution, DirectionTable, Effective, L7Policy, PROBE_ORDER, PolicyKey, PolicyTable,
-    Verdict, first_allowing_http, judge_kafka_sets, probe,
+    Verdict, first_allowing_http, judge_kafka_sets, judge_kafka_sets_credited, probe,
 };
 
 /// An interned selector.

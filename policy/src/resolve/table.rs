@@ -197,6 +197,28 @@ where
     kafka::judge(rules, req)
 }
 
+/// [`judge_kafka_sets`], and which set is credited for an allow: the first that allows the
+/// request on its own, else (their union was needed) the first.
+pub fn judge_kafka_sets_credited<'r, I>(
+    sets: I,
+    req: &KafkaRequest<'_>,
+) -> (KafkaVerdict, Option<usize>)
+where
+    I: IntoIterator<Item = &'r L7Rules>,
+    I::IntoIter: Clone,
+{
+    let sets = sets.into_iter();
+    let verdict = judge_kafka_sets(sets.clone(), req);
+    if !verdict.is_allowed() {
+        return (verdict, None);
+    }
+    let credited = sets
+        .clone()
+        .position(|r| judge_kafka_sets([r], req).is_allowed())
+        .or_else(|| sets.clone().next().map(|_| 0));
+    (verdict, credited)
+}
+
 /// The index of the first rule set that allows an HTTP request, among the ORed rule sets of one
 /// key; `None` denies. A key that mixes protocols denies everything. This is the one HTTP judge:
 /// [`L7Policy::judge_http`], the proxy (which keeps owned rule sets per connection) and the wasm
