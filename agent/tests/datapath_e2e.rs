@@ -240,7 +240,7 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
             .unwrap();
             dp.sync_policy(
                 ep,
-                &sync::policy_entries(ep, table, sync::HttpEnforcer::Proxy, |_| 0),
+                &sync::policy_entries(ep, table, sync::L7Enforcer::Proxy, |_| 0),
             )
             .unwrap();
         }

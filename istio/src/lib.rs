@@ -2,16 +2,18 @@
 //!
 //! In Istio mode the sidecar Envoy enforces membrane's L7 policy, because Istio's mutual TLS
 //! hides requests from the node's proxy. Three pieces wire it up:
-//! - a `WasmPlugin` (phase AUTHZ, `FAIL_RELOAD`) that makes istiod deliver membrane's filter to
-//!   every sidecar over ECDS, with a small configuration (the agent's cluster; no node id, so
-//!   each filter subscribes as its own Envoy's node);
+//! - two `WasmPlugin`s (phase AUTHZ, `FAIL_RELOAD`) that make istiod deliver membrane's filter
+//!   to every sidecar over ECDS, with a small configuration (the agent's cluster; no node id, so
+//!   each filter subscribes as its own Envoy's node): an HTTP filter, and a network filter in
+//!   Kafka mode on every port, which parses only ports whose policy has Kafka rules and lets
+//!   the others through unread;
 //! - an `EnvoyFilter` that adds the HTTP/2 cluster reaching the agent's xDS unix socket;
 //! - per workload, the annotations that mount the agent's socket directory into the sidecar
 //!   (`sidecar.istio.io/userVolume[Mount]`) and pin Envoy's concurrency (one policy stream per
 //!   worker); [`inject`] adds them to a Pod or a workload's pod template.
 //!
 //! The agent recognises sidecar endpoints by Istio's own pod label [`SIDECAR_LABEL`] and leaves
-//! their HTTP ports to the sidecar instead of redirecting them to its proxy.
+//! their L7 ports (HTTP and Kafka) to the sidecar instead of redirecting them to its proxy.
 
 use serde_json::{Map, Value, json};
 
@@ -90,15 +92,29 @@ impl Settings {
     }
 }
 
-/// The WasmPlugin that delivers membrane's filter to every sidecar.
+/// The WasmPlugin that delivers membrane's HTTP filter to every sidecar.
 pub fn wasm_plugin(s: &Settings) -> Value {
+    plugin(s, "membrane", "HTTP", json!({"xds_cluster": XDS_CLUSTER}))
+}
+
+/// The WasmPlugin that delivers the same module as a network filter in Kafka mode.
+pub fn kafka_plugin(s: &Settings) -> Value {
+    plugin(
+        s,
+        "membrane-kafka",
+        "NETWORK",
+        json!({"mode": "kafka", "xds_cluster": XDS_CLUSTER}),
+    )
+}
+
+fn plugin(s: &Settings, name: &str, kind: &str, config: Value) -> Value {
     let mut spec = json!({
         "url": s.wasm_url,
         "phase": "AUTHZ",
         "failStrategy": "FAIL_RELOAD",
-        "type": "HTTP",
+        "type": kind,
         "pluginName": "membrane",
-        "pluginConfig": {"xds_cluster": XDS_CLUSTER},
+        "pluginConfig": config,
         "match": [{"mode": "CLIENT_AND_SERVER"}],
     });
     if let Some(h) = &s.sha256 {
@@ -107,7 +123,7 @@ pub fn wasm_plugin(s: &Settings) -> Value {
     json!({
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
-        "metadata": {"name": "membrane", "namespace": s.namespace},
+        "metadata": {"name": name, "namespace": s.namespace},
         "spec": spec,
     })
 }
@@ -147,13 +163,14 @@ pub fn envoy_filter(s: &Settings) -> Value {
     })
 }
 
-/// Both manifests as a multi-document YAML stream (JSON documents are YAML).
+/// The manifests as a multi-document YAML stream (JSON documents are YAML).
 pub fn manifests(s: &Settings) -> Result<String, String> {
     s.validate()?;
     let doc = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(format!(
-        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n",
+        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n---\n{}\n",
         doc(&wasm_plugin(s)),
+        doc(&kafka_plugin(s)),
         doc(&envoy_filter(s))
     ))
 }
@@ -370,9 +387,18 @@ spec:
             .split("\n---\n")
             .map(|d| serde_saphyr::from_str(d).unwrap())
             .collect();
-        let [plugin, filter] = docs.as_slice() else {
-            panic!("two documents: {text}")
+        let [plugin, kafka, filter] = docs.as_slice() else {
+            panic!("three documents: {text}")
         };
+        assert_eq!(plugin["spec"]["type"], "HTTP");
+        // Kafka: the same module as a network filter, on every port.
+        assert_eq!(kafka["spec"]["type"], "NETWORK");
+        assert_eq!(kafka["spec"]["pluginConfig"]["mode"], "kafka");
+        assert_eq!(kafka["spec"]["url"], plugin["spec"]["url"]);
+        assert_eq!(
+            kafka["spec"]["pluginConfig"]["xds_cluster"],
+            plugin["spec"]["pluginConfig"]["xds_cluster"]
+        );
         assert_eq!(plugin["spec"]["phase"], "AUTHZ");
         assert_eq!(plugin["spec"]["failStrategy"], "FAIL_RELOAD");
         assert_eq!(plugin["spec"]["sha256"], "ab".repeat(32));

@@ -99,3 +99,38 @@ pub fn cluster(name: &str, address: &str, http2: bool, extra: &str) -> String {
 pub fn socket(address: &str, port: u16) -> String {
     format!("{{socket_address: {{address: {address}, port_value: {port}}}}}")
 }
+
+/// A TCP listener (a `listeners` entry) for Kafka: membrane's filter as a network filter
+/// (`"mode":"kafka"` in `configuration`, V8, FAIL_RELOAD), then `tcp_proxy` to `cluster`.
+/// `transport` as for [`Listener`].
+pub fn kafka_listener(
+    name: &str,
+    (address, port): (&str, u16),
+    direction: &str,
+    transport: &str,
+    (wasm, configuration): (&str, &str),
+    cluster: &str,
+) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: {address}, port_value: {port}}}}}
+    traffic_direction: {direction}
+    filter_chains:
+    - {transport}filters:
+      - name: envoy.filters.network.wasm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+          config:
+            name: membrane_kafka
+            root_id: membrane
+            failure_policy: FAIL_RELOAD
+            configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: '{configuration}'}}
+            vm_config: {{vm_id: membrane_kafka, runtime: envoy.wasm.runtime.v8, code: {{local: {{filename: "{wasm}"}}}}}}
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+"#
+    )
+}

@@ -8,23 +8,30 @@
 //! there before its own stream answers, so a reload never opens a default-deny gap.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use membrane_api::discovery::{DiscoveryRequest, DiscoveryResponse, Node, Status};
 use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE};
 use membrane_policy::l7::http::HeaderLookup;
 use prost::Message;
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 use serde::Deserialize;
 
+use membrane_codec::kafka::session::{
+    KafkaSession, MAX_REWRITTEN_RESPONSE, Owed, RESPONSE_HEAD, Record, ToBroker,
+    placeholder_request,
+};
+use membrane_codec::kafka::{LENGTH_PREFIX, frame_len};
+
 use crate::state::{
-    ConnFacts, Direction, L4Verdict, Parties, PolicyState, Verdict, compile_hosts,
-    compile_policies, compile_spiffe, judge_http_fetching_host,
+    ConnFacts, Direction, KafkaPolicy, L4Verdict, Parties, PolicyState, StreamMode, Verdict,
+    compile_hosts, compile_policies, compile_spiffe, judge_http_fetching_host,
 };
 
 proxy_wasm::main! {{
@@ -51,14 +58,25 @@ struct Config {
     /// FAIL_RELOAD recovering it without a policy gap. Never set it in production.
     #[serde(default)]
     crash_on_header: Option<String>,
+    /// Kafka mode: the largest request frame accepted (bytes); larger ones close the connection.
+    #[serde(default = "default_max_frame")]
+    kafka_max_frame: usize,
+}
+
+fn default_max_frame() -> usize {
+    membrane_codec::kafka::DEFAULT_MAX_REQUEST
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum Mode {
+    /// The HTTP filter.
     #[default]
     Enforce,
+    /// The HTTP filter that judges nothing.
     Noop,
+    /// A network filter (`envoy.filters.network.wasm`, before `tcp_proxy`) for Kafka ports.
+    Kafka,
 }
 
 const TYPES: [&str; 3] = [
@@ -82,6 +100,8 @@ const CONN_CACHE_MAX: usize = 4096;
 struct Metrics {
     allowed: [u32; 2],
     denied: [u32; 2],
+    kafka_allowed: [u32; 2],
+    kafka_denied: [u32; 2],
     applied: u32,
     rejected: u32,
     seeded: u32,
@@ -101,6 +121,14 @@ impl Metrics {
                 counter("http.inbound.denied"),
                 counter("http.outbound.denied"),
             ],
+            kafka_allowed: [
+                counter("kafka.inbound.allowed"),
+                counter("kafka.outbound.allowed"),
+            ],
+            kafka_denied: [
+                counter("kafka.inbound.denied"),
+                counter("kafka.outbound.denied"),
+            ],
             applied: counter("xds.applied"),
             rejected: counter("xds.rejected"),
             seeded: counter("xds.seeded"),
@@ -118,13 +146,21 @@ impl Metrics {
 struct Tally {
     allowed: [Cell<i64>; 2],
     denied: [Cell<i64>; 2],
+    kafka_allowed: [Cell<i64>; 2],
+    kafka_denied: [Cell<i64>; 2],
 }
 
 impl Tally {
+    fn count(cell: &Cell<i64>) {
+        cell.set(cell.get() + 1);
+    }
+
     fn flush(&self, metrics: &Metrics) {
         for (cells, ids) in [
             (&self.allowed, &metrics.allowed),
             (&self.denied, &metrics.denied),
+            (&self.kafka_allowed, &metrics.kafka_allowed),
+            (&self.kafka_denied, &metrics.kafka_denied),
         ] {
             for (cell, id) in cells.iter().zip(ids) {
                 let n = cell.take();
@@ -323,7 +359,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match serde_json::from_slice::<Config>(&bytes) {
-            Ok(c) if c.mode == Mode::Enforce && c.xds_cluster.is_empty() => {
+            Ok(c) if c.mode != Mode::Noop && c.xds_cluster.is_empty() => {
                 log(LogLevel::Error, "membrane: xds_cluster is required");
                 return false;
             }
@@ -357,7 +393,27 @@ impl RootContext for Root {
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        match self.config.mode {
+            Mode::Kafka => Some(ContextType::StreamContext),
+            Mode::Enforce | Mode::Noop => Some(ContextType::HttpContext),
+        }
+    }
+
+    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(KafkaStream {
+            state: self.state.clone(),
+            tally: self.tally.clone(),
+            max_frame: self.config.kafka_max_frame,
+            conn: None,
+            session: KafkaSession::default(),
+            requests: BytesMut::new(),
+            owed: VecDeque::new(),
+            answer: BytesMut::new(),
+            passing: 0,
+            swallowing: 0,
+            passthrough: false,
+            closed: false,
+        }))
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
@@ -459,8 +515,7 @@ impl Http {
     }
 
     fn allow(&self, conn: &ConnFacts) -> Action {
-        let n = &self.tally.allowed[conn.direction as usize];
-        n.set(n.get() + 1);
+        Tally::count(&self.tally.allowed[conn.direction as usize]);
         Action::Continue
     }
 
@@ -472,8 +527,7 @@ impl Http {
         request: Option<(String, String)>,
     ) -> Action {
         if let Some((c, _)) = facts {
-            let n = &self.tally.denied[c.direction as usize];
-            n.set(n.get() + 1);
+            Tally::count(&self.tally.denied[c.direction as usize]);
         }
         // Formatting costs more than the log call: skip it when Envoy would drop the line.
         if hostcalls::get_log_level().is_ok_and(|l| (l as u32) <= LogLevel::Info as u32) {
@@ -552,6 +606,312 @@ impl HttpContext for Http {
         match verdict {
             Verdict::Allow(_) => self.allow(&conn),
             Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why, Some((method, path))),
+        }
+    }
+}
+
+/// A Kafka connection through the sidecar: request frames are judged by the shared Kafka
+/// session before a byte of them moves on; the broker's answers are streamed back, rewritten
+/// where policy needs it. proxy-wasm cannot write to the client, so a request answered here
+/// (denied, or a too-new ApiVersions) is replaced on its way to the broker by an ApiVersions v0
+/// placeholder with the same correlation id, and the broker's answer to that placeholder by the
+/// local answer: the client gets its authorization error, in order, on a connection that stays
+/// usable.
+struct KafkaStream {
+    state: Rc<RefCell<PolicyState>>,
+    tally: Rc<Tally>,
+    max_frame: usize,
+    conn: Option<ConnFacts>,
+    session: KafkaSession,
+    /// Client bytes not yet making a whole frame (Envoy's buffer is replaced by what is
+    /// forwarded, so each call shows only new bytes).
+    requests: BytesMut,
+    /// What the client is owed, in request order.
+    owed: VecDeque<Owed>,
+    /// The start of the next answer, gathered until it can be judged.
+    answer: BytesMut,
+    /// Bytes of the current answer still to stream on untouched.
+    passing: usize,
+    /// Bytes of a placeholder's answer still to drop.
+    swallowing: usize,
+    /// The connection's port carries no Kafka rules: bytes pass unread.
+    passthrough: bool,
+    closed: bool,
+}
+
+impl Context for KafkaStream {}
+
+impl KafkaStream {
+    fn close(&mut self, why: &str) {
+        log(
+            LogLevel::Warn,
+            &format!("membrane: kafka: {why}; closing the connection"),
+        );
+        self.closed = true;
+        self.close_downstream();
+        self.close_upstream();
+    }
+
+    /// Whether a new connection's bytes pass unread (`Ok(true)`: its port has no L7 rules, or
+    /// HTTP rules, which the HTTP filter enforces), are parsed as Kafka (`Ok(false)`), or must
+    /// not pass at all (`Err`). So the filter can sit on every port of a sidecar, as Istio's
+    /// WasmPlugin puts it, and policy decides which ports speak Kafka. A connection is classified
+    /// once; the L3/L4 verdict is taken again for every Kafka request.
+    fn classify(&self, conn: &ConnFacts) -> Result<bool, String> {
+        let state = self.state.borrow();
+        let parties = state.parties(conn);
+        match StreamMode::of(state.judge_l4(conn, &parties, 6)) {
+            StreamMode::Refuse(why) => {
+                Tally::count(&self.tally.kafka_denied[conn.direction as usize]);
+                Err(why)
+            }
+            StreamMode::Pass => Ok(true),
+            StreamMode::Kafka => Ok(false),
+        }
+    }
+
+    /// Counts and logs how a request was settled.
+    fn account(&self, conn: &ConnFacts, record: &Record) {
+        let dir = conn.direction as usize;
+        match record.verdict {
+            "forwarded" => Tally::count(&self.tally.kafka_allowed[dir]),
+            _ => Tally::count(&self.tally.kafka_denied[dir]),
+        }
+        if record.verdict == "forwarded" && record.denied_topics.is_empty()
+            || hostcalls::get_log_level().is_ok_and(|l| (l as u32) > LogLevel::Info as u32)
+        {
+            return;
+        }
+        let state = self.state.borrow();
+        let parties = state.parties(conn);
+        let local = parties.local.map_or_else(
+            || "no endpoint".to_string(),
+            |e| format!("{} identity {}", e.name, e.identity),
+        );
+        let peer = conn
+            .peer_spiffe
+            .as_deref()
+            .map_or_else(String::new, |s| format!(" ({s})"));
+        let remote = format!("{} identity {}{peer}", parties.remote_addr, parties.remote);
+        let (from, to) = match conn.direction {
+            Direction::Inbound => (remote, local),
+            Direction::Outbound => (local, remote),
+        };
+        log(
+            LogLevel::Info,
+            &format!(
+                "membrane: {} {} kafka {} v{} correlation {} client {:?} topics {:?} from {from} to {to} port {}: denied topics {:?}, error code {:?}{}",
+                record.verdict,
+                conn.direction.name(),
+                record.api(),
+                record.api_version,
+                record.correlation_id,
+                record.client_id.as_deref().unwrap_or(""),
+                record.topics,
+                conn.port,
+                record.denied_topics,
+                record.error_code,
+                record
+                    .reason
+                    .as_deref()
+                    .map_or_else(String::new, |r| format!(" ({r})")),
+            ),
+        );
+    }
+
+    /// Settles every whole request frame gathered; returns what goes to the broker.
+    fn settle_requests(&mut self, conn: &ConnFacts) -> Result<BytesMut, String> {
+        let mut out = BytesMut::new();
+        loop {
+            let len = match frame_len(&self.requests, self.max_frame) {
+                Ok(Some(len)) => len,
+                Ok(None) => return Ok(out),
+                Err(e) => {
+                    let record = Record::refused(&e);
+                    self.account(conn, &record);
+                    return Err(e.to_string());
+                }
+            };
+            if self.requests.len() < LENGTH_PREFIX + len {
+                return Ok(out);
+            }
+            let frame = self.requests.split_to(LENGTH_PREFIX + len).freeze();
+            let state = self.state.clone();
+            let state = state.borrow();
+            let parties = state.parties(conn);
+            let judge = KafkaPolicy::of(&state, conn, &parties);
+            let settled = self.session.settle(frame, &judge);
+            self.account(conn, &settled.record);
+            match settled.to_broker {
+                ToBroker::Close => {
+                    return Err(settled
+                        .record
+                        .reason
+                        .unwrap_or_else(|| "request refused".into()));
+                }
+                ToBroker::Frame(frame) => out.extend_from_slice(&frame),
+                ToBroker::Nothing => {
+                    if let Some(Owed::Local(_)) = &settled.owed {
+                        out.extend_from_slice(&placeholder_request(settled.record.correlation_id));
+                    }
+                }
+            }
+            if let Some(owed) = settled.owed {
+                self.owed.push_back(owed);
+            }
+        }
+    }
+
+    /// Takes up to `want` bytes of `input` into the gathered answer; whether it now has `want`.
+    fn gather(&mut self, input: &mut &[u8], want: usize) -> bool {
+        let take = want.saturating_sub(self.answer.len()).min(input.len());
+        self.answer.extend_from_slice(&input[..take]);
+        *input = &input[take..];
+        self.answer.len() >= want
+    }
+
+    /// Passes broker bytes through the answer queue; returns what goes to the client.
+    fn relay_answers(&mut self, conn: &ConnFacts, mut input: &[u8]) -> Result<BytesMut, String> {
+        let mut out = BytesMut::with_capacity(input.len());
+        loop {
+            if self.passing > 0 {
+                let n = self.passing.min(input.len());
+                out.extend_from_slice(&input[..n]);
+                self.passing -= n;
+                input = &input[n..];
+            }
+            if self.swallowing > 0 {
+                let n = self.swallowing.min(input.len());
+                self.swallowing -= n;
+                input = &input[n..];
+            }
+            if input.is_empty() || self.passing > 0 || self.swallowing > 0 {
+                return Ok(out);
+            }
+            // At the start of an answer: its length, then as much as its handling needs.
+            if !self.gather(&mut input, LENGTH_PREFIX) {
+                return Ok(out);
+            }
+            let len = i32::from_be_bytes([
+                self.answer[0],
+                self.answer[1],
+                self.answer[2],
+                self.answer[3],
+            ]);
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|l| *l >= 4)
+                .ok_or_else(|| format!("broker answer with length {len}"))?;
+            let want = match self.owed.front() {
+                None => return Err("the broker answered a request nobody made".into()),
+                Some(Owed::Local(_)) => LENGTH_PREFIX,
+                Some(Owed::Broker(e)) if e.rewrites() => {
+                    if len > MAX_REWRITTEN_RESPONSE {
+                        return Err(format!(
+                            "broker answer of {len} bytes is too large to rewrite"
+                        ));
+                    }
+                    LENGTH_PREFIX + len
+                }
+                Some(Owed::Broker(_)) => LENGTH_PREFIX + len.min(RESPONSE_HEAD),
+            };
+            if !self.gather(&mut input, want) {
+                return Ok(out);
+            }
+            let gathered = self.answer.split().freeze();
+            match self.owed.pop_front() {
+                Some(Owed::Local(answer)) => {
+                    out.extend_from_slice(&answer);
+                    self.swallowing = len;
+                }
+                Some(Owed::Broker(expect)) if expect.rewrites() => {
+                    let state = self.state.clone();
+                    let state = state.borrow();
+                    let parties = state.parties(conn);
+                    let judge = KafkaPolicy::of(&state, conn, &parties);
+                    let body: Bytes = gathered.slice(LENGTH_PREFIX..);
+                    out.extend_from_slice(&self.session.rewrite(expect, body, &judge)?);
+                }
+                Some(Owed::Broker(expect)) => {
+                    self.session.pass_head(expect, &gathered[LENGTH_PREFIX..])?;
+                    out.extend_from_slice(&gathered);
+                    self.passing = LENGTH_PREFIX + len - gathered.len();
+                }
+                None => unreachable!("checked above"),
+            }
+        }
+    }
+}
+
+impl StreamContext for KafkaStream {
+    fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        if self.closed {
+            return Action::Pause;
+        }
+        // Read at the first bytes, not at on_new_connection: on an mTLS listener the peer
+        // certificate is known only once the handshake is done.
+        if self.conn.is_none() {
+            self.conn = read_conn_facts();
+            let Some(conn) = &self.conn else {
+                self.close("no source or destination address");
+                return Action::Pause;
+            };
+            match self.classify(conn) {
+                Ok(passthrough) => self.passthrough = passthrough,
+                Err(why) => {
+                    self.close(&why);
+                    return Action::Pause;
+                }
+            }
+        }
+        let Some(conn) = self.conn.clone() else {
+            return Action::Pause;
+        };
+        if self.passthrough || size == 0 {
+            return Action::Continue;
+        }
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        self.requests.extend_from_slice(&data);
+        match self.settle_requests(&conn) {
+            Ok(out) => {
+                if out[..] != data[..] {
+                    self.set_downstream_data(0, size, &out);
+                }
+                Action::Continue
+            }
+            Err(why) => {
+                self.set_downstream_data(0, size, &[]);
+                self.close(&why);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let Some(conn) = self.conn.clone().filter(|_| !self.closed) else {
+            return Action::Pause;
+        };
+        if self.passthrough || size == 0 {
+            return Action::Continue;
+        }
+        // The middle of a large answer (a Fetch) passes without being read into the VM.
+        if self.passing >= size && self.answer.is_empty() {
+            self.passing -= size;
+            return Action::Continue;
+        }
+        let data = self.get_upstream_data(0, size).unwrap_or_default();
+        match self.relay_answers(&conn, &data) {
+            Ok(out) => {
+                if out[..] != data[..] {
+                    self.set_upstream_data(0, size, &out);
+                }
+                Action::Continue
+            }
+            Err(why) => {
+                self.set_upstream_data(0, size, &[]);
+                self.close(&why);
+                Action::Pause
+            }
         }
     }
 }

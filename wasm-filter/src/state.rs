@@ -9,9 +9,11 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use membrane_api::discovery::Any;
 use membrane_api::{DirectionRules, EntryVerdict, v1};
+use membrane_codec::kafka::session::{Judged, KafkaJudge};
 use membrane_policy::identity::NumericIdentity;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
-use membrane_policy::resolve::first_allowing_http;
+use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
+use membrane_policy::resolve::{first_allowing_http, judge_kafka_sets_credited};
 use membrane_policy::rule::{L7Kind, L7Rules};
 use prost::Message;
 
@@ -259,6 +261,97 @@ impl PolicyState {
             L4Verdict::Allow(why) => Verdict::Allow(why),
             L4Verdict::Deny(why) => Verdict::Deny(why),
             L4Verdict::L7(sets) => judge_http(sets, http),
+        }
+    }
+}
+
+/// What the Kafka network filter does with a new connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamMode {
+    /// Pass its bytes unread: its port has no L7 rules, or HTTP rules (the HTTP filter's job).
+    Pass,
+    /// Parse it as Kafka and judge every request.
+    Kafka,
+    /// Close it (why).
+    Refuse(String),
+}
+
+impl StreamMode {
+    /// The mode for a connection with this L3/L4 verdict. Rule sets that mix protocols parse as
+    /// Kafka, where the shared session refuses them: they allow nothing.
+    pub fn of(l4: L4Verdict<'_>) -> StreamMode {
+        match l4 {
+            L4Verdict::Deny(why) => StreamMode::Refuse(why),
+            L4Verdict::Allow(_) => StreamMode::Pass,
+            L4Verdict::L7(sets) if sets.iter().all(|(_, r)| r.kind() == L7Kind::Http) => {
+                StreamMode::Pass
+            }
+            L4Verdict::L7(_) => StreamMode::Kafka,
+        }
+    }
+}
+
+/// The policy side of a Kafka connection through this sidecar, as the shared Kafka session
+/// asks for it: the connection's L3/L4 verdict (taken again for every request, so a policy
+/// change applies to open connections) and its port's Kafka rules.
+#[derive(Debug)]
+pub struct KafkaPolicy<'s> {
+    /// The L3/L4 stage.
+    pub l4: L4Verdict<'s>,
+    /// `ingress` (inbound listener) or `egress` (outbound).
+    pub direction: &'static str,
+}
+
+impl<'s> KafkaPolicy<'s> {
+    /// Judges the connection `c` by `state` now.
+    pub fn of(state: &'s PolicyState, c: &ConnFacts, parties: &Parties<'s>) -> KafkaPolicy<'s> {
+        KafkaPolicy {
+            l4: state.judge_l4(c, parties, 6),
+            direction: match c.direction {
+                Direction::Inbound => "ingress",
+                Direction::Outbound => "egress",
+            },
+        }
+    }
+}
+
+impl KafkaJudge for KafkaPolicy<'_> {
+    fn refuses_connection(&self) -> Option<(&'static str, String)> {
+        match &self.l4 {
+            L4Verdict::Deny(why) => Some((self.direction, why.clone())),
+            L4Verdict::L7(sets) if sets.iter().any(|(_, r)| r.kind() != L7Kind::Kafka) => Some((
+                self.direction,
+                "the rules of this port are not Kafka rules".into(),
+            )),
+            _ => None,
+        }
+    }
+
+    fn judge(&self, facts: &KafkaRequest<'_>) -> Judged {
+        let sets = match &self.l4 {
+            L4Verdict::Allow(_) => {
+                return Judged::Allow {
+                    direction: self.direction,
+                    policy: Arc::from(""),
+                };
+            }
+            L4Verdict::Deny(_) => {
+                return Judged::Deny {
+                    direction: self.direction,
+                    denied_topics: Vec::new(),
+                };
+            }
+            L4Verdict::L7(sets) => sets,
+        };
+        match judge_kafka_sets_credited(sets.iter().map(|(_, r)| r), facts) {
+            (KafkaVerdict::Deny { denied_topics }, _) => Judged::Deny {
+                direction: self.direction,
+                denied_topics,
+            },
+            (KafkaVerdict::Allow(_), credited) => Judged::Allow {
+                direction: self.direction,
+                policy: credited.map_or_else(|| Arc::from(""), |i| sets[i].0.clone()),
+            },
         }
     }
 }
@@ -537,6 +630,93 @@ mod tests {
             compile_hosts(&[any(&bad)])
                 .unwrap_err()
                 .contains("identity 5")
+        );
+    }
+
+    #[test]
+    fn kafka_ports_are_parsed_other_ports_pass_and_requests_meet_the_shared_judge() {
+        let kafka = v1::L7RuleSet {
+            policy: "kafka-policy".into(),
+            rules: Some(v1::l7_rule_set::Rules::Kafka(v1::KafkaRules {
+                rules: vec![v1::KafkaRule {
+                    role: "produce".into(),
+                    topic: Some("empire-announce".into()),
+                    ..Default::default()
+                }],
+            })),
+        };
+        let mut st = state("/").unwrap();
+        let np = v1::NetworkPolicy {
+            endpoint: "kafka".into(),
+            identity: 300,
+            addresses: vec!["10.0.0.1".into()],
+            ingress: Some(v1::DirectionPolicy {
+                enforced: true,
+                entries: vec![
+                    v1::PolicyEntry {
+                        remote_identity: 301,
+                        port: 9092,
+                        protocol: 6,
+                        l7: vec![kafka],
+                    },
+                    v1::PolicyEntry {
+                        remote_identity: 301,
+                        port: 8080,
+                        protocol: 6,
+                        l7: vec![],
+                    },
+                ],
+            }),
+            egress: None,
+        };
+        st.endpoints = compile_policies(&[any(&np)]).unwrap();
+        let conn = |port| ConnFacts {
+            direction: Direction::Inbound,
+            source: "10.0.0.2".parse().unwrap(),
+            destination: "10.0.0.1".parse().unwrap(),
+            port,
+            peer_spiffe: None,
+        };
+        let mode = |port| {
+            let c = conn(port);
+            StreamMode::of(st.judge_l4(&c, &st.parties(&c), 6))
+        };
+        assert_eq!(mode(9092), StreamMode::Kafka);
+        assert_eq!(
+            mode(8080),
+            StreamMode::Pass,
+            "L3/L4 allow: bytes pass unread"
+        );
+        assert!(
+            matches!(mode(80), StreamMode::Refuse(_)),
+            "no entry: closed"
+        );
+
+        let c = conn(9092);
+        let parties = st.parties(&c);
+        let judge = KafkaPolicy::of(&st, &c, &parties);
+        assert!(judge.refuses_connection().is_none());
+        let produce = |topic: &'static [&'static str]| KafkaRequest {
+            api_key: 0,
+            api_version: 7,
+            client_id: None,
+            topics: Some(topic),
+        };
+        assert!(matches!(
+            judge.judge(&produce(&["empire-announce"])),
+            Judged::Allow { direction: "ingress", policy } if &*policy == "kafka-policy"
+        ));
+        assert!(matches!(
+            judge.judge(&produce(&["deathstar-plans"])),
+            Judged::Deny { direction: "ingress", denied_topics } if denied_topics == ["deathstar-plans"]
+        ));
+        // The same connection after the policy lost the port: every request closes it.
+        st.endpoints.clear();
+        let parties = st.parties(&c);
+        assert!(
+            KafkaPolicy::of(&st, &c, &parties)
+                .refuses_connection()
+                .is_some()
         );
     }
 }

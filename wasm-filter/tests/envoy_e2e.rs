@@ -201,23 +201,7 @@ static_resources:
 /// luke's sidecar: an outbound listener with membrane's filter (luke's egress policy) whose
 /// cluster reaches web's sidecar over mTLS with luke's SPIFFE certificate.
 fn luke_envoy_config(wasm: &str, tls: &std::path::Path) -> String {
-    let f = |name: &str| tls.join(name).display().to_string();
-    let (crt, key, ca) = (f("luke.crt"), f("luke.key"), f("ca.crt"));
-    let upstream_tls = format!(
-        r#"    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: localhost
-        common_tls_context:
-          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{ca}"}}
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: {{exact: "spiffe://cluster.local/ns/default/sa/web"}}
-"#
-    );
+    let upstream_tls = luke_mtls(tls);
     // No node in the configuration: the filter subscribes as its Envoy (sidecar-luke).
     let filter = envoy::membrane_filter(wasm, r#"{"xds_cluster":"membrane_xds"}"#);
     let outbound = envoy::Listener {
@@ -246,6 +230,28 @@ static_resources:
             &upstream_tls
         ),
         xds_cluster(XDS),
+    )
+}
+
+/// The `transport_socket` of a cluster through which luke's sidecar reaches web's over mTLS,
+/// presenting luke's SPIFFE certificate and accepting only web's.
+fn luke_mtls(tls: &std::path::Path) -> String {
+    let f = |name: &str| tls.join(name).display().to_string();
+    let (crt, key, ca) = (f("luke.crt"), f("luke.key"), f("ca.crt"));
+    format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names:
+            - san_type: URI
+              matcher: {{exact: "spiffe://cluster.local/ns/default/sa/web"}}
+"#
     )
 }
 
@@ -482,9 +488,14 @@ impl KeepAlive {
 
 /// Envoy's admin stats whose names contain `filter`, as name -> value.
 fn stats(filter: &str) -> BTreeMap<String, u64> {
+    stats_at(ADMIN, filter)
+}
+
+/// The same from the Envoy whose admin listens on `port`.
+fn stats_at(port: u16, filter: &str) -> BTreeMap<String, u64> {
     let out = Command::new("curl")
         .args(["-s", "--max-time", "3"])
-        .arg(format!("http://127.0.0.1:{ADMIN}/stats?filter={filter}"))
+        .arg(format!("http://127.0.0.1:{port}/stats?filter={filter}"))
         .output()
         .expect("curl");
     String::from_utf8_lossy(&out.stdout)
@@ -939,4 +950,428 @@ static_resources:
     assert_eq!(status_of("127.0.0.2", "/public/a").await, 200);
     assert_eq!(status_of("127.0.0.2", "/private").await, 403);
     assert!(log().contains("xds_cluster is required"), "{}", log());
+}
+
+/// Kafka through two sidecars: luke's app (127.0.0.1) -> luke's sidecar (outbound listener at
+/// the broker endpoint's address, luke's egress) -> mTLS -> the broker endpoint's sidecar
+/// (inbound, its ingress, luke known by SPIFFE ID only) -> tansu. tansu advertises luke's
+/// outbound listener, so clients come back through both sidecars after bootstrap.
+const KAFKA_IP: &str = "127.0.0.5";
+const K_BROKER: u16 = 19400;
+const K_IN: u16 = 19401;
+const K_OUT: u16 = 19402;
+const K_XDS: u16 = 19403;
+const K_ADMIN: u16 = 19404;
+const K_LUKE_ADMIN: u16 = 19405;
+/// Ports of the broker endpoint's sidecar that carry no Kafka rules: L3/L4 allowed for world
+/// (bytes must pass unread), and not allowed at all; both reach a plain HTTP app.
+const K_PLAIN: u16 = 19406;
+const K_CLOSED: u16 = 19407;
+const K_APP: u16 = 19408;
+
+fn kafka_rule(role: &str, topic: &str) -> v1::KafkaRule {
+    v1::KafkaRule {
+        role: role.into(),
+        topic: Some(topic.into()),
+        ..Default::default()
+    }
+}
+
+fn kafka_rules(policy: &str, rules: Vec<v1::KafkaRule>) -> v1::L7RuleSet {
+    v1::L7RuleSet {
+        policy: policy.into(),
+        rules: Some(v1::l7_rule_set::Rules::Kafka(v1::KafkaRules { rules })),
+    }
+}
+
+/// The broker endpoint (identity 300) takes from luke (301) produce to `produce_topics` and
+/// consume of empire-announce; luke may produce to empire-announce and deathstar-plans and
+/// consume empire-announce. rebel-plans is nobody's.
+fn kafka_policies(produce_topics: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    let mut ingress: Vec<_> = produce_topics
+        .iter()
+        .map(|t| kafka_rule("produce", t))
+        .collect();
+    ingress.push(kafka_rule("consume", "empire-announce"));
+    let broker = v1::NetworkPolicy {
+        endpoint: "kafka".into(),
+        identity: 300,
+        addresses: vec![KAFKA_IP.into()],
+        ingress: Some(v1::DirectionPolicy {
+            enforced: true,
+            entries: vec![
+                v1::PolicyEntry {
+                    remote_identity: 301,
+                    port: K_IN.into(),
+                    protocol: 6,
+                    l7: vec![kafka_rules("CiliumNetworkPolicy default/kafka", ingress)],
+                },
+                v1::PolicyEntry {
+                    remote_identity: 2,
+                    port: K_PLAIN.into(),
+                    protocol: 6,
+                    l7: vec![],
+                },
+            ],
+        }),
+        egress: Some(v1::DirectionPolicy::default()),
+    };
+    let luke = v1::NetworkPolicy {
+        endpoint: "luke".into(),
+        identity: 301,
+        addresses: vec!["127.0.0.1".into()],
+        ingress: Some(v1::DirectionPolicy::default()),
+        egress: Some(v1::DirectionPolicy {
+            enforced: true,
+            entries: vec![v1::PolicyEntry {
+                remote_identity: 300,
+                port: K_OUT.into(),
+                protocol: 6,
+                l7: vec![kafka_rules(
+                    "CiliumNetworkPolicy default/luke",
+                    vec![
+                        kafka_rule("produce", "empire-announce"),
+                        kafka_rule("produce", "deathstar-plans"),
+                        kafka_rule("consume", "empire-announce"),
+                    ],
+                )],
+            }],
+        }),
+    };
+    BTreeMap::from([
+        ("kafka".to_string(), broker.encode_to_vec()),
+        ("luke".to_string(), luke.encode_to_vec()),
+    ])
+}
+
+fn kafka_sidecar_configs(wasm: &str, tls: &std::path::Path) -> (String, String) {
+    let config = r#"{"mode":"kafka","xds_cluster":"membrane_xds"}"#;
+    let f = |name: &str| tls.join(name).display().to_string();
+    let server_tls = format!(
+        r#"transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
+            validation_context: {{trusted_ca: {{filename: "{}"}}}}
+      "#,
+        f("web.crt"),
+        f("web.key"),
+        f("ca.crt")
+    );
+    let broker_side = format!(
+        r#"
+node: {{id: sidecar-kafka, cluster: kafka}}
+admin: {{address: {}}}
+static_resources:
+  listeners:
+{}{}  clusters:
+{}{}{}"#,
+        envoy::socket("127.0.0.1", K_ADMIN),
+        envoy::kafka_listener(
+            "inbound_kafka",
+            (KAFKA_IP, K_IN),
+            "INBOUND",
+            &server_tls,
+            (wasm, config),
+            "broker"
+        ),
+        [K_PLAIN, K_CLOSED]
+            .map(|port| envoy::kafka_listener(
+                &format!("inbound_{port}"),
+                (KAFKA_IP, port),
+                "INBOUND",
+                "",
+                (wasm, config),
+                "app"
+            ))
+            .concat(),
+        envoy::cluster("broker", &envoy::socket(KAFKA_IP, K_BROKER), false, ""),
+        envoy::cluster("app", &envoy::socket("127.0.0.1", K_APP), false, ""),
+        xds_cluster(K_XDS),
+    );
+    let luke_side = format!(
+        r#"
+node: {{id: sidecar-luke, cluster: luke}}
+admin: {{address: {}}}
+static_resources:
+  listeners:
+{}  clusters:
+{}{}"#,
+        envoy::socket("127.0.0.1", K_LUKE_ADMIN),
+        envoy::kafka_listener(
+            "outbound_kafka",
+            (KAFKA_IP, K_OUT),
+            "OUTBOUND",
+            "",
+            (wasm, config),
+            "kafka_mtls"
+        ),
+        envoy::cluster(
+            "kafka_mtls",
+            &envoy::socket(KAFKA_IP, K_IN),
+            false,
+            &luke_mtls(tls)
+        ),
+        xds_cluster(K_XDS),
+    );
+    (broker_side, luke_side)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_is_judged_in_both_sidecars_under_mtls() {
+    use membrane_codec::kafka::kafka_protocol::messages::{ApiKey, ResponseKind};
+    use membrane_tests::kafka::{self, encode_request, produce, read_response};
+    use tokio::io::AsyncWriteExt;
+
+    let _one = ONE_ENVOY_TEST.lock().await;
+    let envoy = env_path("MEMBRANE_ENVOY");
+    let wasm = env_path("MEMBRANE_WASM_FILTER");
+    let bootstrap = format!("{KAFKA_IP}:{K_OUT}");
+    let _broker = Proc(kafka::start_tansu(
+        format!("{KAFKA_IP}:{K_BROKER}").parse().unwrap(),
+        bootstrap.parse().unwrap(),
+        &["empire-announce", "deathstar-plans", "rebel-plans"],
+    ));
+
+    let cache = XdsCache::new();
+    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, kafka_policies(&["empire-announce"]));
+    // luke has no address entry: the broker's sidecar can know it only by its SPIFFE ID.
+    let broker_host = v1::NetworkPolicyHosts {
+        identity: 300,
+        host_addresses: vec![format!("{KAFKA_IP}/32")],
+    };
+    cache.set_resources(
+        NETWORK_POLICY_HOSTS_TYPE,
+        BTreeMap::from([("300".to_string(), broker_host.encode_to_vec())]),
+    );
+    let spiffe = v1::SpiffeIdentities {
+        identities: [("spiffe://cluster.local/ns/default/sa/luke".to_string(), 301)]
+            .into_iter()
+            .collect(),
+    };
+    cache.set_resources(
+        SPIFFE_IDENTITIES_TYPE,
+        BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
+    );
+    let _xds = start_xds_on(K_XDS, &cache);
+
+    let dir = tempfile::tempdir().unwrap();
+    let _app = Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &K_APP.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    certificates(&tls);
+    let (broker_side, luke_side) = kafka_sidecar_configs(&wasm, &tls);
+    std::fs::write(dir.path().join("kafka-envoy.yaml"), broker_side).unwrap();
+    std::fs::write(dir.path().join("luke-envoy.yaml"), luke_side).unwrap();
+    let _kafka_envoy = start_envoy(&envoy, dir.path(), "kafka-envoy", 19400);
+    let _luke_envoy = start_envoy(&envoy, dir.path(), "luke-envoy", 19402);
+    let read_log = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    };
+    let logs = || format!("{}\n{}", read_log("kafka-envoy"), read_log("luke-envoy"));
+    wait_subscribed(&cache, 4, &logs).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "kafka", v1_, Duration::from_secs(60))
+        .await
+        .expect("both sidecars acknowledged the policy");
+
+    let client = {
+        let bootstrap = bootstrap.clone();
+        move |lib: &str, action: &str, topic: &str| {
+            kafka::client(&bootstrap, lib, action, topic, "empire-hq")
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = client.clone();
+        let probe = tokio::task::spawn_blocking(move || c("kafka-python", "metadata", ""))
+            .await
+            .unwrap();
+        if probe["ok"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Kafka through the sidecars: {probe}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The filter sits on ports without Kafka rules too (Istio's NETWORK plugin is on every
+    // port): there bytes pass unread when L3/L4 allows, and the connection closes otherwise.
+    let plain = |port| status("127.0.0.1", &[], &format!("http://{KAFKA_IP}:{port}/"));
+    assert_eq!(plain(K_PLAIN), 200, "HTTP through a port with no L7 rules");
+    assert_eq!(plain(K_CLOSED), 0, "no L3/L4 entry: closed");
+    assert!(
+        read_log("kafka-envoy").contains(
+            "membrane: kafka: L3/L4: identity 2 may not reach port 19407; closing the connection"
+        ),
+        "{}",
+        read_log("kafka-envoy")
+    );
+
+    for lib in ["kafka-python", "confluent-kafka"] {
+        let c = client.clone();
+        let [ok, denied_inbound, denied_outbound, consumed, listed] =
+            tokio::task::spawn_blocking(move || {
+                [
+                    c(lib, "produce", "empire-announce"),
+                    c(lib, "produce", "deathstar-plans"),
+                    c(lib, "produce", "rebel-plans"),
+                    c(lib, "consume", "empire-announce"),
+                    c(lib, "metadata", ""),
+                ]
+            })
+            .await
+            .unwrap();
+        assert_eq!(ok["ok"], true, "{lib}: {ok}\n{}", logs());
+        for denied in [&denied_inbound, &denied_outbound] {
+            assert_eq!(denied["ok"], false, "{lib}: {denied}");
+            let error = denied["error"].as_str().unwrap();
+            assert!(
+                error.ends_with("AuthorizationFailedError")
+                    || error.ends_with("_AUTHORIZATION_FAILED"),
+                "{lib}: the client reports an authorization error: {denied}"
+            );
+            assert!(
+                denied["seconds"].as_f64().unwrap() < 2.0,
+                "{lib}: the error arrives at once: {denied}"
+            );
+        }
+        assert_eq!(consumed["ok"], true, "{lib}: {consumed}");
+        assert!(
+            consumed["value"].as_str().unwrap().starts_with("membrane"),
+            "{consumed}"
+        );
+        let topics = listed["topics"].as_object().unwrap();
+        assert!(topics.contains_key("empire-announce"), "{lib}: {listed}");
+        assert!(
+            !topics.contains_key("deathstar-plans") && !topics.contains_key("rebel-plans"),
+            "{lib}: luke lists only what both sidecars let it see: {listed}"
+        );
+    }
+    let kafka_log = read_log("kafka-envoy");
+    assert!(
+        kafka_log.contains(
+            "kafka Metadata v12 correlation 2 client \"empire-hq\" topics [\"deathstar-plans\"] \
+             from 127.0.0.1 identity 301 (spiffe://cluster.local/ns/default/sa/luke) to kafka \
+             identity 300 port 19401: denied topics [\"deathstar-plans\"]"
+        ),
+        "{kafka_log}"
+    );
+    assert!(
+        read_log("luke-envoy").contains("outbound kafka Metadata"),
+        "{}",
+        read_log("luke-envoy")
+    );
+
+    // Pipelined on one connection: allowed, denied by luke's egress, denied by the broker's
+    // ingress, allowed. Each sidecar answers its denial in place (a placeholder travels to the
+    // broker and its answer is swapped for the error), so the answers come back in order and
+    // the connection stays usable.
+    let mut s = tokio::net::TcpStream::connect(&bootstrap).await.unwrap();
+    let mut batch = Vec::new();
+    for (corr, topic) in [
+        (1, "empire-announce"),
+        (2, "rebel-plans"),
+        (3, "deathstar-plans"),
+        (4, "empire-announce"),
+    ] {
+        batch.extend_from_slice(&encode_request(ApiKey::Produce, 7, corr, &produce(topic)));
+    }
+    s.write_all(&batch).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let (corr, resp) = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_response(&mut s, ApiKey::Produce, 7),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("an answer per request, got {answers:?}\n{}", logs()));
+        let ResponseKind::Produce(resp) = resp else {
+            panic!("not a Produce answer")
+        };
+        answers.push((corr, resp.responses[0].partition_responses[0].error_code));
+    }
+    let order: Vec<i32> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(order, [1, 2, 3, 4], "{answers:?}");
+    assert_eq!(answers[1].1, 29, "TOPIC_AUTHORIZATION_FAILED: {answers:?}");
+    assert_eq!(answers[2].1, 29, "TOPIC_AUTHORIZATION_FAILED: {answers:?}");
+    assert!(
+        read_log("kafka-envoy").contains(
+            "membrane: denied inbound kafka Produce v7 correlation 3 client \"empire-hq\" \
+             topics [\"deathstar-plans\"]"
+        ),
+        "{}",
+        read_log("kafka-envoy")
+    );
+    assert!(
+        read_log("luke-envoy").contains(
+            "membrane: denied outbound kafka Produce v7 correlation 2 client \"empire-hq\" \
+             topics [\"rebel-plans\"] from luke identity 301 to 127.0.0.5 identity 300 port \
+             19402: denied topics [\"rebel-plans\"], error code Some(29)"
+        ),
+        "{}",
+        read_log("luke-envoy")
+    );
+
+    // A policy change reaches the open connection's next request.
+    let v2 = cache.set_resources(
+        NETWORK_POLICY_TYPE,
+        kafka_policies(&["empire-announce", "deathstar-plans"]),
+    );
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "kafka", v2, Duration::from_secs(5))
+        .await
+        .expect("every VM acknowledged the change");
+    s.write_all(&encode_request(
+        ApiKey::Produce,
+        7,
+        5,
+        &produce("deathstar-plans"),
+    ))
+    .await
+    .unwrap();
+    let (corr, resp) = read_response(&mut s, ApiKey::Produce, 7).await;
+    let ResponseKind::Produce(resp) = resp else {
+        panic!("not a Produce answer")
+    };
+    assert_eq!(corr, 5);
+    assert_ne!(
+        resp.responses[0].partition_responses[0].error_code, 29,
+        "allowed now"
+    );
+
+    // Counted per direction (the VMs add their tallies on each 0.5 s tick).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let inbound = stats_at(K_ADMIN, "membrane.kafka");
+    let outbound = stats_at(K_LUKE_ADMIN, "membrane.kafka");
+    let get = |m: &BTreeMap<String, u64>, k: &str| {
+        m.get(&format!("wasmcustom.membrane.kafka.{k}")).copied()
+    };
+    assert!(get(&inbound, "inbound.allowed") >= Some(5), "{inbound:?}");
+    assert!(get(&inbound, "inbound.denied") >= Some(3), "{inbound:?}");
+    assert!(
+        get(&outbound, "outbound.allowed") >= Some(5),
+        "{outbound:?}"
+    );
+    assert!(get(&outbound, "outbound.denied") >= Some(3), "{outbound:?}");
 }

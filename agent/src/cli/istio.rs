@@ -10,7 +10,7 @@ use membrane_istio::Settings;
 /// `membrane istio ...`
 #[derive(Debug, Subcommand)]
 pub enum IstioCommand {
-    /// Print the WasmPlugin and EnvoyFilter (apply them in Istio's root namespace).
+    /// Print the WasmPlugins (HTTP, and Kafka as a network filter) and the EnvoyFilter (apply them in Istio's root namespace).
     Manifests(SettingsArgs),
     /// Prepare a Pod or workload (YAML or JSON) for membrane's Istio mode; prints it as JSON.
     Inject {

@@ -700,12 +700,12 @@ impl Agent {
         // Redirects go to the embedded proxy's listener (0 without a proxy: the datapath drops).
         let proxy_port = self.config.proxy_port;
         let (key, value) = membrane_istio::SIDECAR_LABEL;
-        let http = if ep.labels.value(Source::K8s, key) == Some(value) {
-            sync::HttpEnforcer::Sidecar
+        let l7 = if ep.labels.value(Source::K8s, key) == Some(value) {
+            sync::L7Enforcer::Sidecar
         } else {
-            sync::HttpEnforcer::Proxy
+            sync::L7Enforcer::Proxy
         };
-        let entries = sync::policy_entries(id, table, http, |_| proxy_port);
+        let entries = sync::policy_entries(id, table, l7, |_| proxy_port);
         self.datapath.set_endpoint(
             ifindex,
             EndpointInfo {

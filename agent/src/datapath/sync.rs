@@ -5,7 +5,7 @@ use membrane_bpf::abi::{
     PolicyKey, PolicyValue,
 };
 use membrane_policy::resolve::{PolicyTable, Verdict};
-use membrane_policy::rule::{Direction, L7Kind};
+use membrane_policy::rule::Direction;
 
 /// The `EP_ENFORCE_*` flags of an endpoint's table.
 pub fn enforcement_flags(table: &PolicyTable) -> u32 {
@@ -19,14 +19,14 @@ pub fn enforcement_flags(table: &PolicyTable) -> u32 {
     flags
 }
 
-/// Who enforces an endpoint's HTTP rules.
+/// Who enforces an endpoint's L7 rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HttpEnforcer {
-    /// The node's L7 proxy: the datapath redirects HTTP-governed connections to it.
+pub enum L7Enforcer {
+    /// The node's L7 proxy: the datapath redirects L7-governed connections to it.
     Proxy,
-    /// The endpoint's own sidecar (Istio with membrane's wasm filter): its HTTP ports are only
-    /// checked at L3/L4 here, since under mutual TLS the node's proxy could not read them.
-    /// Kafka keys are still redirected.
+    /// The endpoint's own sidecar (Istio with membrane's wasm filters: HTTP, and the network
+    /// filter for Kafka): its L7 ports are only checked at L3/L4 here, since under mutual TLS
+    /// the node's proxy could not read them.
     Sidecar,
 }
 
@@ -36,7 +36,7 @@ pub enum HttpEnforcer {
 pub fn policy_entries(
     endpoint_id: u32,
     table: &PolicyTable,
-    http: HttpEnforcer,
+    l7: L7Enforcer,
     proxy_port: impl Fn(Direction) -> u16,
 ) -> Vec<(PolicyKey, PolicyValue)> {
     let mut out = Vec::new();
@@ -54,11 +54,7 @@ pub fn policy_entries(
             };
             let (action, port) = match effective.verdict {
                 Verdict::Allow => (POLICY_ALLOW, 0),
-                Verdict::Redirect(l7)
-                    if http == HttpEnforcer::Sidecar && l7.kind == Some(L7Kind::Http) =>
-                {
-                    (POLICY_ALLOW, 0)
-                }
+                Verdict::Redirect(_) if l7 == L7Enforcer::Sidecar => (POLICY_ALLOW, 0),
                 Verdict::Redirect(_) => (POLICY_REDIRECT, proxy_port(dir)),
             };
             out.push((
@@ -107,12 +103,12 @@ mod tests {
         r.add_endpoint(NumericIdentity(257));
         let table = r.table(NumericIdentity(257)).unwrap();
         assert_eq!(enforcement_flags(table), EP_ENFORCE_INGRESS);
-        let entries = |http| {
-            let mut e = policy_entries(9, table, http, |_| 15001);
+        let entries = |l7| {
+            let mut e = policy_entries(9, table, l7, |_| 15001);
             e.sort_by_key(|(k, _)| (k.identity, k.dport, k.proto));
             e
         };
-        let e = entries(HttpEnforcer::Proxy);
+        let e = entries(L7Enforcer::Proxy);
         let got: Vec<(u32, u16, u8, u8, u16)> = e
             .iter()
             .map(|(k, v)| (k.identity, k.dport, k.proto, v.action, v.proxy_port))
@@ -126,7 +122,7 @@ mod tests {
             ]
         );
         // A sidecar endpoint's HTTP port is left to its sidecar: L3/L4 only.
-        let sidecar: Vec<(u32, u16, u8)> = entries(HttpEnforcer::Sidecar)
+        let sidecar: Vec<(u32, u16, u8)> = entries(L7Enforcer::Sidecar)
             .iter()
             .map(|(k, v)| (k.identity, k.dport, v.action))
             .collect();
