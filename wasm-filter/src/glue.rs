@@ -179,6 +179,9 @@ fn log(level: LogLevel, message: &str) {
 #[derive(Default)]
 struct Root {
     config: Config,
+    /// NetworkPolicy resource names subscribed to: the pod's addresses (the server aliases each
+    /// endpoint's policy by its addresses), or none (every endpoint's policy).
+    policy_names: Vec<String>,
     state: Rc<RefCell<PolicyState>>,
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
     metrics: Metrics,
@@ -229,7 +232,11 @@ impl Root {
             node: Some(Node {
                 id: self.config.node.clone(),
             }),
-            resource_names: vec![],
+            resource_names: if type_url == NETWORK_POLICY_TYPE {
+                self.policy_names.clone()
+            } else {
+                Vec::new()
+            },
             type_url: type_url.to_string(),
             response_nonce: nonce.to_string(),
             error_detail: error.map(|message| Status { code: 3, message }),
@@ -377,6 +384,20 @@ impl RootContext for Root {
                 .and_then(|v| String::from_utf8(v).ok())
                 .unwrap_or_default();
         }
+        self.policy_names = instance_ips();
+        log(
+            LogLevel::Info,
+            &if self.policy_names.is_empty() {
+                "membrane: subscribing to every endpoint's policy (no INSTANCE_IPS in the node \
+                 metadata)"
+                    .to_string()
+            } else {
+                format!(
+                    "membrane: subscribing to the policy of {}",
+                    self.policy_names.join(", ")
+                )
+            },
+        );
         self.metrics = Metrics::define();
         self.seed_from_shared_data();
         self.open_stream();
@@ -447,6 +468,22 @@ impl Context for Http {}
 /// A property as bytes; errors (which the SDK's own call would panic on) are treated as absent.
 fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+/// The pod's addresses from Istio's node metadata (`INSTANCE_IPS`, comma-separated). A sidecar
+/// only ever judges traffic to or from its own pod, so its own endpoint's policy is all it needs.
+fn instance_ips() -> Vec<String> {
+    let Some(text) = property(&["xds", "node", "metadata", "INSTANCE_IPS"])
+        .or_else(|| property(&["node", "metadata", "INSTANCE_IPS"]))
+        .and_then(|v| String::from_utf8(v).ok())
+    else {
+        return Vec::new();
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|a| a.to_string())
+        .collect()
 }
 
 fn address(path: &[&str]) -> Option<(IpAddr, u16)> {

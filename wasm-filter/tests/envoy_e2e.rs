@@ -123,6 +123,18 @@ fn luke_policy() -> v1::NetworkPolicy {
     }
 }
 
+/// Serves NetworkPolicy resources as the agent does: each aliased by its endpoint's addresses.
+fn set_policies(cache: &XdsCache, policies: BTreeMap<String, Vec<u8>>) -> u64 {
+    let aliased = policies
+        .into_iter()
+        .map(|(name, bytes)| {
+            let np = v1::NetworkPolicy::decode(bytes.as_slice()).expect("a NetworkPolicy");
+            (name, membrane_xds_server::translate::aliased(&np))
+        })
+        .collect();
+    cache.set_aliased_resources(NETWORK_POLICY_TYPE, aliased)
+}
+
 fn hosts() -> BTreeMap<String, Vec<u8>> {
     [
         (300, "127.0.0.1/32"),
@@ -184,7 +196,7 @@ fn xds_cluster(port: u16) -> String {
 fn envoy_config(wasm: &str, tls: &std::path::Path) -> String {
     format!(
         r#"
-node: {{id: sidecar-web, cluster: web}}
+node: {{id: sidecar-web, cluster: web, metadata: {{INSTANCE_IPS: "127.0.0.1"}}}}
 admin: {{address: {}}}
 static_resources:
   listeners:
@@ -215,7 +227,7 @@ fn luke_envoy_config(wasm: &str, tls: &std::path::Path) -> String {
     };
     format!(
         r#"
-node: {{id: sidecar-luke, cluster: luke}}
+node: {{id: sidecar-luke, cluster: luke, metadata: {{INSTANCE_IPS: "127.0.0.2"}}}}
 admin: {{address: {}}}
 static_resources:
   listeners:
@@ -557,7 +569,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     );
 
     let cache = XdsCache::new();
-    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
+    let v1_ = set_policies(&cache, web_policy(&["/public/.*"]));
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let spiffe = v1::SpiffeIdentities {
         identities: [("spiffe://cluster.local/ns/default/sa/luke".to_string(), 301)]
@@ -598,6 +610,28 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
             .count(),
         2,
         "{nodes:?}"
+    );
+    // Each sidecar subscribes to its own endpoint's policy only, by its pod's address (Istio's
+    // INSTANCE_IPS node metadata), so only web's VMs must acknowledge web's policy.
+    assert!(
+        nodes
+            .iter()
+            .filter(|(k, _)| k.starts_with("sidecar-luke#"))
+            .all(|(_, s)| s.subscribed == ["127.0.0.2"]),
+        "{nodes:?}"
+    );
+    let web_subscribers = cache.subscribers(NETWORK_POLICY_TYPE, "web");
+    assert!(
+        web_subscribers.len() == 2
+            && web_subscribers
+                .keys()
+                .all(|k| k.starts_with("sidecar-web#")),
+        "{web_subscribers:?}"
+    );
+    assert!(
+        envoy_log().contains("membrane: subscribing to the policy of 127.0.0.1"),
+        "{}",
+        envoy_log()
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while get("127.0.0.2", "/public/a").0 != 200 {
@@ -706,7 +740,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     let mut open = KeepAlive::open("127.0.0.2").await;
     assert_eq!(open.get("/private").await, 403, "before the change");
     let t0 = Instant::now();
-    let v2 = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*", "/private"]));
+    let v2 = set_policies(&cache, web_policy(&["/public/.*", "/private"]));
     cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v2, Duration::from_secs(5))
         .await
@@ -722,7 +756,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .unwrap();
 
     // A bad update is rejected (NACK with the filter's reason) and the last good one stays.
-    let v3 = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["("]));
+    let v3 = set_policies(&cache, web_policy(&["("]));
     let nack = cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v3, Duration::from_secs(5))
         .await;
@@ -810,7 +844,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     // A new server instance (versions start again at 1) takes over; the VMs reconnect with
     // backoff and enforce what it serves.
     let cache = XdsCache::new();
-    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, web_policy(&["/public/.*"]));
+    let v1_ = set_policies(&cache, web_policy(&["/public/.*"]));
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let _xds = start_xds(&cache);
     wait_subscribed(&cache, 4, &envoy_log).await;
@@ -850,7 +884,7 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
         e.port = ECDS_LISTEN.into();
     }
     policy.insert("web".into(), np.encode_to_vec());
-    cache.set_resources(NETWORK_POLICY_TYPE, policy);
+    set_policies(&cache, policy);
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let ecds = |cluster: &str| {
         BTreeMap::from([(
@@ -1063,7 +1097,7 @@ fn kafka_sidecar_configs(wasm: &str, tls: &std::path::Path) -> (String, String) 
     );
     let broker_side = format!(
         r#"
-node: {{id: sidecar-kafka, cluster: kafka}}
+node: {{id: sidecar-kafka, cluster: kafka, metadata: {{INSTANCE_IPS: "127.0.0.5"}}}}
 admin: {{address: {}}}
 static_resources:
   listeners:
@@ -1094,7 +1128,7 @@ static_resources:
     );
     let luke_side = format!(
         r#"
-node: {{id: sidecar-luke, cluster: luke}}
+node: {{id: sidecar-luke, cluster: luke, metadata: {{INSTANCE_IPS: "127.0.0.1"}}}}
 admin: {{address: {}}}
 static_resources:
   listeners:
@@ -1137,7 +1171,7 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     ));
 
     let cache = XdsCache::new();
-    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, kafka_policies(&["empire-announce"]));
+    let v1_ = set_policies(&cache, kafka_policies(&["empire-announce"]));
     // luke has no address entry: the broker's sidecar can know it only by its SPIFFE ID.
     let broker_host = v1::NetworkPolicyHosts {
         identity: 300,
@@ -1334,8 +1368,8 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     );
 
     // A policy change reaches the open connection's next request.
-    let v2 = cache.set_resources(
-        NETWORK_POLICY_TYPE,
+    let v2 = set_policies(
+        &cache,
         kafka_policies(&["empire-announce", "deathstar-plans"]),
     );
     cache
@@ -1356,8 +1390,11 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     };
     assert_eq!(corr, 5);
     assert_ne!(
-        resp.responses[0].partition_responses[0].error_code, 29,
-        "allowed now"
+        resp.responses[0].partition_responses[0].error_code,
+        29,
+        "allowed now: {:?}\n{}",
+        cache.statuses(NETWORK_POLICY_TYPE),
+        logs()
     );
 
     // Counted per direction (the VMs add their tallies on each 0.5 s tick).

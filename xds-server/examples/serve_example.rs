@@ -37,7 +37,7 @@ async fn main() {
         prefixes.extend(addresses.iter().map(|a| (IpNet::from(*a), *identity)));
         if let Some(table) = example.resolver.table(*identity) {
             let np = translate::network_policy(name, *identity, addresses, table);
-            policies.insert(name.clone(), np.encode_to_vec());
+            policies.insert(name.clone(), translate::aliased(&np));
         }
     }
     let hosts = translate::network_policy_hosts(prefixes)
@@ -48,7 +48,7 @@ async fn main() {
         translate::spiffe_identities(trust_domain, example.resolver.identities().map(|i| &**i));
     let cache = XdsCache::new();
     let count = policies.len();
-    cache.set_resources(NETWORK_POLICY_TYPE, policies);
+    cache.set_aliased_resources(NETWORK_POLICY_TYPE, policies);
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts);
     cache.set_resources(
         SPIFFE_IDENTITIES_TYPE,

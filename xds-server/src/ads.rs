@@ -30,8 +30,14 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Clone, Debug, Default)]
 struct TypeState {
     version: u64,
-    /// Resource name -> encoded resource.
-    resources: BTreeMap<String, Vec<u8>>,
+    /// Resource name -> encoded resource and its aliases.
+    resources: BTreeMap<String, (Vec<u8>, Vec<String>)>,
+}
+
+impl TypeState {
+    fn aliases(&self, resource: &str) -> &[String] {
+        self.resources.get(resource).map_or(&[], |(_, a)| a)
+    }
 }
 
 /// What a node last did with a type.
@@ -46,10 +52,16 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
-    /// Whether the stream subscribed to `resource` (by name, or to every resource).
-    pub fn wants(&self, resource: &str) -> bool {
-        self.subscribed.is_empty() || self.subscribed.iter().any(|r| r == resource)
+    /// Whether the stream subscribed to `resource` (by name or one of its `aliases`, or to every
+    /// resource).
+    pub fn wants(&self, resource: &str, aliases: &[String]) -> bool {
+        selects(&self.subscribed, resource, aliases)
     }
+}
+
+/// Whether a subscription to `names` (empty: all) selects a resource.
+fn selects(names: &[String], resource: &str, aliases: &[String]) -> bool {
+    names.is_empty() || names.iter().any(|n| n == resource || aliases.contains(n))
 }
 
 /// Why a wait for acknowledgement ended without one.
@@ -144,6 +156,22 @@ impl XdsCache {
     /// Replaces every resource of a type; returns the new version (unchanged when nothing
     /// changed, so that proxies are not woken for nothing).
     pub fn set_resources(&self, type_url: &str, resources: BTreeMap<String, Vec<u8>>) -> u64 {
+        self.set_aliased_resources(
+            type_url,
+            resources
+                .into_iter()
+                .map(|(name, bytes)| (name, (bytes, Vec::new())))
+                .collect(),
+        )
+    }
+
+    /// Like [`set_resources`](Self::set_resources), each resource with the aliases under which
+    /// a subscription selects it too.
+    pub fn set_aliased_resources(
+        &self,
+        type_url: &str,
+        resources: BTreeMap<String, (Vec<u8>, Vec<String>)>,
+    ) -> u64 {
         let version = {
             let mut st = self.lock();
             let ts = st.types.entry(type_url.to_string()).or_default();
@@ -177,9 +205,17 @@ impl XdsCache {
     /// The statuses of the streams subscribed to `resource` of `type_url` (by name, or to all):
     /// the ones [`wait_realized`](Self::wait_realized) waits for.
     pub fn subscribers(&self, type_url: &str, resource: &str) -> BTreeMap<String, NodeStatus> {
+        let aliases = self.aliases(type_url, resource);
         let mut all = self.statuses(type_url);
-        all.retain(|_, s| s.wants(resource));
+        all.retain(|_, s| s.wants(resource, &aliases));
         all
+    }
+
+    fn aliases(&self, type_url: &str, resource: &str) -> Vec<String> {
+        self.lock()
+            .types
+            .get(type_url)
+            .map_or_else(Vec::new, |t| t.aliases(resource).to_vec())
     }
 
     /// Waits until every stream subscribed to `resource` of `type_url` (by name, or to all) has
@@ -192,14 +228,43 @@ impl XdsCache {
         version: u64,
         timeout: Duration,
     ) -> Result<(), RealizeError> {
+        self.wait_acked(type_url, Some(resource), version, timeout)
+            .await
+    }
+
+    /// Waits until every stream subscribed to `type_url`, whatever it selected, has acknowledged
+    /// `version` or a later one (a version moves for every stream, even one whose resources did
+    /// not change); fails as [`wait_realized`](Self::wait_realized) does.
+    pub async fn wait_all_acked(
+        &self,
+        type_url: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), RealizeError> {
+        self.wait_acked(type_url, None, version, timeout).await
+    }
+
+    async fn wait_acked(
+        &self,
+        type_url: &str,
+        resource: Option<&str>,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), RealizeError> {
         let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let pending = {
                 let st = self.lock();
+                let ts = st.types.get(type_url);
                 let mut pending = Vec::new();
                 for ((node, t), s) in &st.nodes {
-                    if t != type_url || !s.wants(resource) {
+                    if t != type_url {
+                        continue;
+                    }
+                    if let Some(r) = resource
+                        && !s.wants(r, ts.map_or(&[][..], |t| t.aliases(r)))
+                    {
                         continue;
                     }
                     if let Some((v, detail)) = &s.nacked
@@ -242,8 +307,8 @@ impl XdsCache {
         let resources = ts
             .resources
             .iter()
-            .filter(|(name, _)| names.is_empty() || names.contains(name))
-            .map(|(_, bytes)| Any {
+            .filter(|(name, (_, aliases))| selects(names, name, aliases))
+            .map(|(_, (bytes, _))| Any {
                 type_url: type_url.to_string(),
                 value: bytes.clone(),
             })

@@ -9,6 +9,7 @@ use membrane_policy::identity::{Identity, NumericIdentity};
 use membrane_policy::labels::Source;
 use membrane_policy::resolve::PolicyTable;
 use membrane_policy::selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL};
+use prost::Message;
 
 /// One endpoint's resource: its addresses, identity and both directions' tables.
 pub fn network_policy(
@@ -24,6 +25,12 @@ pub fn network_policy(
         ingress: Some(direction_policy(&table.ingress)),
         egress: Some(direction_policy(&table.egress)),
     }
+}
+
+/// A NetworkPolicy as served: encoded, aliased by its endpoint's addresses (so a sidecar that
+/// knows only its pod's addresses subscribes to its own policy).
+pub fn aliased(np: &v1::NetworkPolicy) -> (Vec<u8>, Vec<String>) {
+    (np.encode_to_vec(), np.addresses.clone())
 }
 
 /// The identity -> addresses map (the ipcache) as one resource per identity, in identity order,
@@ -106,7 +113,6 @@ pub fn wasm_filter_extension(
         FailurePolicy, PluginConfig, VmConfig, plugin_config,
     };
     use envoy_types::pb::google::protobuf::{Any, StringValue};
-    use prost::Message;
     let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
     let wasm = Wasm {
         config: Some(PluginConfig {

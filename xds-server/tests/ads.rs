@@ -303,3 +303,52 @@ fn the_filters_hand_written_messages_match_envoys() {
         ("4", "9", &[1u8, 2, 3][..])
     );
 }
+
+#[tokio::test]
+async fn a_stream_subscribes_to_its_own_policy_by_address() {
+    let server = start().await;
+    let cache = &server.cache;
+    let aliased = |endpoints: &[(&str, u32, &str)]| {
+        endpoints
+            .iter()
+            .map(|(name, identity, addr)| {
+                let np = v1::NetworkPolicy {
+                    endpoint: name.to_string(),
+                    identity: *identity,
+                    addresses: vec![addr.to_string()],
+                    ..Default::default()
+                };
+                (
+                    name.to_string(),
+                    membrane_xds_server::translate::aliased(&np),
+                )
+            })
+            .collect()
+    };
+    let v1_ = cache.set_aliased_resources(
+        NETWORK_POLICY_TYPE,
+        aliased(&[("web", 256, "10.0.0.1"), ("db", 257, "10.0.0.2")]),
+    );
+    let mut web = connect(&server.socket, "sidecar-web").await;
+    web.send(&["10.0.0.1"], "", "", None).await;
+    let first = web.next().await;
+    assert_eq!(names(&first), ["web"], "only its own endpoint's policy");
+    web.send(&["10.0.0.1"], &first.nonce, "1", None).await;
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(2))
+        .await
+        .expect("web's sidecar acknowledged web's policy");
+    assert_eq!(cache.subscribers(NETWORK_POLICY_TYPE, "web").len(), 1);
+    assert!(
+        cache.subscribers(NETWORK_POLICY_TYPE, "db").is_empty(),
+        "db's policy waits for nobody"
+    );
+    // An address that moves to another endpoint takes the subscription with it.
+    cache.set_aliased_resources(
+        NETWORK_POLICY_TYPE,
+        aliased(&[("web", 256, "10.0.0.9"), ("db", 257, "10.0.0.1")]),
+    );
+    let moved = web.next().await;
+    assert_eq!(names(&moved), ["db"]);
+    assert_eq!(cache.subscribers(NETWORK_POLICY_TYPE, "db").len(), 1);
+}

@@ -285,7 +285,7 @@ impl Agent {
                 continue;
             };
             let np = translate::network_policy(&e.name, e.identity.id, &e.net.addresses, table);
-            policies.insert(e.name.clone(), np.encode_to_vec());
+            policies.insert(e.name.clone(), translate::aliased(&np));
         }
         prefixes.extend(self.cidr_identities.iter().map(|(n, id)| (*n, *id)));
         prefixes.extend(
@@ -301,7 +301,8 @@ impl Agent {
             &self.config.xds_trust_domain,
             self.resolver.identities().map(|i| &**i),
         );
-        self.xds.set_resources(NETWORK_POLICY_TYPE, policies);
+        self.xds
+            .set_aliased_resources(NETWORK_POLICY_TYPE, policies);
         self.xds.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts);
         self.xds.set_resources(
             SPIFFE_IDENTITIES_TYPE,

@@ -113,10 +113,12 @@ else:
         finally:
             c.close()
     elif action == "metadata":
-        c = KafkaConsumer(bootstrap_servers=bootstrap, client_id=client_id, request_timeout_ms=10000)
-        try:
+        c = None
+        try:  # the constructor already bootstraps: a broker not reachable yet is a result too
+            c = KafkaConsumer(bootstrap_servers=bootstrap, client_id=client_id, request_timeout_ms=10000)
             done(True, topics={t: "" for t in sorted(c.topics())})
         except Exception as e:
             done(False, type(e).__name__)
         finally:
-            c.close()
+            if c is not None:
+                c.close()
