@@ -5,8 +5,12 @@
 //! against the authority as the client sent it; fields of one rule are ANDed, rules are ORed.
 
 use std::fmt;
+use std::panic::{RefUnwindSafe, UnwindSafe};
 
-use regex::{RegexBuilder, RegexSet, RegexSetBuilder, SetMatches};
+use regex::RegexBuilder;
+use regex_automata::util::pool::{Pool, PoolGuard};
+use regex_automata::util::syntax;
+use regex_automata::{Input, MatchKind, PatternSet, meta};
 use serde::{Serialize, Serializer};
 
 /// A validated regular expression from a policy, remembered as written. It is compiled, together
@@ -184,10 +188,30 @@ pub struct HttpRules {
 }
 
 /// The patterns of one field across rules; `slot[i]` is rule i's pattern in `set`, if it has one.
-#[derive(Clone)]
+/// Built as `regex::RegexSet` builds its sets (every pattern reported, anchored by `anchored`),
+/// but matched into a `PatternSet` taken from a pool, so judging a request allocates nothing
+/// (`RegexSet::matches` allocates one per call).
 struct FieldSet {
-    set: RegexSet,
+    set: Option<meta::Regex>,
     slot: Vec<Option<usize>>,
+    matches: PatternSets,
+}
+
+type NewPatternSet = Box<dyn Fn() -> PatternSet + Send + Sync + RefUnwindSafe + UnwindSafe>;
+type PatternSets = Pool<PatternSet, NewPatternSet>;
+
+fn pattern_sets(len: usize) -> PatternSets {
+    Pool::new(Box::new(move || PatternSet::new(len)))
+}
+
+impl Clone for FieldSet {
+    fn clone(&self) -> FieldSet {
+        FieldSet {
+            set: self.set.clone(),
+            slot: self.slot.clone(),
+            matches: pattern_sets(self.set.as_ref().map_or(0, meta::Regex::pattern_len)),
+        }
+    }
 }
 
 impl FieldSet {
@@ -205,21 +229,46 @@ impl FieldSet {
                 })
             })
             .collect();
-        let set = RegexSetBuilder::new(patterns)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .build()?;
-        Ok(FieldSet { set, slot })
+        let set = if patterns.is_empty() {
+            None
+        } else {
+            Some(
+                meta::Builder::new()
+                    .configure(
+                        meta::Config::new()
+                            .match_kind(MatchKind::All)
+                            .utf8_empty(true)
+                            .which_captures(regex_automata::nfa::thompson::WhichCaptures::None)
+                            .nfa_size_limit(Some(REGEX_SIZE_LIMIT)),
+                    )
+                    .syntax(syntax::Config::new().utf8(true))
+                    .build_many(&patterns)
+                    .map_err(|e| match e.size_limit() {
+                        Some(limit) => regex::Error::CompiledTooBig(limit),
+                        None => regex::Error::Syntax(e.to_string()),
+                    })?,
+            )
+        };
+        Ok(FieldSet {
+            matches: pattern_sets(patterns.len()),
+            set,
+            slot,
+        })
     }
 
     /// The matches for `text`, computed only when some rule has a pattern for this field.
-    fn matches(&self, text: &str) -> Option<SetMatches> {
-        (!self.set.is_empty()).then(|| self.set.matches(text))
+    fn matches(&self, text: &str) -> Option<PoolGuard<'_, PatternSet, NewPatternSet>> {
+        let set = self.set.as_ref()?;
+        let mut found = self.matches.get();
+        found.clear();
+        set.which_overlapping_matches(&Input::new(text), &mut found);
+        Some(found)
     }
 
-    fn ok(&self, matches: &Option<SetMatches>, rule: usize) -> bool {
+    fn ok(&self, matches: Option<&PatternSet>, rule: usize) -> bool {
         match (self.slot[rule], matches) {
             (None, _) => true,
-            (Some(i), Some(m)) => m.matched(i),
+            (Some(i), Some(m)) => m.contains(regex_automata::PatternID::new_unchecked(i)),
             (Some(_), None) => false,
         }
     }
@@ -265,11 +314,11 @@ impl HttpRules {
         let host = self.host.matches(req.host);
         let headers = req.headers;
         self.rules.iter().enumerate().map(move |(i, rule)| {
-            let miss = if !self.method.ok(&method, i) {
+            let miss = if !self.method.ok(method.as_deref(), i) {
                 Some("method")
-            } else if !self.path.ok(&path, i) {
+            } else if !self.path.ok(path.as_deref(), i) {
                 Some("path")
-            } else if !self.host.ok(&host, i) {
+            } else if !self.host.ok(host.as_deref(), i) {
                 Some("host")
             } else if !rule.headers.iter().all(|h| h.is_satisfied(headers)) {
                 Some("headers")
