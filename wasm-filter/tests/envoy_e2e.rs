@@ -858,6 +858,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
 }
 
 const ECDS_LISTEN: u16 = 19390;
+const ECDS_TCP: u16 = 19391;
+const ECDS_PLAIN: u16 = 19394;
 const ECDS_XDS: u16 = 19392;
 const ECDS_ADMIN: u16 = 19393;
 
@@ -868,7 +870,8 @@ const ECDS_ADMIN: u16 = 19393;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_envoy_gets_the_filter_over_ecds() {
     use membrane_xds_server::translate::{
-        HTTP_WASM_TYPE, TYPED_EXTENSION_CONFIG_TYPE, wasm_filter_extension,
+        HTTP_WASM_TYPE, NETWORK_WASM_TYPE, TYPED_EXTENSION_CONFIG_TYPE, kafka_filter_extension,
+        wasm_filter_extension,
     };
     let _one = ONE_ENVOY_TEST.lock().await;
     let envoy = env_path("MEMBRANE_ENVOY");
@@ -880,17 +883,30 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
     let mut np = v1::NetworkPolicy::decode(policy["web"].as_slice()).unwrap();
     let entries = &mut np.ingress.as_mut().unwrap().entries;
     entries.retain(|e| e.port == u32::from(LISTEN));
-    for e in entries {
+    for e in entries.iter_mut() {
         e.port = ECDS_LISTEN.into();
     }
+    // The TCP port of the network filter: 302 at L3/L4 only, nobody else.
+    entries.push(v1::PolicyEntry {
+        remote_identity: 302,
+        port: ECDS_TCP.into(),
+        protocol: 6,
+        l7: vec![],
+    });
     policy.insert("web".into(), np.encode_to_vec());
     set_policies(&cache, policy);
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let ecds = |cluster: &str| {
-        BTreeMap::from([(
-            "membrane".to_string(),
-            wasm_filter_extension("membrane", &wasm, cluster).encode_to_vec(),
-        )])
+        BTreeMap::from([
+            (
+                "membrane".to_string(),
+                wasm_filter_extension("membrane", &wasm, cluster).encode_to_vec(),
+            ),
+            (
+                "membrane_kafka".to_string(),
+                kafka_filter_extension("membrane_kafka", &wasm, cluster).encode_to_vec(),
+            ),
+        ])
     };
     let first = cache.set_resources(TYPED_EXTENSION_CONFIG_TYPE, ecds("membrane_xds"));
     let _xds = start_xds_on(ECDS_XDS, &cache);
@@ -910,6 +926,33 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
         route: r#"direct_response: {status: 200, body: {inline_string: "ok"}}"#,
         filters: &ecds_filter,
     };
+    // The network filter over ECDS, in front of a plain HTTP listener.
+    let tcp = format!(
+        r#"  - name: inbound_tcp
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {ECDS_TCP}}}}}
+    traffic_direction: INBOUND
+    filter_chains:
+    - filters:
+      - name: membrane_kafka
+        config_discovery:
+          config_source: {{resource_api_version: V3, ads: {{}}, initial_fetch_timeout: 30s}}
+          type_urls: ["{NETWORK_WASM_TYPE}"]
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: inbound_tcp
+          cluster: plain
+"#
+    );
+    let plain = envoy::Listener {
+        name: "plain",
+        address: "127.0.0.1",
+        port: ECDS_PLAIN,
+        direction: "INBOUND",
+        transport: "",
+        route: r#"direct_response: {status: 200, body: {inline_string: "ok"}}"#,
+        filters: "",
+    };
     let config = format!(
         r#"
 node: {{id: standalone-web, cluster: web}}
@@ -921,11 +964,13 @@ dynamic_resources:
     grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]
 static_resources:
   listeners:
-{}  clusters:
-{}"#,
+{}{tcp}{}  clusters:
+{}{}"#,
         envoy::socket("127.0.0.1", ECDS_ADMIN),
         inbound.yaml(),
+        plain.yaml(),
         xds_cluster(ECDS_XDS),
+        envoy::cluster("plain", &envoy::socket("127.0.0.1", ECDS_PLAIN), false, ""),
     );
     std::fs::write(dir.path().join("standalone.yaml"), config).unwrap();
     let _envoy = start_envoy(&envoy, dir.path(), "standalone", 19390);
@@ -964,6 +1009,22 @@ static_resources:
     assert_eq!(status_of("127.0.0.2", "/private").await, 403, "301's rules");
     assert_eq!(status_of("127.0.0.3", "/private").await, 200, "302: L3/L4");
     assert_eq!(status_of("127.0.0.4", "/public/a").await, 403, "world");
+    // The Kafka network filter arrived over ECDS too: on its port (no Kafka rules) 302's bytes
+    // pass unread and 301, with no L3/L4 entry there, is closed.
+    let through_tcp = |from: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            status(from, &[], &format!("http://127.0.0.1:{ECDS_TCP}/"))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(through_tcp("127.0.0.3").await, 200, "302: passed unread");
+    assert_eq!(through_tcp("127.0.0.2").await, 0, "301: closed");
+    assert!(
+        log().contains("identity 301 may not reach port 19391; closing the connection"),
+        "{}",
+        log()
+    );
 
     // A configuration the filter refuses (no cluster): Envoy NACKs it with its reason, and the
     // filter in force keeps enforcing.

@@ -95,8 +95,11 @@ pub const TYPED_EXTENSION_CONFIG_TYPE: &str =
 
 /// Type URL of Envoy's wasm HTTP filter configuration.
 pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// Type URL of Envoy's wasm network filter configuration.
+pub const NETWORK_WASM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
 
-/// The ECDS resource (`TypedExtensionConfig`) that configures membrane's wasm filter in a
+/// The ECDS resource (`TypedExtensionConfig`) that configures membrane's wasm HTTP filter in a
 /// standalone Envoy (outside Istio, where istiod delivers it): the module from a local file,
 /// V8, FAIL_RELOAD, and the filter's JSON configuration (`xds_cluster` naming Envoy's cluster
 /// for the agent). `name` is the filter name the listener's `config_discovery` asks for.
@@ -105,46 +108,79 @@ pub fn wasm_filter_extension(
     module_path: &str,
     xds_cluster: &str,
 ) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
-    use envoy_types::pb::envoy::config::core::v3::{
-        AsyncDataSource, DataSource, TypedExtensionConfig, async_data_source, data_source,
-    };
     use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
+    let wasm = Wasm {
+        config: Some(plugin_config(name, module_path, configuration)),
+    };
+    extension(name, HTTP_WASM_TYPE, wasm.encode_to_vec())
+}
+
+/// The same for membrane's Kafka filter: the module as a network filter (before `tcp_proxy`) in
+/// Kafka mode.
+pub fn kafka_filter_extension(
+    name: &str,
+    module_path: &str,
+    xds_cluster: &str,
+) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+    use envoy_types::pb::envoy::extensions::filters::network::wasm::v3::Wasm;
+    let configuration = format!("{{\"mode\":\"kafka\",\"xds_cluster\":{xds_cluster:?}}}");
+    let wasm = Wasm {
+        config: Some(plugin_config(name, module_path, configuration)),
+    };
+    extension(name, NETWORK_WASM_TYPE, wasm.encode_to_vec())
+}
+
+fn extension(
+    name: &str,
+    type_url: &str,
+    value: Vec<u8>,
+) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+    envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+        name: name.to_string(),
+        typed_config: Some(envoy_types::pb::google::protobuf::Any {
+            type_url: type_url.into(),
+            value,
+        }),
+    }
+}
+
+/// The module from a local file, V8, FAIL_RELOAD (a panicking VM is rebuilt and seeds itself
+/// from shared data), and `configuration` as the plugin's JSON.
+fn plugin_config(
+    name: &str,
+    module_path: &str,
+    configuration: String,
+) -> envoy_types::pb::envoy::extensions::wasm::v3::PluginConfig {
+    use envoy_types::pb::envoy::config::core::v3::{
+        AsyncDataSource, DataSource, async_data_source, data_source,
+    };
     use envoy_types::pb::envoy::extensions::wasm::v3::{
         FailurePolicy, PluginConfig, VmConfig, plugin_config,
     };
     use envoy_types::pb::google::protobuf::{Any, StringValue};
-    let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
-    let wasm = Wasm {
-        config: Some(PluginConfig {
-            name: name.to_string(),
-            root_id: name.to_string(),
-            configuration: Some(Any {
-                type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
-                value: StringValue {
-                    value: configuration,
-                }
-                .encode_to_vec(),
-            }),
-            failure_policy: FailurePolicy::FailReload as i32,
-            vm: Some(plugin_config::Vm::VmConfig(VmConfig {
-                vm_id: name.to_string(),
-                runtime: "envoy.wasm.runtime.v8".into(),
-                code: Some(AsyncDataSource {
-                    specifier: Some(async_data_source::Specifier::Local(DataSource {
-                        specifier: Some(data_source::Specifier::Filename(module_path.to_string())),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-    };
-    TypedExtensionConfig {
+    PluginConfig {
         name: name.to_string(),
-        typed_config: Some(Any {
-            type_url: HTTP_WASM_TYPE.into(),
-            value: wasm.encode_to_vec(),
+        root_id: name.to_string(),
+        configuration: Some(Any {
+            type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
+            value: StringValue {
+                value: configuration,
+            }
+            .encode_to_vec(),
         }),
+        failure_policy: FailurePolicy::FailReload as i32,
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: name.to_string(),
+            runtime: "envoy.wasm.runtime.v8".into(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(module_path.to_string())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
     }
 }

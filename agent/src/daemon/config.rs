@@ -93,8 +93,9 @@ pub struct Config {
         default_value = "cluster.local"
     )]
     pub xds_trust_domain: String,
-    /// For a standalone (non-Istio) Envoy: serve ECDS (`TypedExtensionConfig` named `membrane`)
-    /// configuring membrane's wasm filter from this module file on Envoy's host.
+    /// For a standalone (non-Istio) Envoy: serve ECDS (`TypedExtensionConfig`s `membrane`, the
+    /// HTTP filter, and `membrane_kafka`, the Kafka network filter) configuring membrane's wasm
+    /// filter from this module file on Envoy's host.
     #[arg(long, env = "MEMBRANE_XDS_WASM_MODULE")]
     pub xds_wasm_module: Option<PathBuf>,
     /// The Envoy cluster through which that filter reaches the agent's xDS.
