@@ -844,7 +844,7 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
     };
     let agent_xds = format!("{{pipe: {{path: \"{}\"}}}}", env.xds_socket().display());
     let config = format!(
-        "node: {{id: sidecar-mesh, cluster: mesh}}\nadmin: {{address: {}}}\nstatic_resources:\n  listeners:\n{}  clusters:\n{}{}",
+        "node: {{id: sidecar-mesh, cluster: mesh, metadata: {{INSTANCE_IPS: \"{mesh_ip}\"}}}}\nadmin: {{address: {}}}\nstatic_resources:\n  listeners:\n{}  clusters:\n{}{}",
         envoy::socket("127.0.0.1", 15000),
         inbound.yaml(),
         envoy::cluster("app", &envoy::socket("127.0.0.1", 8080), false, ""),
@@ -899,6 +899,16 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
         })
         .unwrap_or(0);
     assert_eq!(acked, 2, "{x}");
+    // It subscribed by its pod's address (Istio's INSTANCE_IPS): no other endpoint's policy
+    // waits for it.
+    let client = env.ns("client");
+    let other = env.json(&["endpoint", "get", &client])["xds"].clone();
+    assert!(
+        other["proxies"]
+            .as_object()
+            .is_none_or(|p| p.keys().all(|k| !k.starts_with("sidecar-mesh#"))),
+        "{other}"
+    );
     let waited = env.json(&["endpoint", "wait", &mesh]);
     assert_eq!(waited["realized"], true, "{waited}");
     // A policy change: once `endpoint wait` returns, both sidecar VMs enforce it.
