@@ -959,7 +959,9 @@ node: {{id: standalone-web, cluster: web}}
 admin: {{address: {}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    # Envoy's own subscriptions over delta xDS (the filter's policy streams are state of the
+    # world): the same ACK/NACK path, incrementally.
+    api_type: DELTA_GRPC
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]
 static_resources:

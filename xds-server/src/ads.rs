@@ -1,4 +1,4 @@
-//! The ADS service (state of the world): resources by type URL, one version per type that moves on
+//! The ADS service (state of the world, and delta): resources by type URL, one version per type that moves on
 //! every change, a nonce per response, ACK/NACK tracked per node and type, and completions that
 //! wait until proxies have acknowledged a version.
 //!
@@ -9,7 +9,7 @@
 //! the completions waiting for that version at once, and the version is not sent again (no NACK
 //! loop); the next change sends a new one. A request with an older nonce is stale and ignored.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use futures_core::Stream;
@@ -32,6 +32,8 @@ struct TypeState {
     version: u64,
     /// Resource name -> encoded resource and its aliases.
     resources: BTreeMap<String, (Vec<u8>, Vec<String>)>,
+    /// Resource name -> the type version at which it last changed (its delta xDS version).
+    changed_at: BTreeMap<String, u64>,
 }
 
 impl TypeState {
@@ -178,9 +180,21 @@ impl XdsCache {
             if ts.resources == resources && ts.version > 0 {
                 return ts.version;
             }
+            let version = ts.version + 1;
+            ts.changed_at = resources
+                .iter()
+                .map(|(name, served)| {
+                    let same = ts.resources.get(name) == Some(served);
+                    let at = match ts.changed_at.get(name) {
+                        Some(at) if same => *at,
+                        _ => version,
+                    };
+                    (name.clone(), at)
+                })
+                .collect();
             ts.resources = resources;
-            ts.version += 1;
-            ts.version
+            ts.version = version;
+            version
         };
         self.tick();
         version
@@ -475,12 +489,240 @@ impl AggregatedDiscoveryService for AdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented(
-            "membrane serves state-of-the-world ADS only",
-        ))
+        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
+        let cache = self.cache.clone();
+        let stream_id = cache
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(delta_stream(cache, request.into_inner(), tx, stream_id));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
+}
+
+/// One type on a delta stream.
+#[derive(Debug, Default)]
+struct DeltaSubscription {
+    /// Subscribed to every resource (no names in the first request, or `*`).
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds: resource -> version.
+    held: BTreeMap<String, String>,
+    /// Type version and nonce of the response not yet answered.
+    pending: Option<(u64, String)>,
+    /// The newest type version the client is known to be in sync with.
+    in_sync: Option<u64>,
+    /// It rejected its last response and has accepted none since: it holds something older
+    /// than what was sent, so later versions are not in sync for it either.
+    rejected: bool,
+}
+
+impl DeltaSubscription {
+    fn names(&self) -> Vec<String> {
+        if self.wildcard {
+            Vec::new()
+        } else {
+            self.names.iter().cloned().collect()
+        }
+    }
+}
+
+/// Delta xDS (incremental): per-resource versions (the type version at which each last
+/// changed), subscriptions by name, alias or wildcard, removals, and the same ACK/NACK and
+/// completion tracking as state of the world. A stream is told only what changed for it; when a
+/// change does not concern it, it is in sync with the new version without a response.
+async fn delta_stream(
+    cache: XdsCache,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    stream_id: u64,
+) {
+    let mut node = String::new();
+    let mut key = String::new();
+    let mut subs: BTreeMap<String, DeltaSubscription> = BTreeMap::new();
+    let mut nonce = 0u64;
+    let mut changed = cache.changed.subscribe();
+    loop {
+        let (type_url, first) = tokio::select! {
+            req = requests.message() => {
+                let req = match req {
+                    Ok(Some(r)) => r,
+                    _ => break,
+                };
+                if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
+                    node = n.id.clone();
+                    key = format!("{node}#{stream_id}");
+                }
+                if node.is_empty() {
+                    let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
+                    break;
+                }
+                let first = !subs.contains_key(&req.type_url);
+                let sub = subs.entry(req.type_url.clone()).or_default();
+                if first {
+                    sub.wildcard = req.resource_names_subscribe.is_empty();
+                    sub.held = req.initial_resource_versions.clone().into_iter().collect();
+                }
+                for name in &req.resource_names_subscribe {
+                    if name == "*" {
+                        sub.wildcard = true;
+                    } else {
+                        sub.names.insert(name.clone());
+                    }
+                }
+                for name in &req.resource_names_unsubscribe {
+                    if name == "*" {
+                        sub.wildcard = false;
+                    } else {
+                        sub.names.remove(name);
+                    }
+                }
+                let answered = sub
+                    .pending
+                    .as_ref()
+                    .filter(|(_, n)| !req.response_nonce.is_empty() && *n == req.response_nonce)
+                    .map(|(v, _)| *v);
+                let names = sub.names();
+                let type_url = req.type_url.clone();
+                match (answered, &req.error_detail) {
+                    (Some(version), Some(err)) => {
+                        eprintln!("membrane-xds: {node} rejected {type_url} version {version} (delta): {}", err.message);
+                        let detail = err.message.clone();
+                        sub.pending = None;
+                        sub.rejected = true;
+                        cache.update_node(&key, &type_url, |s| {
+                            s.nacked = Some((version, detail));
+                            s.subscribed = names;
+                        });
+                    }
+                    (Some(version), None) => {
+                        sub.pending = None;
+                        sub.rejected = false;
+                        sub.in_sync = Some(version);
+                        cache.update_node(&key, &type_url, |s| {
+                            s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
+                            s.subscribed = names;
+                        });
+                    }
+                    _ => cache.update_node(&key, &type_url, |s| s.subscribed = names),
+                }
+                (Some(type_url), first)
+            }
+            r = changed.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                (None, false)
+            }
+        };
+        // Tell each subscription (or the one just asked about) what changed for it.
+        let types: Vec<String> = match type_url {
+            Some(t) => vec![t],
+            None => subs.keys().cloned().collect(),
+        };
+        for type_url in types {
+            let Some(sub) = subs.get_mut(&type_url) else {
+                continue;
+            };
+            let (version, resources, removed) = delta_for(&cache, &type_url, sub);
+            if resources.is_empty() && removed.is_empty() && !first {
+                // Nothing new for it: once its last response is answered, it holds this version.
+                if sub.pending.is_none()
+                    && !sub.rejected
+                    && version > 0
+                    && sub.in_sync.is_none_or(|v| v < version)
+                {
+                    sub.in_sync = Some(version);
+                    let names = sub.names();
+                    cache.update_node(&key, &type_url, |s| {
+                        s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
+                        s.subscribed = names;
+                    });
+                }
+                continue;
+            }
+            nonce += 1;
+            for r in &resources {
+                sub.held.insert(r.name.clone(), r.version.clone());
+            }
+            for name in &removed {
+                sub.held.remove(name);
+            }
+            sub.pending = Some((version, nonce.to_string()));
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: version.to_string(),
+                resources,
+                type_url: type_url.clone(),
+                removed_resources: removed,
+                nonce: nonce.to_string(),
+                control_plane: Some(ControlPlane {
+                    identifier: cache.identifier.to_string(),
+                }),
+                ..Default::default()
+            };
+            if tx.send(Ok(resp)).await.is_err() {
+                break;
+            }
+        }
+    }
+    if !key.is_empty() {
+        cache.forget_node(&key, &subs.keys().cloned().collect());
+    }
+}
+
+/// What a delta subscription lacks: the type's version, the selected resources whose version
+/// differs from what the client holds, and the held ones no longer selected or served.
+fn delta_for(
+    cache: &XdsCache,
+    type_url: &str,
+    sub: &DeltaSubscription,
+) -> (u64, Vec<Resource>, Vec<String>) {
+    let st = cache.lock();
+    let Some(ts) = st.types.get(type_url) else {
+        return (0, Vec::new(), Vec::new());
+    };
+    let names = sub.names();
+    let mut resources = Vec::new();
+    let mut selected = BTreeSet::new();
+    for (name, (bytes, aliases)) in &ts.resources {
+        if !selects(&names, name, aliases) {
+            continue;
+        }
+        selected.insert(name.as_str());
+        let version = ts
+            .changed_at
+            .get(name)
+            .copied()
+            .unwrap_or(ts.version)
+            .to_string();
+        if sub.held.get(name) == Some(&version) {
+            continue;
+        }
+        resources.push(Resource {
+            name: name.clone(),
+            version,
+            aliases: aliases
+                .iter()
+                .filter(|a| names.contains(a))
+                .cloned()
+                .collect(),
+            resource: Some(Any {
+                type_url: type_url.to_string(),
+                value: bytes.clone(),
+            }),
+            ..Default::default()
+        });
+    }
+    let removed = sub
+        .held
+        .keys()
+        .filter(|n| !selected.contains(n.as_str()))
+        .cloned()
+        .collect();
+    (ts.version, resources, removed)
 }
 
 /// Serves ADS on a unix socket (replacing a stale socket file) until `shutdown` resolves.

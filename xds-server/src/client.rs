@@ -5,14 +5,27 @@ use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+pub use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 pub use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+async fn unix_channel(socket: &Path) -> Result<Channel, tonic::Status> {
+    let path = socket.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{}: {e}", socket.display())))
+}
 
 /// One ADS stream.
 #[derive(Debug)]
@@ -25,18 +38,7 @@ pub struct AdsClient {
 impl AdsClient {
     /// Opens a stream on a unix socket as node `node`.
     pub async fn connect_unix(socket: &Path, node: &str) -> Result<AdsClient, tonic::Status> {
-        let path = socket.to_path_buf();
-        let channel =
-            Endpoint::try_from("http://[::]:50051")
-                .map_err(|e| tonic::Status::internal(e.to_string()))?
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("{}: {e}", socket.display())))?;
+        let channel = unix_channel(socket).await?;
         let (tx, rx) = mpsc::channel(16);
         let rx = AggregatedDiscoveryServiceClient::new(channel)
             .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -91,6 +93,74 @@ impl AdsClient {
         &mut self,
         wait: Duration,
     ) -> Result<Option<DiscoveryResponse>, tonic::Status> {
+        match tokio::time::timeout(wait, self.rx.message()).await {
+            Err(_) => Ok(None),
+            Ok(r) => r,
+        }
+    }
+}
+
+/// One delta (incremental) ADS stream.
+#[derive(Debug)]
+pub struct DeltaAdsClient {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+    node: String,
+}
+
+impl DeltaAdsClient {
+    /// Opens a delta stream on a unix socket as node `node`.
+    pub async fn connect_unix(socket: &Path, node: &str) -> Result<DeltaAdsClient, tonic::Status> {
+        let channel = unix_channel(socket).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let rx = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(DeltaAdsClient {
+            tx,
+            rx,
+            node: node.to_string(),
+        })
+    }
+
+    /// Sends a request: subscription changes, and the nonce of the response it answers (an
+    /// ACK, or a NACK with `error`).
+    pub async fn send(
+        &self,
+        type_url: &str,
+        subscribe: &[&str],
+        unsubscribe: &[&str],
+        nonce: &str,
+        error: Option<&str>,
+    ) -> Result<(), tonic::Status> {
+        let names = |n: &[&str]| n.iter().map(|n| n.to_string()).collect();
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                node: Some(Node {
+                    id: self.node.clone(),
+                    ..Default::default()
+                }),
+                type_url: type_url.into(),
+                resource_names_subscribe: names(subscribe),
+                resource_names_unsubscribe: names(unsubscribe),
+                response_nonce: nonce.into(),
+                error_detail: error.map(|m| RpcStatus {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| tonic::Status::unavailable("the stream is closed"))
+    }
+
+    /// The next response, or `None` when none comes within `wait`.
+    pub async fn next(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<DeltaDiscoveryResponse>, tonic::Status> {
         match tokio::time::timeout(wait, self.rx.message()).await {
             Err(_) => Ok(None),
             Ok(r) => r,

@@ -352,3 +352,117 @@ async fn a_stream_subscribes_to_its_own_policy_by_address() {
     assert_eq!(names(&moved), ["db"]);
     assert_eq!(cache.subscribers(NETWORK_POLICY_TYPE, "db").len(), 1);
 }
+
+async fn delta_next(
+    c: &mut membrane_xds_server::client::DeltaAdsClient,
+) -> membrane_xds_server::client::DeltaDiscoveryResponse {
+    c.next(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("a response within 5 s")
+}
+
+#[tokio::test]
+async fn delta_streams_get_only_what_changed_for_them() {
+    use membrane_xds_server::client::{DeltaAdsClient, DeltaDiscoveryResponse};
+    let server = start().await;
+    let cache = &server.cache;
+    let v1_ = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 257)]));
+    let mut web = DeltaAdsClient::connect_unix(&server.socket, "sidecar-web")
+        .await
+        .unwrap();
+    let got = |r: &DeltaDiscoveryResponse| -> Vec<(String, String)> {
+        r.resources
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    };
+    web.send(NETWORK_POLICY_TYPE, &["web"], &[], "", None)
+        .await
+        .unwrap();
+    let first = delta_next(&mut web).await;
+    assert_eq!(got(&first), [("web".to_string(), "1".to_string())]);
+    assert_eq!(first.system_version_info, "1");
+    web.send(NETWORK_POLICY_TYPE, &[], &[], &first.nonce, None)
+        .await
+        .unwrap();
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(2))
+        .await
+        .expect("acknowledged over delta");
+
+    // A change to db only: web's stream gets nothing, yet holds version 2 of what it wants.
+    let v2 = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 256), ("db", 300)]));
+    assert!(
+        web.next(Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing changed for web"
+    );
+    cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v2, Duration::from_secs(2))
+        .await
+        .expect("in sync without a response");
+
+    // A change to web: sent with its new version; a NACK fails the completion and the stream
+    // is not in sync with later versions until it accepts something.
+    let v3 = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 301), ("db", 300)]));
+    let third = delta_next(&mut web).await;
+    assert_eq!(got(&third), [("web".to_string(), v3.to_string())]);
+    web.send(
+        NETWORK_POLICY_TYPE,
+        &[],
+        &[],
+        &third.nonce,
+        Some("bad identity"),
+    )
+    .await
+    .unwrap();
+    let nack = cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v3, Duration::from_secs(2))
+        .await;
+    assert!(
+        matches!(&nack, Err(RealizeError::Nacked { detail, .. }) if detail == "bad identity"),
+        "{nack:?}"
+    );
+    let v4 = cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("web", 301), ("db", 302)]));
+    let still = cache
+        .wait_realized(NETWORK_POLICY_TYPE, "web", v4, Duration::from_millis(300))
+        .await;
+    assert!(
+        still.is_err(),
+        "a rejecting stream is not in sync: {still:?}"
+    );
+
+    // Subscribing to db as well sends db alone; removing web from the set says so.
+    web.send(NETWORK_POLICY_TYPE, &["db"], &[], "", None)
+        .await
+        .unwrap();
+    let added = delta_next(&mut web).await;
+    assert_eq!(got(&added), [("db".to_string(), v4.to_string())]);
+    web.send(NETWORK_POLICY_TYPE, &[], &[], &added.nonce, None)
+        .await
+        .unwrap();
+    cache.set_resources(NETWORK_POLICY_TYPE, policies(&[("db", 302)]));
+    let removed = delta_next(&mut web).await;
+    assert!(removed.resources.is_empty());
+    assert_eq!(removed.removed_resources, ["web"]);
+
+    // A wildcard stream (no names) gets everything there is.
+    let mut all = DeltaAdsClient::connect_unix(&server.socket, "sidecar-all")
+        .await
+        .unwrap();
+    all.send(NETWORK_POLICY_TYPE, &[], &[], "", None)
+        .await
+        .unwrap();
+    let everything = delta_next(&mut all).await;
+    assert_eq!(
+        everything
+            .resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["db"]
+    );
+}
