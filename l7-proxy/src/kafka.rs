@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::policy::{ConnDecision, ConnPolicy, ConnectionProtocol, Decision, Peers, Snapshot};
 use crate::service::Shared;
-use crate::telemetry::{DirectionLabel, FlowRecord, KafkaFlow, KafkaLabels, rfc3339};
+use crate::telemetry::{DirectionLabel, FlowRecord, KafkaFlow, KafkaLabels, no_policy, rfc3339};
 
 /// Requests in flight per connection before the proxy stops reading from the client.
 const MAX_IN_FLIGHT: usize = 1024;
@@ -103,7 +103,7 @@ impl KafkaJudge for ConnPolicy {
                 credited = policy.map(|p| (direction_name(r.direction), p.clone()));
             }
         }
-        let (direction, policy) = credited.unwrap_or(("none", Arc::from("")));
+        let (direction, policy) = credited.unwrap_or(("none", no_policy()));
         Judged::Allow { direction, policy }
     }
 }

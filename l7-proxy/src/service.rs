@@ -21,7 +21,9 @@ use membrane_policy::rule::Direction;
 
 use crate::guard::{GuardState, Limits, Refusal};
 use crate::policy::{ConnDecision, ConnPolicy, Decision, Peers, PolicyHandle, Snapshot};
-use crate::telemetry::{DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, rfc3339};
+use crate::telemetry::{
+    DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, no_policy, rfc3339,
+};
 use crate::upstream::Upstreams;
 use membrane_codec::path::normalize_target;
 
@@ -238,7 +240,7 @@ impl Connection {
                 let outcome = Outcome {
                     verdict: "denied",
                     direction: direction_name(*direction),
-                    policy: Arc::from(""),
+                    policy: no_policy(),
                     status: StatusCode::FORBIDDEN,
                     reason: Some("L3/L4 policy denies this connection".into()),
                 };
@@ -266,7 +268,7 @@ impl Connection {
                             let outcome = Outcome {
                                 verdict: "denied",
                                 direction: direction_name(r.direction),
-                                policy: Arc::from(""),
+                                policy: no_policy(),
                                 status: StatusCode::FORBIDDEN,
                                 reason: None,
                             };
@@ -282,7 +284,7 @@ impl Connection {
                 }
             }
         }
-        let (direction, policy) = allowing.unwrap_or(("none", Arc::from("")));
+        let (direction, policy) = allowing.unwrap_or(("none", no_policy()));
         let host = host.into_owned();
         if req.method() == Method::CONNECT {
             let refusal = Refusal {
@@ -460,7 +462,7 @@ impl Connection {
             Outcome {
                 verdict: "error",
                 direction: "none",
-                policy: Arc::from(""),
+                policy: no_policy(),
                 status,
                 reason: Some(refusal.reason),
             },
@@ -498,7 +500,7 @@ impl Connection {
             .get_or_create(&RequestLabels {
                 direction: outcome.direction,
                 verdict: outcome.verdict,
-                policy: outcome.policy.to_string(),
+                policy: outcome.policy.clone(),
             })
             .inc();
         m.latency

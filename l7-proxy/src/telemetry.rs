@@ -2,6 +2,7 @@
 //! record per request for live monitoring.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,8 +22,15 @@ pub struct RequestLabels {
     pub direction: &'static str,
     /// `forwarded`, `denied` or `error` (refused as malformed, or the upstream failed).
     pub verdict: &'static str,
-    /// The policy whose rule allowed the request (`Kind ns/name`); empty when none did.
-    pub policy: String,
+    /// The policy whose rule allowed the request (`Kind ns/name`); empty when none did. Shared
+    /// with the policy snapshot, so labelling a request allocates nothing.
+    pub policy: Arc<str>,
+}
+
+/// The empty policy name ("no L7 policy applied"), shared rather than allocated per request.
+pub fn no_policy() -> Arc<str> {
+    static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
 }
 
 /// Labels of the Kafka request counters.
@@ -293,7 +301,7 @@ mod tests {
             .get_or_create(&RequestLabels {
                 direction: "ingress",
                 verdict: "denied",
-                policy: String::new(),
+                policy: no_policy(),
             })
             .inc();
         let text = m.encode();
