@@ -21,7 +21,7 @@ use membrane_l7_proxy::telemetry::{FlowRecord, FlowSink, Metrics};
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::parse_endpoints;
 use membrane_policy::rule::EnforcementMode;
-use membrane_tests::kafka::{self, encode_request, produce, read_response};
+use membrane_tests::kafka::{self, encode_request, produce, produce_answer, read_response};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -309,16 +309,7 @@ async fn real_clients_through_the_proxy_against_a_real_broker() {
     s.write_all(&batch).await.unwrap();
     let mut answers = Vec::new();
     for _ in 0..3 {
-        let (corr, resp) = tokio::time::timeout(
-            Duration::from_secs(5),
-            read_response(&mut s, ApiKey::Produce, 7),
-        )
-        .await
-        .expect("an answer per request");
-        let ResponseKind::Produce(resp) = resp else {
-            panic!()
-        };
-        answers.push((corr, resp.responses[0].partition_responses[0].error_code));
+        answers.push(produce_answer(&mut s).await);
     }
     assert_eq!(answers[0].0, 1);
     assert_eq!(answers[1], (2, 29), "denied in place: {answers:?}");
@@ -346,12 +337,8 @@ async fn real_clients_through_the_proxy_against_a_real_broker() {
     ))
     .await
     .unwrap();
-    let (corr, resp) = read_response(&mut s, ApiKey::Produce, 7).await;
-    let ResponseKind::Produce(resp) = resp else {
-        panic!()
-    };
     assert_eq!(
-        (corr, resp.responses[0].partition_responses[0].error_code),
+        produce_answer(&mut s).await,
         (5, 29),
         "refused on the same connection after the change"
     );

@@ -135,3 +135,16 @@ pub async fn read_response(s: &mut TcpStream, key: ApiKey, version: i16) -> (i32
         ResponseKind::decode(key, &mut body, version).expect("response body"),
     )
 }
+
+/// Reads one Produce v7 answer within 5 s: its correlation id and the first partition's error
+/// code (29: TOPIC_AUTHORIZATION_FAILED).
+pub async fn produce_answer(s: &mut TcpStream) -> (i32, i16) {
+    let (corr, resp) =
+        tokio::time::timeout(Duration::from_secs(5), read_response(s, ApiKey::Produce, 7))
+            .await
+            .expect("a Produce answer within 5 s");
+    let ResponseKind::Produce(resp) = resp else {
+        panic!("not a Produce answer")
+    };
+    (corr, resp.responses[0].partition_responses[0].error_code)
+}

@@ -155,23 +155,7 @@ fn hosts() -> BTreeMap<String, Vec<u8>> {
 /// An inbound listener with membrane's filter; `tls` makes it require a client certificate
 /// issued by the test CA (mTLS, as between two sidecars).
 fn listener(wasm: &str, port: u16, tls: Option<&std::path::Path>) -> String {
-    let transport = tls.map_or_else(String::new, |d| {
-        let f = |name: &str| d.join(name).display().to_string();
-        format!(
-            r#"transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
-            validation_context: {{trusted_ca: {{filename: "{}"}}}}
-      "#,
-            f("web.crt"),
-            f("web.key"),
-            f("ca.crt")
-        )
-    });
+    let transport = tls.map_or_else(String::new, web_mtls);
     let filter = envoy::membrane_filter(
         wasm,
         r#"{"xds_cluster":"membrane_xds","node":"sidecar-web","crash_on_header":"x-membrane-test-crash"}"#,
@@ -242,6 +226,26 @@ static_resources:
             &upstream_tls
         ),
         xds_cluster(XDS),
+    )
+}
+
+/// The `transport_socket` of a listener that requires a client certificate from the test CA and
+/// presents web's (mTLS, as a sidecar's inbound listener), at a filter chain's indentation.
+fn web_mtls(tls: &std::path::Path) -> String {
+    let f = |name: &str| tls.join(name).display().to_string();
+    format!(
+        r#"transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
+            validation_context: {{trusted_ca: {{filename: "{}"}}}}
+      "#,
+        f("web.crt"),
+        f("web.key"),
+        f("ca.crt")
     )
 }
 
@@ -1143,21 +1147,7 @@ fn kafka_policies(produce_topics: &[&str]) -> BTreeMap<String, Vec<u8>> {
 
 fn kafka_sidecar_configs(wasm: &str, tls: &std::path::Path) -> (String, String) {
     let config = r#"{"mode":"kafka","xds_cluster":"membrane_xds"}"#;
-    let f = |name: &str| tls.join(name).display().to_string();
-    let server_tls = format!(
-        r#"transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
-            validation_context: {{trusted_ca: {{filename: "{}"}}}}
-      "#,
-        f("web.crt"),
-        f("web.key"),
-        f("ca.crt")
-    );
+    let server_tls = web_mtls(tls);
     let broker_side = format!(
         r#"
 node: {{id: sidecar-kafka, cluster: kafka, metadata: {{INSTANCE_IPS: "127.0.0.5"}}}}
@@ -1219,8 +1209,8 @@ static_resources:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_is_judged_in_both_sidecars_under_mtls() {
-    use membrane_codec::kafka::kafka_protocol::messages::{ApiKey, ResponseKind};
-    use membrane_tests::kafka::{self, encode_request, produce, read_response};
+    use membrane_codec::kafka::kafka_protocol::messages::ApiKey;
+    use membrane_tests::kafka::{self, encode_request, produce, produce_answer};
     use tokio::io::AsyncWriteExt;
 
     let _one = ONE_ENVOY_TEST.lock().await;
@@ -1397,16 +1387,7 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     s.write_all(&batch).await.unwrap();
     let mut answers = Vec::new();
     for _ in 0..4 {
-        let (corr, resp) = tokio::time::timeout(
-            Duration::from_secs(5),
-            read_response(&mut s, ApiKey::Produce, 7),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("an answer per request, got {answers:?}\n{}", logs()));
-        let ResponseKind::Produce(resp) = resp else {
-            panic!("not a Produce answer")
-        };
-        answers.push((corr, resp.responses[0].partition_responses[0].error_code));
+        answers.push(produce_answer(&mut s).await);
     }
     let order: Vec<i32> = answers.iter().map(|a| a.0).collect();
     assert_eq!(order, [1, 2, 3, 4], "{answers:?}");
@@ -1447,13 +1428,10 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     ))
     .await
     .unwrap();
-    let (corr, resp) = read_response(&mut s, ApiKey::Produce, 7).await;
-    let ResponseKind::Produce(resp) = resp else {
-        panic!("not a Produce answer")
-    };
+    let (corr, error_code) = produce_answer(&mut s).await;
     assert_eq!(corr, 5);
     assert_ne!(
-        resp.responses[0].partition_responses[0].error_code,
+        error_code,
         29,
         "allowed now: {:?}\n{}",
         cache.statuses(NETWORK_POLICY_TYPE),

@@ -27,6 +27,17 @@ async fn unix_channel(socket: &Path) -> Result<Channel, tonic::Status> {
         .map_err(|e| tonic::Status::unavailable(format!("{}: {e}", socket.display())))
 }
 
+/// The stream's next message, or `None` when none comes within `wait`.
+async fn next_within<T>(
+    rx: &mut tonic::Streaming<T>,
+    wait: Duration,
+) -> Result<Option<T>, tonic::Status> {
+    match tokio::time::timeout(wait, rx.message()).await {
+        Err(_) => Ok(None),
+        Ok(r) => r,
+    }
+}
+
 /// One ADS stream.
 #[derive(Debug)]
 pub struct AdsClient {
@@ -93,10 +104,7 @@ impl AdsClient {
         &mut self,
         wait: Duration,
     ) -> Result<Option<DiscoveryResponse>, tonic::Status> {
-        match tokio::time::timeout(wait, self.rx.message()).await {
-            Err(_) => Ok(None),
-            Ok(r) => r,
-        }
+        next_within(&mut self.rx, wait).await
     }
 }
 
@@ -161,9 +169,6 @@ impl DeltaAdsClient {
         &mut self,
         wait: Duration,
     ) -> Result<Option<DeltaDiscoveryResponse>, tonic::Status> {
-        match tokio::time::timeout(wait, self.rx.message()).await {
-            Err(_) => Ok(None),
-            Ok(r) => r,
-        }
+        next_within(&mut self.rx, wait).await
     }
 }
