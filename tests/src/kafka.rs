@@ -148,3 +148,19 @@ pub async fn produce_answer(s: &mut TcpStream) -> (i32, i16) {
     };
     (corr, resp.responses[0].partition_responses[0].error_code)
 }
+
+/// Asserts that a `client` result is a refusal the client library itself reports as an
+/// authorization error (topic errors, or a group error where the group APIs are what is
+/// refused), within `seconds`.
+pub fn assert_refused(lib: &str, result: &serde_json::Value, seconds: f64) {
+    assert_eq!(result["ok"], false, "{lib}: {result}");
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.ends_with("AuthorizationFailedError") || error.ends_with("_AUTHORIZATION_FAILED"),
+        "{lib}: the client reports an authorization error: {result}"
+    );
+    assert!(
+        result["seconds"].as_f64().unwrap_or(f64::MAX) < seconds,
+        "{lib}: the error arrives within {seconds} s: {result}"
+    );
+}
