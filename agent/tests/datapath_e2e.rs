@@ -15,7 +15,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use membrane_agent::datapath::{Datapath, sync};
-use membrane_bpf::abi::EndpointInfo;
+use membrane_bpf::abi::{CtKey, CtValue, EndpointInfo};
 use membrane_policy::PolicySet;
 use membrane_policy::identity::{IdentityAllocator, LocalAllocator};
 use membrane_policy::labels::LabelSet;
@@ -331,6 +331,38 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
         lab.connects('b', &a_ip, 7070),
         "b's egress and a's ingress are not enforced"
     );
+
+    // Connection-tracking GC: an expired entry goes, a live one stays.
+    let ct_map = || {
+        let data = aya::maps::MapData::from_pin(lab.bpffs.join(membrane_bpf::maps::CT))
+            .expect("the pinned CT map");
+        aya::maps::HashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::LruHashMap(data))
+            .expect("an LRU hash")
+    };
+    let key = |port: u16| CtKey {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: port,
+        dport: port,
+        proto: 17,
+        family: 4,
+        pad: 0,
+        endpoint_id: 0,
+    };
+    let now = membrane_agent::datapath::monotonic_ns();
+    let mut ct = ct_map();
+    for (port, expires_ns) in [(1, now - 1), (2, now + 3_600_000_000_000)] {
+        let value = CtValue {
+            expires_ns,
+            ..CtValue::default()
+        };
+        ct.insert(key(port), value, 0).unwrap();
+    }
+    let deleted = dp.gc_ct(now).unwrap();
+    assert!(deleted >= 1, "the expired entry was deleted");
+    let ct = ct_map();
+    assert!(ct.get(&key(1), 0).is_err(), "expired: gone");
+    assert!(ct.get(&key(2), 0).is_ok(), "live: kept");
 
     dp.detach_endpoint(&a_if).unwrap();
     dp.detach_endpoint(&b_if).unwrap();

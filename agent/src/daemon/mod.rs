@@ -750,6 +750,11 @@ impl Agent {
         self.sync_all()
     }
 
+    /// The connection-tracking garbage collector: deletes expired entries; returns how many.
+    pub fn gc_ct(&mut self) -> Result<usize> {
+        self.datapath.gc_ct(crate::datapath::monotonic_ns())
+    }
+
     /// Records a controller run.
     pub fn record(&mut self, controller: &str, result: &Result<()>) {
         let c = self.controllers.entry(controller.to_string()).or_default();
@@ -919,7 +924,8 @@ fn clean_state(config: &Config) -> Result<()> {
 }
 
 /// Runs the controllers on a thread until the process ends: the policy watch (woken by inotify
-/// on the policy directory, with a periodic check as a safety net) and the reconcile loop.
+/// on the policy directory, with a periodic check as a safety net), the reconcile loop and,
+/// with it, the connection-tracking garbage collector.
 pub fn spawn_controllers(
     agent: std::sync::Arc<std::sync::Mutex<Agent>>,
     policy_dir: PathBuf,
@@ -963,6 +969,11 @@ pub fn spawn_controllers(
                     eprintln!("membrane-agent: reconcile failed: {e:#}");
                 }
                 a.record("reconcile", &r);
+                let r = a.gc_ct();
+                if let Err(e) = &r {
+                    eprintln!("membrane-agent: ct-gc failed: {e:#}");
+                }
+                a.record("ct-gc", &r.map(|_| ()));
             }
         }
     });

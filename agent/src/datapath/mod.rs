@@ -17,8 +17,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use membrane_bpf::abi::{
-    ABI_VERSION, DeviceInfo, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
-    PolicyValue,
+    ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue,
+    PolicyKey, PolicyValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -210,6 +210,30 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Deletes the connection-tracking entries whose lifetime ended at or before `now_ns`
+    /// ([`monotonic_ns`], the clock the programs stamp expiry with). The map is LRU, so it never
+    /// fills up, but an expired entry holds its slot, and shows in `membrane bpf ct list`, until
+    /// eviction. Each entry is read again just before it is deleted, so one the datapath has
+    /// just refreshed stays. Returns how many were deleted.
+    pub fn gc_ct(&mut self, now_ns: u64) -> Result<usize> {
+        let mut m: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(maps::CT).context("ct")?)?;
+        let expired: Vec<CtKey> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns <= now_ns)
+            .map(|(k, _)| k)
+            .collect();
+        let mut deleted = 0;
+        for k in &expired {
+            let still_expired = m.get(k, 0).is_ok_and(|v| v.expires_ns <= now_ns);
+            if still_expired && m.remove(k).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Makes an endpoint's policy entries exactly `entries`: stale keys are deleted, others
     /// written. Returns (written, deleted).
     pub fn sync_policy(
@@ -240,6 +264,12 @@ impl Datapath {
         }
         Ok((written, deleted))
     }
+}
+
+/// Now on CLOCK_MONOTONIC, in nanoseconds (`bpf_ktime_get_ns`'s clock).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 /// Makes sure `root` lies on a bpffs, mounting one at `root` when it does not.
