@@ -15,7 +15,7 @@
 # Metadata); the script checks the advertised address before each run.
 # Loadgen on CPU $LG_CPU, broker and proxies on CPU $SRV_CPU. Repetitions interleaved, medians.
 #
-# Knobs: N=100000 SIZE=1024 REPS=3 LAT_N=2000 LAT_RATE=1000 PIN=1 LG_CPU=0 SRV_CPU=1
+# Knobs: N=100000 SIZE=1024 REPS=3 LAT_N=2000 LAT_RATE=1000 PIN=1 LG_CPU=0 SRV_CPU=1 PROXY_BIN=
 # Ports: 127.0.0.2:18092 (broker), 127.0.0.1:18093-18095, 18903. Kills only what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +30,11 @@ kafka_clients
 TANSU=$(tansu_bin)
 TANSU_KIND=${MEMBRANE_TANSU:-wheel}
 ENVOY=$(envoy_bin)
-cargo build --release --quiet -p membrane-l7-proxy --bin membrane-proxy
-PROXY_BIN="$CARGO_TARGET_DIR/release/membrane-proxy"
+# PROXY_BIN=PATH measures another build (say, an earlier commit's) in place of this tree's.
+if [ -z "${PROXY_BIN:-}" ]; then
+  cargo build --release --quiet -p membrane-l7-proxy --bin membrane-proxy
+  PROXY_BIN="$CARGO_TARGET_DIR/release/membrane-proxy"
+fi
 export LD_LIBRARY_PATH="$KCAT_LD_LIBRARY_PATH"
 
 . bench/lib.sh
