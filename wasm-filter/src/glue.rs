@@ -874,7 +874,7 @@ impl KafkaStream {
                     out.extend_from_slice(&gathered);
                     self.passing = LENGTH_PREFIX + len - gathered.len();
                 }
-                None => unreachable!("checked above"),
+                None => return Err("the broker answered a request nobody made".into()),
             }
         }
     }
