@@ -255,6 +255,7 @@ impl Root {
         }
         st.versions
             .insert(resp.type_url.clone(), resp.version_info.clone());
+        st.generation += 1;
         Ok(())
     }
 
@@ -433,6 +434,7 @@ impl RootContext for Root {
             passing: 0,
             swallowing: 0,
             passthrough: false,
+            classified_at: 0,
             closed: false,
         }))
     }
@@ -673,6 +675,8 @@ struct KafkaStream {
     swallowing: usize,
     /// The connection's port carries no Kafka rules: bytes pass unread.
     passthrough: bool,
+    /// The policy generation it was classified under.
+    classified_at: u64,
     closed: bool,
 }
 
@@ -694,8 +698,10 @@ impl KafkaStream {
     /// not pass at all (`Err`). So the filter can sit on every port of a sidecar, as Istio's
     /// WasmPlugin puts it, and policy decides which ports speak Kafka. A connection is classified
     /// once; the L3/L4 verdict is taken again for every Kafka request.
-    fn classify(&self, conn: &ConnFacts) -> Result<bool, String> {
-        let state = self.state.borrow();
+    fn classify(&mut self, conn: &ConnFacts) -> Result<bool, String> {
+        let state = self.state.clone();
+        let state = state.borrow();
+        self.classified_at = state.generation;
         let parties = state.parties(conn);
         match StreamMode::of(state.judge_l4(conn, &parties, 6)) {
             StreamMode::Refuse(why) => {
@@ -704,6 +710,26 @@ impl KafkaStream {
             }
             StreamMode::Pass => Ok(true),
             StreamMode::Kafka => Ok(false),
+        }
+    }
+
+    /// For a connection passed unread: whether the policy in force still says so. One that its
+    /// port's new rules would parse as Kafka (its frame boundaries are unknown mid-stream) or
+    /// that L3/L4 no longer allows is closed.
+    fn still_passes(&mut self, conn: &ConnFacts) -> bool {
+        if !self.passthrough || self.state.borrow().generation == self.classified_at {
+            return true;
+        }
+        match self.classify(conn) {
+            Ok(true) => true,
+            Ok(false) => {
+                self.close("the port now has Kafka rules; a connection passed unread until now cannot be parsed from its middle");
+                false
+            }
+            Err(why) => {
+                self.close(&why);
+                false
+            }
         }
     }
 
@@ -889,11 +915,11 @@ impl StreamContext for KafkaStream {
         // certificate is known only once the handshake is done.
         if self.conn.is_none() {
             self.conn = read_conn_facts();
-            let Some(conn) = &self.conn else {
+            let Some(conn) = self.conn.clone() else {
                 self.close("no source or destination address");
                 return Action::Pause;
             };
-            match self.classify(conn) {
+            match self.classify(&conn) {
                 Ok(passthrough) => self.passthrough = passthrough,
                 Err(why) => {
                     self.close(&why);
@@ -904,6 +930,9 @@ impl StreamContext for KafkaStream {
         let Some(conn) = self.conn.clone() else {
             return Action::Pause;
         };
+        if !self.still_passes(&conn) {
+            return Action::Pause;
+        }
         if self.passthrough || size == 0 {
             return Action::Continue;
         }
@@ -928,6 +957,9 @@ impl StreamContext for KafkaStream {
         let Some(conn) = self.conn.clone().filter(|_| !self.closed) else {
             return Action::Pause;
         };
+        if !self.still_passes(&conn) {
+            return Action::Pause;
+        }
         if self.passthrough || size == 0 {
             return Action::Continue;
         }

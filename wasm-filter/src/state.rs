@@ -41,6 +41,9 @@ pub struct PolicyState {
     pub spiffe: BTreeMap<String, u32>,
     /// Versions in force, by type URL.
     pub versions: BTreeMap<String, String>,
+    /// Moves on every accepted update of any type, so long-lived decisions can tell they are
+    /// stale.
+    pub generation: u64,
 }
 
 /// The identity -> addresses map, indexed for the request path: single addresses (nearly every
@@ -471,6 +474,7 @@ mod tests {
             hosts: compile_hosts(&[any(&hosts), any(&hosts2)])?,
             spiffe: compile_spiffe(&[any(&spiffe)])?,
             versions: BTreeMap::new(),
+            generation: 0,
         })
     }
 

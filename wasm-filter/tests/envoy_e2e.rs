@@ -1053,6 +1053,20 @@ static_resources:
     assert!(log().contains("xds_cluster is required"), "{}", log());
 }
 
+/// One Kafka answer's correlation id, or `None` when the connection closes first (within 5 s).
+async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<i32> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let len = s.read_i32().await.ok()?;
+        let mut body = vec![0; usize::try_from(len).ok()?];
+        s.read_exact(&mut body).await.ok()?;
+        Some(i32::from_be_bytes(body.get(..4)?.try_into().ok()?))
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer or a close within 5 s")
+}
+
 /// Kafka through two sidecars: luke's app (127.0.0.1) -> luke's sidecar (outbound listener at
 /// the broker endpoint's address, luke's egress) -> mTLS -> the broker endpoint's sidecar
 /// (inbound, its ingress, luke known by SPIFFE ID only) -> tansu. tansu advertises luke's
@@ -1069,6 +1083,8 @@ const K_LUKE_ADMIN: u16 = 19405;
 const K_PLAIN: u16 = 19406;
 const K_CLOSED: u16 = 19407;
 const K_APP: u16 = 19408;
+/// A port with no L7 rules in front of the broker; the policy change gives it Kafka rules.
+const K_RAW: u16 = 19409;
 
 fn kafka_rule(role: &str, topic: &str) -> v1::KafkaRule {
     v1::KafkaRule {
@@ -1088,7 +1104,7 @@ fn kafka_rules(policy: &str, rules: Vec<v1::KafkaRule>) -> v1::L7RuleSet {
 /// The broker endpoint (identity 300) takes from luke (301) produce to `produce_topics` and
 /// consume of empire-announce; luke may produce to empire-announce and deathstar-plans and
 /// consume empire-announce. rebel-plans is nobody's.
-fn kafka_policies(produce_topics: &[&str]) -> BTreeMap<String, Vec<u8>> {
+fn kafka_policies(produce_topics: &[&str], raw_has_rules: bool) -> BTreeMap<String, Vec<u8>> {
     let mut ingress: Vec<_> = produce_topics
         .iter()
         .map(|t| kafka_rule("produce", t))
@@ -1112,6 +1128,19 @@ fn kafka_policies(produce_topics: &[&str]) -> BTreeMap<String, Vec<u8>> {
                     port: K_PLAIN.into(),
                     protocol: 6,
                     l7: vec![],
+                },
+                v1::PolicyEntry {
+                    remote_identity: 2,
+                    port: K_RAW.into(),
+                    protocol: 6,
+                    l7: if raw_has_rules {
+                        vec![kafka_rules(
+                            "CiliumNetworkPolicy default/raw",
+                            vec![kafka_rule("produce", "empire-announce")],
+                        )]
+                    } else {
+                        vec![]
+                    },
                 },
             ],
         }),
@@ -1154,7 +1183,7 @@ node: {{id: sidecar-kafka, cluster: kafka, metadata: {{INSTANCE_IPS: "127.0.0.5"
 admin: {{address: {}}}
 static_resources:
   listeners:
-{}{}  clusters:
+{}{}{}  clusters:
 {}{}{}"#,
         envoy::socket("127.0.0.1", K_ADMIN),
         envoy::kafka_listener(
@@ -1175,6 +1204,14 @@ static_resources:
                 "app"
             ))
             .concat(),
+        envoy::kafka_listener(
+            "inbound_raw",
+            (KAFKA_IP, K_RAW),
+            "INBOUND",
+            "",
+            (wasm, config),
+            "broker"
+        ),
         envoy::cluster("broker", &envoy::socket(KAFKA_IP, K_BROKER), false, ""),
         envoy::cluster("app", &envoy::socket("127.0.0.1", K_APP), false, ""),
         xds_cluster(K_XDS),
@@ -1224,7 +1261,7 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     ));
 
     let cache = XdsCache::new();
-    let v1_ = set_policies(&cache, kafka_policies(&["empire-announce"]));
+    let v1_ = set_policies(&cache, kafka_policies(&["empire-announce"], false));
     // luke has no address entry: the broker's sidecar can know it only by its SPIFFE ID.
     let broker_host = v1::NetworkPolicyHosts {
         identity: 300,
@@ -1401,10 +1438,18 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
         read_log("luke-envoy")
     );
 
+    // A connection to a port without L7 rules passes unread (here: Kafka bytes to the broker).
+    let mut raw = tokio::net::TcpStream::connect((KAFKA_IP, K_RAW))
+        .await
+        .unwrap();
+    let api_versions = membrane_codec::kafka::session::placeholder_request;
+    raw.write_all(&api_versions(7)).await.unwrap();
+    assert_eq!(read_answer(&mut raw).await, Some(7), "passed unread");
+
     // A policy change reaches the open connection's next request.
     let v2 = set_policies(
         &cache,
-        kafka_policies(&["empire-announce", "deathstar-plans"]),
+        kafka_policies(&["empire-announce", "deathstar-plans"], true),
     );
     cache
         .wait_realized(NETWORK_POLICY_TYPE, "kafka", v2, Duration::from_secs(5))
@@ -1426,6 +1471,15 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
         "allowed now: {:?}\n{}",
         cache.statuses(NETWORK_POLICY_TYPE),
         logs()
+    );
+    // The unread connection's port now has Kafka rules: it cannot be parsed from its middle, so
+    // it is closed (its client reconnects and is parsed from the first byte).
+    let _ = raw.write_all(&api_versions(8)).await;
+    assert_eq!(read_answer(&mut raw).await, None, "closed\n{}", logs());
+    assert!(
+        read_log("kafka-envoy").contains("the port now has Kafka rules"),
+        "{}",
+        read_log("kafka-envoy")
     );
 
     // Counted per direction (the VMs add their tallies on each 0.5 s tick).
