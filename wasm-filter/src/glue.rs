@@ -696,8 +696,9 @@ impl KafkaStream {
     /// Whether a new connection's bytes pass unread (`Ok(true)`: its port has no L7 rules, or
     /// HTTP rules, which the HTTP filter enforces), are parsed as Kafka (`Ok(false)`), or must
     /// not pass at all (`Err`). So the filter can sit on every port of a sidecar, as Istio's
-    /// WasmPlugin puts it, and policy decides which ports speak Kafka. A connection is classified
-    /// once; the L3/L4 verdict is taken again for every Kafka request.
+    /// WasmPlugin puts it, and policy decides which ports speak Kafka. A parsed connection's
+    /// L3/L4 verdict is taken again for every request; a passed one is classified again after
+    /// each policy update ([`still_passes`](Self::still_passes)).
     fn classify(&mut self, conn: &ConnFacts) -> Result<bool, String> {
         let state = self.state.clone();
         let state = state.borrow();
