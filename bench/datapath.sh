@@ -141,10 +141,11 @@ print(f"{lat[len(lat) // 2]:.1f} {lat[int(len(lat) * 0.99) - 1 if len(lat) >= 10
 PY
 )
 rss=$(awk '/VmRSS/ {print $2/1024}' "/proc/$agent_pid/status")
+hwm=$(awk '/VmHWM/ {print $2/1024}' "/proc/$agent_pid/status")
 
 printf '\nmembrane datapath benchmark (%s rounds of %ss, medians)\n' "$ROUNDS" "$SECS"
 printf '  TCP throughput      plain %6.2f Gbit/s   membrane %6.2f Gbit/s   ratio %.3f (target >= 0.95)\n' "$tp" "$tm" "$(echo "$tm / $tp" | bc -l)"
 printf '  TCP req/resp rate   plain %8.0f /s     membrane %8.0f /s     ratio %.3f (target >= 0.95)\n' "$rp" "$rm_" "$(echo "$rm_ / $rp" | bc -l)"
 set -- $lat
 printf '  policy change -> map update: p50 %s ms, p99 (max of 20) %s ms (target p99 < 100 ms)\n' "$1" "$2"
-printf '  agent RSS with 1,000 rules and 10,000 identities: %.1f MB (target < 64 MB)\n' "$rss"
+printf '  agent RSS with 1,000 rules and 10,000 identities: %.1f MB (peak %.1f MB; target < 64 MB)\n' "$rss" "$hwm"

@@ -12,13 +12,14 @@ use ipnet::IpNet;
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::{EndpointSpec, endpoint_labels};
 use membrane_policy::identity::{
-    Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
+    IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
 };
 use membrane_policy::l7::http::HttpRequest;
 use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
 use membrane_policy::labels::{Label, LabelSet};
+use membrane_policy::prefixes::PrefixMap;
 use membrane_policy::resolve::{
-    DirectionTable, Resolver, Verdict, first_allowing_http, judge_kafka_sets_credited,
+    DirectionTable, PolicyTable, Resolver, Verdict, first_allowing_http, judge_kafka_sets_credited,
 };
 use membrane_policy::rule::{Direction, EnforcementMode, L7Kind, L7Rules, PortRule, Proto};
 
@@ -197,9 +198,11 @@ pub struct Peers {
 pub struct Snapshot {
     /// Increases with every swap; connections cache their decision per generation.
     pub generation: u64,
-    resolver: Resolver,
-    /// Prefix -> identity, most specific first (workloads before policy CIDRs on ties).
-    prefixes: Vec<(IpNet, NumericIdentity)>,
+    /// The policy tables of the endpoints this proxy serves, by identity: all a decision needs
+    /// (the identities' labels stay with whoever resolved them).
+    tables: HashMap<NumericIdentity, PolicyTable>,
+    /// Prefix -> identity (workloads win over policy CIDRs on equal prefixes).
+    prefixes: PrefixMap<NumericIdentity>,
     names: HashMap<NumericIdentity, String>,
 }
 
@@ -207,11 +210,9 @@ impl Snapshot {
     /// The identity of an address: the most specific listed workload or policy CIDR holding it,
     /// else world.
     pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
-        let ip = canonical(ip);
         self.prefixes
-            .iter()
-            .find(|(net, _)| net.contains(&ip))
-            .map_or(NumericIdentity::WORLD, |(_, id)| *id)
+            .lookup(canonical(ip))
+            .unwrap_or(NumericIdentity::WORLD)
     }
 
     /// A workload name for an identity, for flow records.
@@ -236,7 +237,7 @@ impl Snapshot {
             (Direction::Egress, peers.src, peers.dst),
         ];
         for (direction, endpoint, remote) in sides {
-            let Some(table) = self.resolver.table(endpoint) else {
+            let Some(table) = self.tables.get(&endpoint) else {
                 continue;
             };
             match judge_l4(table.direction(direction), remote, port) {
@@ -251,8 +252,8 @@ impl Snapshot {
     /// Whether any endpoint is selected by policy at all (a reverse proxy in front of nothing
     /// selected forwards everything, which its operator should hear about).
     pub fn enforces(&self, endpoint: NumericIdentity) -> bool {
-        self.resolver
-            .table(endpoint)
+        self.tables
+            .get(&endpoint)
             .is_some_and(|t| t.ingress.enforced || t.egress.enforced)
     }
 }
@@ -310,16 +311,6 @@ impl SnapshotBuilder {
         }
     }
 
-    /// Makes the builder hand out exactly these identities' numbers (an agent's): the snapshot's
-    /// identities then agree with the datapath's, and flow records name the same numbers.
-    pub fn adopt_identities<'i>(&mut self, identities: impl IntoIterator<Item = &'i Identity>) {
-        let mut allocator = LocalAllocator::new();
-        for identity in identities {
-            allocator.restore(identity);
-        }
-        self.allocator = allocator;
-    }
-
     /// A snapshot of `set` with the workloads of `workloads` (each an endpoint with a table).
     pub fn build(&mut self, set: &PolicySet, workloads: &[EndpointSpec]) -> Result<Snapshot> {
         self.build_with(set, workloads, &[])
@@ -366,20 +357,35 @@ impl SnapshotBuilder {
             cidr_prefixes.push((net, identity.id));
             resolver.add_identity(identity);
         }
-        // Stable sort: on equal length a workload (listed first) wins over a policy CIDR.
-        let mut prefixes: Vec<(IpNet, NumericIdentity)> = workload_prefixes
+        // On equal prefixes a workload (inserted first) wins over a policy CIDR.
+        let prefixes = workload_prefixes
             .into_iter()
             .chain(reserved.iter().copied())
             .chain(cidr_prefixes)
             .collect();
-        prefixes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Ok(self.snapshot_of(&resolver, prefixes, names))
+    }
+
+    /// A snapshot of policy resolved elsewhere (the agent's resolver): the tables of its
+    /// endpoints, `prefixes` (the first of equal prefixes wins) and workload names. Nothing is
+    /// resolved again and no identity is copied.
+    pub fn snapshot_of(
+        &mut self,
+        resolver: &Resolver,
+        prefixes: PrefixMap<NumericIdentity>,
+        names: HashMap<NumericIdentity, String>,
+    ) -> Snapshot {
+        let tables = resolver
+            .endpoint_ids()
+            .filter_map(|id| Some((id, resolver.table(id)?.clone())))
+            .collect();
         self.generation += 1;
-        Ok(Snapshot {
+        Snapshot {
             generation: self.generation,
-            resolver,
+            tables,
             prefixes,
             names,
-        })
+        }
     }
 }
 
@@ -402,8 +408,8 @@ impl PolicyHandle {
     pub fn new_empty() -> PolicyHandle {
         let snapshot = Snapshot {
             generation: 0,
-            resolver: Resolver::new(EnforcementMode::Default),
-            prefixes: Vec::new(),
+            tables: HashMap::new(),
+            prefixes: PrefixMap::new(),
             names: HashMap::new(),
         };
         PolicyHandle::new(snapshot)

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod l7;
 pub mod labels;
 pub mod parse;
+pub mod prefixes;
 pub mod resolve;
 pub mod rule;
 pub mod selector;

@@ -35,12 +35,24 @@ pub fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReadError> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+    // The entry's type comes with the directory listing; only symlinks (a ConfigMap mount's
+    // files are) cost a stat to learn what they point at.
+    let mut entries: Vec<(PathBuf, bool)> = fs::read_dir(dir)
         .map_err(|e| io(dir, e))?
-        .map(|e| e.map(|e| e.path()).map_err(|err| io(dir, err)))
+        .map(|e| {
+            let e = e.map_err(|err| io(dir, err))?;
+            let path = e.path();
+            let ft = e.file_type().map_err(|err| io(&path, err))?;
+            let is_dir = if ft.is_symlink() {
+                path.is_dir()
+            } else {
+                ft.is_dir()
+            };
+            Ok((path, is_dir))
+        })
         .collect::<Result<_, _>>()?;
     entries.sort();
-    for path in entries {
+    for (path, is_dir) in entries {
         let hidden = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -48,7 +60,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReadError> {
         if hidden {
             continue;
         }
-        if path.is_dir() {
+        if is_dir {
             walk(&path, out)?;
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
@@ -94,11 +106,31 @@ fn read_text(f: &Path) -> Result<Result<String, Diagnostic>, ReadError> {
 /// A fingerprint of the policy files (names, sizes, modification times): it changes whenever a
 /// file is added, removed or written.
 pub fn fingerprint(paths: &[PathBuf]) -> Result<String, ReadError> {
+    Ok(fingerprint_of(&scan(paths)?))
+}
+
+/// The policy files under `paths`, each with its stamp (size and modification time).
+pub type Scan = Vec<(PathBuf, String)>;
+
+/// Lists the policy files under `paths` and stamps each: one stat per file. A caller that
+/// fingerprints and then loads passes the same scan to both.
+pub fn scan(paths: &[PathBuf]) -> Result<Scan, ReadError> {
+    policy_files(paths)?
+        .into_iter()
+        .map(|f| {
+            let s = stamp(&f)?;
+            Ok((f, s))
+        })
+        .collect()
+}
+
+/// The [`fingerprint`] of a scan.
+pub fn fingerprint_of(scan: &Scan) -> String {
     let mut out = String::new();
-    for f in policy_files(paths)? {
-        out.push_str(&format!("{}:{}\n", f.display(), stamp(&f)?));
+    for (f, stamp) in scan {
+        out.push_str(&format!("{}:{stamp}\n", f.display()));
     }
-    Ok(out)
+    out
 }
 
 /// Reads and validates every policy file under `paths`. The outer error is an I/O failure; the
@@ -133,9 +165,17 @@ impl PolicyCache {
         &mut self,
         paths: &[PathBuf],
     ) -> Result<Result<PolicySet, Vec<Diagnostic>>, ReadError> {
+        self.load_scanned(scan(paths)?)
+    }
+
+    /// Reads the policy files of a [`scan`], reusing the parses of files whose stamp is the
+    /// one seen last time.
+    pub fn load_scanned(
+        &mut self,
+        scan: Scan,
+    ) -> Result<Result<PolicySet, Vec<Diagnostic>>, ReadError> {
         let mut next = std::collections::BTreeMap::new();
-        for f in policy_files(paths)? {
-            let stamp = stamp(&f)?;
+        for (f, stamp) in scan {
             let parsed = match self.files.remove(&f) {
                 Some((s, parsed)) if s == stamp => parsed,
                 _ => match read_text(&f)? {
@@ -165,4 +205,59 @@ pub fn load_endpoints(
         Ok(text) => membrane_policy::endpoints::parse_endpoints(&path.display().to_string(), &text),
         Err(d) => Err(vec![d]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: NAME}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n";
+
+    fn write(path: &Path, name: &str) {
+        fs::write(path, POLICY.replace("NAME", name)).unwrap();
+    }
+
+    #[test]
+    fn scan_walks_like_a_configmap_mount_and_the_cache_reparses_only_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // A ConfigMap mount: hidden timestamped dir, `..data` link, files linked through it.
+        fs::create_dir_all(root.join("..2026/sub")).unwrap();
+        write(&root.join("..2026/a.yaml"), "a");
+        write(&root.join("..2026/sub/b.yml"), "b");
+        std::os::unix::fs::symlink("..2026", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/a.yaml", root.join("a.yaml")).unwrap();
+        std::os::unix::fs::symlink("..data/sub", root.join("sub")).unwrap();
+        fs::write(root.join("notes.txt"), "not policy").unwrap();
+        write(&root.join("c.yaml"), "c");
+
+        let paths = vec![root.to_path_buf()];
+        let scan = scan(&paths).unwrap();
+        let names: Vec<String> = scan
+            .iter()
+            .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a.yaml", "c.yaml", "sub/b.yml"]);
+        assert_eq!(fingerprint_of(&scan), fingerprint(&paths).unwrap());
+
+        let mut cache = PolicyCache::default();
+        let first = cache.load_scanned(scan).unwrap().unwrap();
+        assert_eq!(first.rules.len(), 3);
+        let before = fingerprint(&paths).unwrap();
+        write(&root.join("c.yaml"), "c-renamed");
+        assert_ne!(fingerprint(&paths).unwrap(), before);
+        let second = cache.load(&paths).unwrap().unwrap();
+        // Unchanged files keep their parsed rules (same Arc); the written one is new.
+        let same = |i: usize| std::sync::Arc::ptr_eq(&first.rules[i], &second.rules[i]);
+        assert_eq!(
+            (0..3).map(same).collect::<Vec<_>>(),
+            [true, false, true],
+            "{:?}",
+            second
+                .rules
+                .iter()
+                .map(|r| r.origin.to_string())
+                .collect::<Vec<_>>()
+        );
+    }
 }

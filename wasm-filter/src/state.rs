@@ -13,6 +13,7 @@ use membrane_codec::kafka::session::{Judged, KafkaJudge};
 use membrane_policy::identity::NumericIdentity;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
+use membrane_policy::prefixes::PrefixMap;
 use membrane_policy::resolve::{first_allowing_http, judge_kafka_sets_credited};
 use membrane_policy::rule::{L7Kind, L7Rules};
 use prost::Message;
@@ -46,34 +47,25 @@ pub struct PolicyState {
     pub generation: u64,
 }
 
-/// The identity -> addresses map, indexed for the request path: single addresses (nearly every
-/// entry: pods) in a hash map, other prefixes most specific first.
+/// The identity -> addresses map, indexed for the request path (one hash probe per prefix
+/// length present).
 #[derive(Debug, Default)]
-pub struct Hosts {
-    exact: HashMap<IpAddr, u32>,
-    prefixes: Vec<(IpNet, u32)>,
-}
+pub struct Hosts(PrefixMap<u32>);
 
 impl Hosts {
     /// The identity of an address: longest listed prefix, else world.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
-        if let Some(id) = self.exact.get(&ip) {
-            return *id;
-        }
-        self.prefixes
-            .iter()
-            .find(|(net, _)| net.contains(&ip))
-            .map_or(NumericIdentity::WORLD.0, |(_, id)| *id)
+        self.0.lookup(ip).unwrap_or(NumericIdentity::WORLD.0)
     }
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.exact.len() + self.prefixes.len()
+        self.0.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 }
 
@@ -113,15 +105,9 @@ pub fn compile_hosts(resources: &[Any]) -> Result<Hosts, String> {
             let net: IpNet = prefix
                 .parse()
                 .map_err(|_| format!("identity {}: {prefix:?} is not a prefix", h.identity))?;
-            if net.prefix_len() == net.max_prefix_len() {
-                out.exact.insert(net.addr(), h.identity);
-            } else {
-                out.prefixes.push((net, h.identity));
-            }
+            out.0.insert(net, h.identity);
         }
     }
-    out.prefixes
-        .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
     Ok(out)
 }
 

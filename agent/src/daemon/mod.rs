@@ -13,7 +13,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -28,13 +28,13 @@ use membrane_policy::identity::{
     Identity, IdentityAllocator, LocalAllocator, NumericIdentity, RESERVED, cidr_labels,
 };
 use membrane_policy::labels::{Label, LabelSet, Source};
+use membrane_policy::prefixes::PrefixMap;
 use membrane_policy::resolve::{ChangeSet, Resolver};
 use membrane_policy::{Diagnostic, PolicySet};
 use serde::{Deserialize, Serialize};
 
 use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE};
-use membrane_l7_proxy::policy::{PolicyHandle, SnapshotBuilder};
-use membrane_policy::endpoints::EndpointSpec;
+use membrane_l7_proxy::policy::{PolicyHandle, SnapshotBuilder, canonical};
 use membrane_xds_server::ads::XdsCache;
 use membrane_xds_server::translate;
 use prost::Message;
@@ -112,6 +112,8 @@ pub struct Agent {
     allocator: LocalAllocator,
     resolver: Resolver,
     cidr_identities: BTreeMap<IpNet, NumericIdentity>,
+    /// The prefixes last published as the xDS hosts map.
+    published_hosts: Option<Vec<(IpNet, NumericIdentity)>>,
     ipam: Ipam,
     endpoints: BTreeMap<String, Endpoint>,
     datapath: Datapath,
@@ -186,6 +188,7 @@ impl Agent {
             policy_status: PolicyStatus::default(),
             allocator: LocalAllocator::new(),
             cidr_identities: BTreeMap::new(),
+            published_hosts: None,
             endpoints: BTreeMap::new(),
             datapath,
             controllers: BTreeMap::new(),
@@ -239,30 +242,27 @@ impl Agent {
         if self.config.proxy_port == 0 {
             return Ok(());
         }
-        let workloads: Vec<EndpointSpec> = self
-            .endpoints
-            .values()
-            .map(|e| EndpointSpec {
-                name: e.name.clone(),
-                namespace: e.namespace.clone(),
-                labels: e.labels.clone(),
-                service_account: None,
-                ips: e.net.addresses.clone(),
-                cidrs: Vec::new(),
-            })
-            .collect();
-        let hosts: Vec<(IpNet, NumericIdentity)> = node_addresses
-            .iter()
-            .map(|a| (IpNet::from(*a), NumericIdentity::HOST))
-            .collect();
+        // The proxy judges with the agent's own tables and identities: resolving again for it
+        // would double the agent's memory and policy-change latency.
+        let mut prefixes = PrefixMap::new();
+        let mut names = HashMap::new();
+        for e in self.endpoints.values() {
+            for a in &e.net.addresses {
+                prefixes.insert(IpNet::from(canonical(*a)), e.identity.id);
+            }
+            names.entry(e.identity.id).or_insert_with(|| e.name.clone());
+        }
+        for a in &node_addresses {
+            prefixes.insert(IpNet::from(canonical(*a)), NumericIdentity::HOST);
+        }
+        for (net, id) in &self.cidr_identities {
+            prefixes.insert(*net, *id);
+        }
         let (_, builder) = self.proxy_policy.get_or_insert_with(|| {
             let builder = SnapshotBuilder::new(self.config.enable_policy);
             (Arc::new(PolicyHandle::new_empty()), builder)
         });
-        builder.adopt_identities(self.allocator.identities());
-        let snapshot = builder
-            .build_with(&self.policy, &workloads, &hosts)
-            .context("the proxy's policy snapshot")?;
+        let snapshot = builder.snapshot_of(&self.resolver, prefixes, names);
         let (handle, _) = self.proxy_policy.as_ref().expect("set above");
         handle.store(snapshot);
         Ok(())
@@ -293,17 +293,21 @@ impl Agent {
                 .iter()
                 .map(|a| (IpNet::from(*a), NumericIdentity::HOST)),
         );
-        let hosts = translate::network_policy_hosts(prefixes)
-            .into_iter()
-            .map(|h| (h.identity.to_string(), h.encode_to_vec()))
-            .collect();
         let spiffe = translate::spiffe_identities(
             &self.config.xds_trust_domain,
             self.resolver.identities().map(|i| &**i),
         );
         self.xds
             .set_aliased_resources(NETWORK_POLICY_TYPE, policies);
-        self.xds.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts);
+        // Most changes leave the 10,000-entry hosts map as it was: encode it only when not.
+        if self.published_hosts.as_ref() != Some(&prefixes) {
+            let hosts = translate::network_policy_hosts(prefixes.iter().copied())
+                .into_iter()
+                .map(|h| (h.identity.to_string(), h.encode_to_vec()))
+                .collect();
+            self.xds.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts);
+            self.published_hosts = Some(prefixes);
+        }
         self.xds.set_resources(
             SPIFFE_IDENTITIES_TYPE,
             BTreeMap::from([("spiffe".to_string(), spiffe.encode_to_vec())]),
@@ -402,16 +406,14 @@ impl Agent {
     /// Re-reads the policy directory if it changed. An invalid change is recorded and rejected;
     /// the policy in force stays.
     pub fn poll_policy(&mut self) -> Result<bool> {
-        let fp = policy_dir::fingerprint(std::slice::from_ref(&self.config.policy_dir))?;
+        let scan = policy_dir::scan(std::slice::from_ref(&self.config.policy_dir))?;
+        let fp = policy_dir::fingerprint_of(&scan);
         if fp == self.policy_fingerprint {
             return Ok(false);
         }
         self.policy_fingerprint = fp;
         let started = std::time::Instant::now();
-        match self
-            .policy_cache
-            .load(std::slice::from_ref(&self.config.policy_dir))?
-        {
+        match self.policy_cache.load_scanned(scan)? {
             Ok(set) => {
                 let read = started.elapsed();
                 self.apply_policy(set)?;
