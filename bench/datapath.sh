@@ -86,7 +86,9 @@ read -r srv_ip srv_id < <("$bin/membrane" endpoint create bench-srv --labels app
 "$bin/membrane" endpoint create bench-cli --labels app=bench-cli >/dev/null
 
 for ns in bench-srv plain-srv; do
-  ip netns exec "$ns" iperf3 -s -D >/dev/null
+  # In the foreground of a tracked PID: a daemonized server would outlive its namespace.
+  ip netns exec "$ns" iperf3 -s >/dev/null 2>&1 &
+  pids+=($!)
   ip netns exec "$ns" python3 -c '
 import socket,threading
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",7000)); s.listen(8)

@@ -13,6 +13,7 @@
 //! touches the tables whose peers it matches, and a rule change only recomputes the endpoints the
 //! old or new rule selects.
 
+mod index;
 pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use crate::identity::{Identity, NumericIdentity};
 use crate::rule::{Direction, EnforcementMode, Peers, Rule};
 use crate::selector::Selector;
+use index::LabelIndex;
 pub use table::{
     Contribution, DirectionTable, Effective, L7Policy, PROBE_ORDER, PolicyKey, PolicyTable,
     Verdict, first_allowing_http, judge_kafka_sets, judge_kafka_sets_credited, probe,
@@ -79,8 +81,7 @@ pub struct Resolver {
     subject_unindexed: BTreeSet<RuleId>,
     next_rule: u32,
     identities: BTreeMap<NumericIdentity, Arc<Identity>>,
-    /// label key → value → identities (any source), to find a selector's candidates quickly.
-    label_index: HashMap<String, HashMap<String, BTreeSet<NumericIdentity>>>,
+    label_index: LabelIndex,
     selector_ids: HashMap<Selector, SelectorId>,
     selectors: Vec<Option<CachedSelector>>,
     free_selector_ids: Vec<u32>,
@@ -143,12 +144,7 @@ impl Resolver {
         }
         let identity = Arc::new(identity);
         for l in identity.labels.iter() {
-            self.label_index
-                .entry(l.key.clone())
-                .or_default()
-                .entry(l.value.clone())
-                .or_default()
-                .insert(id);
+            self.label_index.insert(&l.key, &l.value, id);
         }
         self.identities.insert(id, identity.clone());
         let mut touched_uses = Vec::new();
@@ -175,17 +171,7 @@ impl Resolver {
             return changes;
         };
         for l in identity.labels.iter() {
-            if let Some(values) = self.label_index.get_mut(&l.key) {
-                if let Some(ids) = values.get_mut(&l.value) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        values.remove(&l.value);
-                    }
-                }
-                if values.is_empty() {
-                    self.label_index.remove(&l.key);
-                }
-            }
+            self.label_index.remove(&l.key, &l.value, id);
         }
         let mut endpoints = BTreeSet::new();
         for cached in self.selectors.iter_mut().flatten() {
@@ -433,11 +419,10 @@ impl Resolver {
         };
         // The smallest posting list among the selector's equalities gives the fewest candidates.
         let postings = selector.equalities().map(|(key, values)| {
-            let lists: Vec<&BTreeSet<NumericIdentity>> = self
-                .label_index
-                .get(key)
-                .map(|by_value| values.iter().filter_map(|v| by_value.get(v)).collect())
-                .unwrap_or_default();
+            let lists: Vec<&[NumericIdentity]> = values
+                .iter()
+                .map(|v| self.label_index.get(key, v))
+                .collect();
             let size: usize = lists.iter().map(|l| l.len()).sum();
             (size, lists)
         });
@@ -450,11 +435,9 @@ impl Resolver {
                 .collect();
         }
         if let Some(key) = selector.required_key() {
-            let Some(by_value) = self.label_index.get(key) else {
-                return BTreeSet::new();
-            };
-            return by_value
-                .values()
+            return self
+                .label_index
+                .with_key(key)
                 .flatten()
                 .filter(|id| check(id))
                 .copied()
