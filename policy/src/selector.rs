@@ -51,8 +51,8 @@ impl Requirement {
     pub fn matches(&self, labels: &LabelSet) -> bool {
         let mut with_key = labels.with_key(self.source, &self.key);
         match &self.op {
-            Operator::In(values) => with_key.any(|l| values.contains(&l.value)),
-            Operator::NotIn(values) => !with_key.any(|l| values.contains(&l.value)),
+            Operator::In(values) => with_key.any(|l| values.iter().any(|v| *v == *l.value)),
+            Operator::NotIn(values) => !with_key.any(|l| values.iter().any(|v| *v == *l.value)),
             Operator::Exists => with_key.next().is_some(),
             Operator::DoesNotExist => with_key.next().is_none(),
         }

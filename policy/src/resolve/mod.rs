@@ -207,7 +207,11 @@ impl Resolver {
         let labels = &self.identities[&id].labels;
         let mut candidates = self.subject_unindexed.clone();
         for l in labels.iter() {
-            if let Some(rules) = self.subject_index.get(&l.key).and_then(|m| m.get(&l.value)) {
+            if let Some(rules) = self
+                .subject_index
+                .get(l.key.as_str())
+                .and_then(|m| m.get(l.value.as_str()))
+            {
                 candidates.extend(rules.iter().copied());
             }
         }
