@@ -68,6 +68,13 @@ struct {
 } mbr_metrics_v2 SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct revision_value);
+} mbr_revision_v2 SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } mbr_events_v2 SEC(".maps");
@@ -121,10 +128,11 @@ static __always_inline struct ipcache_value *lookup_ipcache(const struct flow *f
 	return bpf_map_lookup_elem(&mbr_ipcache6_v2, &k);
 }
 
-static __always_inline __u32 lookup_identity(const struct flow *f, const __u8 *addr)
+static __always_inline __u32 policy_revision(void)
 {
-	struct ipcache_value *v = lookup_ipcache(f, addr);
-	return v ? v->identity : ID_WORLD;
+	__u32 zero = 0;
+	struct revision_value *r = bpf_map_lookup_elem(&mbr_revision_v2, &zero);
+	return r ? r->policy : 0;
 }
 
 /*
@@ -226,6 +234,20 @@ static __always_inline __u64 lifetime(const struct flow *f, __u8 flags)
 	return (flags & CT_SEEN_REPLY) ? CT_LIFETIME_NONTCP_NS : CT_LIFETIME_UNREPLIED_NS;
 }
 
+/* Another packet of a tracked flow: counters, flags (FIN/RST start the closing lifetime) and
+ * expiry. */
+static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, __u64 now,
+				     __u32 len, __u8 add_flags)
+{
+	__u8 flags = v->flags | add_flags;
+	if (f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FIN | TCP_RST)))
+		flags |= CT_CLOSING;
+	v->flags = flags;
+	v->expires_ns = now + lifetime(f, flags);
+	v->packets += 1;
+	v->bytes += len;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct flow f = {};
@@ -257,19 +279,27 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	tuple(&key, &f, ep_id, 1);
 	struct ct_value *rev = bpf_map_lookup_elem(&mbr_ct_v2, &key);
 	if (rev && rev->expires_ns > now) {
-		__u8 flags = rev->flags | CT_SEEN_REPLY;
-		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
-			flags |= CT_CLOSING;
-		rev->flags = flags;
-		rev->expires_ns = now + lifetime(&f, flags);
-		rev->packets += 1;
-		rev->bytes += skb->len;
+		ct_touch(rev, &f, now, skb->len, CT_SEEN_REPLY);
 		count(0, dir, skb->len);
 		return TC_ACT_OK;
 	}
 
-	remote = lookup_identity(&f, remote_addr);
-	int from_proxy = 0;
+	/* Read before any lookup: a verdict is never recorded under a newer revision than the
+	 * maps it was judged by. */
+	__u32 revision = policy_revision();
+	int from_proxy = dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
+
+	/* A flow already judged under the policy in force (and not redirected) keeps its verdict. */
+	tuple(&key, &f, ep_id, 0);
+	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
+	if (fwd && revision && fwd->policy_rev == revision && !from_proxy && fwd->expires_ns > now) {
+		ct_touch(fwd, &f, now, skb->len, 0);
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
+	}
+
+	struct ipcache_value *rv = lookup_ipcache(&f, remote_addr);
+	remote = rv ? rv->identity : ID_WORLD;
 	if (dir == DIR_INGRESS) {
 		/* From outside the node: world (or host, in legacy mode), never a local identity. */
 		__u32 in_if = skb->ingress_ifindex;
@@ -277,17 +307,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		if (dev && !(remote & ID_LOCAL_SCOPE))
 			remote = dev->identity;
 		/* Sent by the L7 proxy for a workload: judged as that workload's traffic. */
-		if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY) {
+		if (from_proxy)
 			remote = mark_identity(skb->mark);
-			from_proxy = 1;
-		}
 	}
 	__u32 src_id = dir == DIR_EGRESS ? ep_identity : remote;
 	__u32 dst_id = dir == DIR_EGRESS ? remote : ep_identity;
 
-	/* Policy is judged on every packet of the initiating direction, so a policy change also
-	 * reaches established flows. */
-	tuple(&key, &f, ep_id, 0);
+	/* Judged again on the first packet after any policy change, so a change also reaches
+	 * established flows. */
 	struct policy_value *pv = 0;
 	__u16 redirect_port = 0;
 	int redirect = 0;
@@ -308,9 +335,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	/* A local destination whose ingress policy wants L7: the proxy must get the connection
 	 * here, at TC ingress where bpf_sk_assign works, not at the destination's to_endpoint. */
 	if (dir == DIR_EGRESS && !redirect) {
-		struct ipcache_value *dv = lookup_ipcache(&f, f.daddr);
-		if (dv && dv->endpoint_id) {
-			struct policy_value *ipv = lookup_policy(dv->endpoint_id, ep_identity,
+		/* The remote end of what leaves is the destination: rv is its ipcache entry. */
+		if (rv && rv->endpoint_id) {
+			struct policy_value *ipv = lookup_policy(rv->endpoint_id, ep_identity,
 								 f.dport, f.proto, DIR_INGRESS);
 			if (ipv && ipv->action == POLICY_REDIRECT) {
 				redirect = 1;
@@ -326,15 +353,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
+	/* Redirected flows are never fast-pathed: each packet must be assigned to the proxy. */
+	__u32 judged_rev = redirect ? 0 : revision;
 	if (fwd && fwd->expires_ns > now) {
-		__u8 flags = fwd->flags;
-		if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_FIN | TCP_RST)))
-			flags |= CT_CLOSING;
-		fwd->flags = flags;
-		fwd->expires_ns = now + lifetime(&f, flags);
-		fwd->packets += 1;
-		fwd->bytes += skb->len;
+		ct_touch(fwd, &f, now, skb->len, 0);
+		fwd->remote_identity = remote;
+		fwd->policy_rev = judged_rev;
 	} else {
 		struct ct_value v = {};
 		v.remote_identity = remote;
@@ -343,6 +367,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		v.expires_ns = now + lifetime(&f, 0);
 		v.packets = 1;
 		v.bytes = skb->len;
+		v.policy_rev = judged_rev;
 		bpf_map_update_elem(&mbr_ct_v2, &key, &v, BPF_ANY);
 		emit(EVENT_VERDICT, 0, dir, skb, &f, ep_id, src_id, dst_id);
 	}

@@ -572,8 +572,6 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
     env.json(&["endpoint", "delete", &l7c]);
 }
 
-/// Connects from `client` to web:8080 (allowed) every 50 ms for `secs` seconds, and to web:8082
-/// (denied, no server: a packet that got through would come back refused).
 const KAFKA_POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: empire-kafka, namespace: default}
@@ -1111,6 +1109,8 @@ fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
     fs::remove_file(env.dir.join("policy/xds.yaml")).unwrap();
 }
 
+/// Connects from `client` to web:8080 (allowed) every 50 ms for `secs` seconds, and to web:8082
+/// (denied, no server: a packet that got through would come back refused).
 fn start_load(client: &str, web_ip: &str, secs: u32) -> Child {
     let code = format!(
         "import socket,time,json\nok=fail=passed=0\nend=time.time()+{secs}\n\

@@ -188,8 +188,18 @@ pub struct CtValue {
     pub flags: u8,
     /// Reserved.
     pub pad: u16,
+    /// The policy revision the verdict was judged under (0: judge every packet).
+    pub policy_rev: u32,
+}
+
+/// `struct revision_value`: the one entry of the revision map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevisionValue {
+    /// Bumped after every write to the ipcache, endpoints, devices or policy maps.
+    pub policy: u32,
     /// Reserved.
-    pub pad2: u32,
+    pub pad: u32,
 }
 
 /// `struct metrics_key`.
@@ -310,6 +320,8 @@ const _: () = {
             && offset_of!(CtValue, dir) == 32
             && offset_of!(CtValue, flags) == 33
     );
+    assert!(offset_of!(CtValue, policy_rev) == 36);
+    assert!(size_of::<RevisionValue>() == 8);
     assert!(size_of::<MetricsKey>() == 4);
     assert!(size_of::<MetricsValue>() == 16);
     assert!(size_of::<Event>() == 64);
@@ -330,6 +342,7 @@ macro_rules! pod {
     )*};
 }
 pod!(
+    RevisionValue,
     DeviceInfo,
     IpcacheKey4,
     IpcacheKey6,

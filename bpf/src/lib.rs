@@ -7,11 +7,10 @@
 //!    TC egress:  to_endpoint   ── ingress policy of the endpoint
 //!  maps: ipcache (LPM, v4 + v6) -> identity; endpoints (ifindex -> endpoint);
 //!        policy (endpoint, identity, port, proto, dir; 6 probes); conntrack (LRU);
-//!        metrics (per-CPU); events (ring buffer)
+//!        metrics (per-CPU); events (ring buffer); revision (policy revision, one entry)
 //! ```
 //!
-//! Not here yet: attaching (TCX links, pinning) and the agent that fills the maps; the L7 redirect
-//! (`bpf_sk_assign`) — a redirect verdict currently drops with `DROP_PROXY_LOOKUP_FAILED`.
+//! Attaching (TCX links, pinning) and filling the maps is the agent's job (`agent/src/datapath`).
 
 pub mod abi;
 
@@ -44,4 +43,6 @@ pub mod maps {
     pub const METRICS: &str = "mbr_metrics_v2";
     /// Ring buffer of drop and verdict events.
     pub const EVENTS: &str = "mbr_events_v2";
+    /// The policy revision (one entry).
+    pub const REVISION: &str = "mbr_revision_v2";
 }

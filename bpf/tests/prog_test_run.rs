@@ -4,11 +4,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use membrane_bpf::abi::{
     self, CtKey, CtValue, EndpointInfo, Event, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
-    PolicyValue,
+    PolicyValue, RevisionValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -121,6 +121,12 @@ fn policy(ebpf: &mut Ebpf, identity: u32, dport: u16, proto: u8, dir: u8, action
             .unwrap(),
         None => m.remove(&k).unwrap(),
     }
+}
+
+fn set_revision(ebpf: &mut Ebpf, policy: u32) {
+    let mut m: Array<&mut MapData, RevisionValue> =
+        Array::try_from(ebpf.map_mut(maps::REVISION).unwrap()).unwrap();
+    m.set(0, RevisionValue { policy, pad: 0 }, 0).unwrap();
 }
 
 fn ct_entries(ebpf: &mut Ebpf) -> Vec<(CtKey, CtValue)> {
@@ -534,4 +540,62 @@ fn conntrack_is_scoped_to_the_endpoint() {
         ),
         TC_ACT_SHOT
     );
+}
+
+#[test]
+fn a_flow_keeps_its_verdict_until_the_policy_revision_moves() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    policy(
+        &mut e,
+        B_ID,
+        80,
+        6,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+    let data = v4(A, B, 6, 40000, 80, ACK, 0);
+
+    // Revision 0 is "none": every packet is judged, so a revoked rule bites at once.
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_OK);
+    assert_eq!(ct_entries(&mut e)[0].1.policy_rev, 0);
+    policy(&mut e, B_ID, 80, 6, abi::DIR_EGRESS, None);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_SHOT);
+
+    // Under revision 7 the verdict is recorded with the flow...
+    set_revision(&mut e, 7);
+    policy(
+        &mut e,
+        B_ID,
+        80,
+        6,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_OK);
+    let ct = ct_entries(&mut e);
+    assert_eq!((ct[0].1.policy_rev, ct[0].1.packets), (7, 1));
+    // ...and kept without lookups while the revision stands: the ipcache and policy entries are
+    // gone (as only the agent could do, and it would bump), yet the flow passes.
+    policy(&mut e, B_ID, 80, 6, abi::DIR_EGRESS, None);
+    let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+        LpmTrie::try_from(e.map_mut(maps::IPCACHE4).unwrap()).unwrap();
+    m.remove(&Key::new(32, B)).unwrap();
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_OK);
+    assert_eq!(ct_entries(&mut e)[0].1.packets, 2);
+    // A new flow is judged: no rule, dropped.
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 6, 40001, 80, SYN, 0)
+        ),
+        TC_ACT_SHOT
+    );
+
+    // The revision moves: the established flow is judged again, dropped and forgotten.
+    set_revision(&mut e, 8);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_SHOT);
+    assert!(ct_entries(&mut e).is_empty());
 }

@@ -51,7 +51,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReadError> {
             Ok((path, is_dir))
         })
         .collect::<Result<_, _>>()?;
-    entries.sort();
+    // One directory: file names order the entries (cheaper than comparing whole paths).
+    entries.sort_by(|(a, _), (b, _)| a.file_name().cmp(&b.file_name()));
     for (path, is_dir) in entries {
         let hidden = path
             .file_name()
@@ -79,16 +80,25 @@ fn io(path: &Path, source: std::io::Error) -> ReadError {
     }
 }
 
-/// A file's size and modification time, `LEN:MTIME_NS`: it changes whenever the file is written.
-fn stamp(f: &Path) -> Result<String, ReadError> {
+/// A file's size and modification time: it changes whenever the file is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    mtime_ns: u128,
+}
+
+fn stamp(f: &Path) -> Result<Stamp, ReadError> {
     let meta = fs::metadata(f).map_err(|e| io(f, e))?;
-    let mtime = meta
+    let mtime_ns = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    Ok(format!("{}:{mtime}", meta.len()))
+    Ok(Stamp {
+        len: meta.len(),
+        mtime_ns,
+    })
 }
 
 /// A file's text, or the diagnostic saying it is not UTF-8.
@@ -110,7 +120,7 @@ pub fn fingerprint(paths: &[PathBuf]) -> Result<String, ReadError> {
 }
 
 /// The policy files under `paths`, each with its stamp (size and modification time).
-pub type Scan = Vec<(PathBuf, String)>;
+pub type Scan = Vec<(PathBuf, Stamp)>;
 
 /// Lists the policy files under `paths` and stamps each: one stat per file. A caller that
 /// fingerprints and then loads passes the same scan to both.
@@ -125,10 +135,15 @@ pub fn scan(paths: &[PathBuf]) -> Result<Scan, ReadError> {
 }
 
 /// The [`fingerprint`] of a scan.
-pub fn fingerprint_of(scan: &Scan) -> String {
+fn fingerprint_of(scan: &Scan) -> String {
     let mut out = String::new();
     for (f, stamp) in scan {
-        out.push_str(&format!("{}:{stamp}\n", f.display()));
+        out.push_str(&format!(
+            "{}:{}:{}\n",
+            f.display(),
+            stamp.len,
+            stamp.mtime_ns
+        ));
     }
     out
 }
@@ -154,7 +169,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Result<PolicySet, Vec<Diagnostic>>, Rea
 /// and the unchanged files' rules stay the same `Arc`s (the resolver skips them).
 #[derive(Debug, Default)]
 pub struct PolicyCache {
-    files: std::collections::BTreeMap<PathBuf, (String, ParsedResult)>,
+    files: std::collections::BTreeMap<PathBuf, (Stamp, ParsedResult)>,
 }
 
 type ParsedResult = Result<membrane_policy::parse::ParsedFile, Vec<Diagnostic>>;

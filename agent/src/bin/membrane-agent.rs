@@ -123,7 +123,7 @@ fn run() -> Result<()> {
     spawn_controllers(
         agent.clone(),
         policy_dir,
-        Duration::from_millis(500),
+        Duration::from_secs(5),
         Duration::from_secs(10),
     );
     let rt = tokio::runtime::Builder::new_current_thread()

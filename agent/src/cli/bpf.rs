@@ -237,6 +237,8 @@ fn ct(root: &BpfRoot) -> Result<()> {
                 "bytes": v.bytes,
                 "replied": v.flags & 1 != 0,
                 "closing": v.flags & 2 != 0,
+                // The revision its verdict was judged under (0: judged on every packet).
+                "policy_revision": v.policy_rev,
             })
         })
         .collect();

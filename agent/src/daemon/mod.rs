@@ -107,7 +107,8 @@ pub struct Agent {
     policy: PolicySet,
     /// Policy status.
     pub policy_status: PolicyStatus,
-    policy_fingerprint: String,
+    /// The policy files and their stamps as last read.
+    policy_scan: policy_dir::Scan,
     policy_cache: policy_dir::PolicyCache,
     allocator: LocalAllocator,
     resolver: Resolver,
@@ -142,7 +143,10 @@ impl Agent {
         fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let mut policy_cache = policy_dir::PolicyCache::default();
-        let policy = match policy_cache.load(std::slice::from_ref(&config.policy_dir))? {
+        // The scan that is loaded is the one later polls compare with: a write in between is
+        // never missed.
+        let policy_scan = policy_dir::scan(std::slice::from_ref(&config.policy_dir))?;
+        let policy = match policy_cache.load_scanned(policy_scan.clone())? {
             Ok(set) => set,
             Err(diags) => {
                 let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
@@ -180,8 +184,7 @@ impl Agent {
         let mut agent = Agent {
             resolver: Resolver::new(config.enable_policy),
             ipam: Ipam::new(&ranges),
-            policy_fingerprint: policy_dir::fingerprint(std::slice::from_ref(&config.policy_dir))
-                .unwrap_or_default(),
+            policy_scan,
             policy_cache,
             config,
             policy: PolicySet::default(),
@@ -407,11 +410,10 @@ impl Agent {
     /// the policy in force stays.
     pub fn poll_policy(&mut self) -> Result<bool> {
         let scan = policy_dir::scan(std::slice::from_ref(&self.config.policy_dir))?;
-        let fp = policy_dir::fingerprint_of(&scan);
-        if fp == self.policy_fingerprint {
+        if scan == self.policy_scan {
             return Ok(false);
         }
-        self.policy_fingerprint = fp;
+        self.policy_scan = scan.clone();
         let started = std::time::Instant::now();
         match self.policy_cache.load_scanned(scan)? {
             Ok(set) => {
@@ -937,6 +939,9 @@ fn clean_state(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// How often an unwatchable policy directory is checked.
+const UNWATCHED_POLL: Duration = Duration::from_millis(500);
+
 /// Runs the controllers on a thread until the process ends: the policy watch (woken by inotify
 /// on the policy directory, with a periodic check as a safety net), the reconcile loop and,
 /// with it, the connection-tracking garbage collector.
@@ -948,7 +953,14 @@ pub fn spawn_controllers(
 ) {
     std::thread::spawn(move || {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Opening and reading (our own scan lists the directory) are not changes: waking
+            // on them made every scan trigger the next, a busy loop of stat calls.
+            if let Ok(ev) = &ev
+                && matches!(ev.kind, notify::EventKind::Access(_))
+            {
+                return;
+            }
             let _ = tx.send(());
         })
         .and_then(|mut w| {
@@ -956,19 +968,22 @@ pub fn spawn_controllers(
             w.watch(&policy_dir, notify::RecursiveMode::Recursive)
                 .map(|_| w)
         });
-        let _watcher = match watcher {
-            Ok(w) => Some(w),
+        // Each check stats every policy file: with inotify it is only a safety net (and kept
+        // rare, it costs CPU next to the workloads); without, it is how changes are found.
+        let (_watcher, check_every) = match watcher {
+            Ok(w) => (Some(w), safety_poll),
             Err(e) => {
+                let every = UNWATCHED_POLL.min(safety_poll);
                 eprintln!(
-                    "membrane-agent: cannot watch {} ({e}); checking it every {safety_poll:?}",
+                    "membrane-agent: cannot watch {} ({e}); checking it every {every:?}",
                     policy_dir.display()
                 );
-                None
+                (None, every)
             }
         };
         let mut last_reconcile = std::time::Instant::now();
         loop {
-            if rx.recv_timeout(safety_poll).is_ok() {
+            if rx.recv_timeout(check_every).is_ok() {
                 // Let a burst of events (an editor's save) settle, then read once.
                 std::thread::sleep(Duration::from_millis(5));
                 while rx.try_recv().is_ok() {}

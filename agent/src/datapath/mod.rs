@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
@@ -18,7 +18,7 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use membrane_bpf::abi::{
     ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue,
-    PolicyKey, PolicyValue,
+    PolicyKey, PolicyValue, RevisionValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -32,6 +32,7 @@ const ALL_MAPS: &[&str] = &[
     maps::CT,
     maps::METRICS,
     maps::EVENTS,
+    maps::REVISION,
 ];
 
 /// The loaded datapath.
@@ -39,6 +40,8 @@ const ALL_MAPS: &[&str] = &[
 pub struct Datapath {
     ebpf: Ebpf,
     root: PathBuf,
+    /// The last revision written to the revision map.
+    revision: u32,
 }
 
 impl Datapath {
@@ -66,10 +69,44 @@ impl Datapath {
                 .try_into()?;
             p.load().with_context(|| format!("verifying {name}"))?;
         }
-        Ok(Datapath {
+        let revision = {
+            let m: Array<&mut MapData, RevisionValue> =
+                Array::try_from(ebpf.map_mut(maps::REVISION).context("revision")?)?;
+            m.get(&0, 0)?.policy
+        };
+        let mut datapath = Datapath {
             ebpf,
             root: root.to_path_buf(),
-        })
+            revision,
+        };
+        // Flows judged before this agent started are judged again.
+        datapath.bump_revision()?;
+        Ok(datapath)
+    }
+
+    /// Moves the policy revision on: every established flow is judged again on its next packet.
+    /// Called after each write to a map a verdict depends on, never before: a verdict must not
+    /// be recorded under a revision newer than the maps it read.
+    fn bump_revision(&mut self) -> Result<()> {
+        // 0 means "no revision": skip it on wrap-around.
+        let next = self.revision.wrapping_add(1).max(1);
+        let mut m: Array<&mut MapData, RevisionValue> =
+            Array::try_from(self.ebpf.map_mut(maps::REVISION).context("revision")?)?;
+        m.set(
+            0,
+            RevisionValue {
+                policy: next,
+                pad: 0,
+            },
+            0,
+        )?;
+        self.revision = next;
+        Ok(())
+    }
+
+    /// The policy revision in force.
+    pub fn revision(&self) -> u32 {
+        self.revision
     }
 
     /// The pin of one TC hook of an interface.
@@ -147,7 +184,7 @@ impl Datapath {
                 m.insert(&Key::new(len, a.octets()), value, 0)?;
             }
         }
-        Ok(())
+        self.bump_revision()
     }
 
     /// Declares an external device: what arrives through it is `identity` (world, or host in
@@ -156,7 +193,7 @@ impl Datapath {
         let mut m: HashMap<&mut MapData, u32, DeviceInfo> =
             HashMap::try_from(self.ebpf.map_mut(maps::DEVICES).context("devices")?)?;
         m.insert(ifindex, DeviceInfo { identity, flags: 0 }, 0)?;
-        Ok(())
+        self.bump_revision()
     }
 
     /// Registers the endpoint behind a host veth.
@@ -164,7 +201,7 @@ impl Datapath {
         let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
             HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
         m.insert(ifindex, info, 0)?;
-        Ok(())
+        self.bump_revision()
     }
 
     /// Removes a prefix from the ipcache.
@@ -182,7 +219,7 @@ impl Datapath {
                 let _ = m.remove(&Key::new(len, a.octets()));
             }
         }
-        Ok(())
+        self.bump_revision()
     }
 
     /// Forgets the endpoint behind a host veth.
@@ -190,7 +227,7 @@ impl Datapath {
         let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
             HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
         let _ = m.remove(&ifindex);
-        Ok(())
+        self.bump_revision()
     }
 
     /// The datapath's counters, summed over CPUs: (key, packets and bytes).
@@ -261,6 +298,9 @@ impl Datapath {
                 m.insert(*k, *v, 0)?;
                 written += 1;
             }
+        }
+        if written + deleted > 0 {
+            self.bump_revision()?;
         }
         Ok((written, deleted))
     }

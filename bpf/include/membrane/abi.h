@@ -133,7 +133,19 @@ struct ct_value {
 	__u8 dir;
 	__u8 flags;
 	__u16 pad;
-	__u32 pad2;
+	/* The policy revision the flow's verdict was judged under (0: judge every packet). */
+	__u32 policy_rev;
+};
+
+/*
+ * revision: a one-entry array. The agent bumps `policy` after every write to the ipcache,
+ * endpoints, devices or policy maps. While a conntrack entry's policy_rev is the current one,
+ * its flow's packets keep their verdict without the ipcache and policy lookups; any change
+ * makes every flow be judged again on its next packet. 0 means no revision yet.
+ */
+struct revision_value {
+	__u32 policy;
+	__u32 pad;
 };
 
 /* Connection-tracking lifetimes (Cilium's). */
