@@ -217,10 +217,12 @@ pub struct FlowRecord {
     pub kafka: Option<KafkaFlow>,
 }
 
-/// Fans flow records out to whoever listens; costs nothing when nobody does.
+/// Fans flow records out to whoever listens; costs nothing when nobody does. Records travel as
+/// `Arc`s: the channel preallocates its 4096 slots, which hold a pointer each rather than a
+/// whole record (1.7 MB of RSS before).
 #[derive(Clone, Debug)]
 pub struct FlowSink {
-    tx: broadcast::Sender<FlowRecord>,
+    tx: broadcast::Sender<Arc<FlowRecord>>,
 }
 
 impl Default for FlowSink {
@@ -244,11 +246,11 @@ impl FlowSink {
 
     /// Publishes a record.
     pub fn publish(&self, record: FlowRecord) {
-        let _ = self.tx.send(record);
+        let _ = self.tx.send(Arc::new(record));
     }
 
     /// A new listener.
-    pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
         self.tx.subscribe()
     }
 }

@@ -180,7 +180,7 @@ fn kcat(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     )
 }
 
-fn collect(rx: &mut tokio::sync::broadcast::Receiver<FlowRecord>) -> Vec<FlowRecord> {
+fn collect(rx: &mut tokio::sync::broadcast::Receiver<Arc<FlowRecord>>) -> Vec<Arc<FlowRecord>> {
     let mut out = Vec::new();
     while let Ok(r) = rx.try_recv() {
         out.push(r);
