@@ -236,8 +236,8 @@ static __always_inline __u64 lifetime(const struct flow *f, __u8 flags)
 
 /* Another packet of a tracked flow: counters, flags (FIN/RST start the closing lifetime) and
  * expiry. */
-static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, __u64 now,
-				     __u32 len, __u8 add_flags)
+static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, __u64 now, __u32 len,
+				     __u8 add_flags)
 {
 	__u8 flags = v->flags | add_flags;
 	if (f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FIN | TCP_RST)))
@@ -287,12 +287,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	/* Read before any lookup: a verdict is never recorded under a newer revision than the
 	 * maps it was judged by. */
 	__u32 revision = policy_revision();
-	int from_proxy = dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
+	int from_proxy =
+	    dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
 
 	/* A flow already judged under the policy in force (and not redirected) keeps its verdict. */
 	tuple(&key, &f, ep_id, 0);
 	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
-	if (fwd && revision && fwd->policy_rev == revision && !from_proxy && fwd->expires_ns > now) {
+	if (fwd && revision && fwd->policy_rev == revision && !from_proxy &&
+	    fwd->expires_ns > now) {
 		ct_touch(fwd, &f, now, skb->len, 0);
 		count(0, dir, skb->len);
 		return TC_ACT_OK;

@@ -349,6 +349,33 @@ impl XdsCache {
         self.tick();
     }
 
+    /// Records a stream's answer to the `version` it was sent: an ACK, or a NACK carrying
+    /// Envoy's error detail (logged, and kept until a later ACK), with the names it subscribes
+    /// to now. `node` names the proxy in the log; `key` is its stream.
+    fn record_answer(
+        &self,
+        (node, key): (&str, &str),
+        type_url: &str,
+        version: u64,
+        rejection: Option<&str>,
+        subscribed: Vec<String>,
+    ) {
+        match rejection {
+            Some(detail) => {
+                eprintln!("membrane-xds: {node} rejected {type_url} version {version}: {detail}");
+                let detail = detail.to_string();
+                self.update_node(key, type_url, |s| {
+                    s.nacked = Some((version, detail));
+                    s.subscribed = subscribed;
+                });
+            }
+            None => self.update_node(key, type_url, |s| {
+                s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
+                s.subscribed = subscribed;
+            }),
+        }
+    }
+
     fn forget_node(&self, node: &str, types: &HashSet<String>) {
         {
             let mut st = self.lock();
@@ -420,24 +447,8 @@ impl AggregatedDiscoveryService for AdsService {
                         match sub.sent {
                             // A reply to our last response: ACK or NACK.
                             Some((version, sent_nonce)) if req.response_nonce == sent_nonce.to_string() => {
-                                match &req.error_detail {
-                                    Some(err) => {
-                                        eprintln!("membrane-xds: {node} rejected {type_url} version {version}: {}", err.message);
-                                        let detail = err.message.clone();
-                                        let names = sub.names.clone();
-                                        cache.update_node(&key, &type_url, |s| {
-                                            s.nacked = Some((version, detail));
-                                            s.subscribed = names;
-                                        });
-                                    }
-                                    None => {
-                                        let names = sub.names.clone();
-                                        cache.update_node(&key, &type_url, |s| {
-                                            s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
-                                            s.subscribed = names;
-                                        });
-                                    }
-                                }
+                                let rejection = req.error_detail.as_ref().map(|e| e.message.as_str());
+                                cache.record_answer((&node, &key), &type_url, version, rejection, sub.names.clone());
                                 if !names_changed {
                                     continue;
                                 }
@@ -587,27 +598,17 @@ async fn delta_stream(
                     .map(|(v, _)| *v);
                 let names = sub.names();
                 let type_url = req.type_url.clone();
-                match (answered, &req.error_detail) {
-                    (Some(version), Some(err)) => {
-                        eprintln!("membrane-xds: {node} rejected {type_url} version {version} (delta): {}", err.message);
-                        let detail = err.message.clone();
+                match answered {
+                    Some(version) => {
+                        let rejection = req.error_detail.as_ref().map(|e| e.message.as_str());
                         sub.pending = None;
-                        sub.rejected = true;
-                        cache.update_node(&key, &type_url, |s| {
-                            s.nacked = Some((version, detail));
-                            s.subscribed = names;
-                        });
+                        sub.rejected = rejection.is_some();
+                        if rejection.is_none() {
+                            sub.in_sync = Some(version);
+                        }
+                        cache.record_answer((&node, &key), &type_url, version, rejection, names);
                     }
-                    (Some(version), None) => {
-                        sub.pending = None;
-                        sub.rejected = false;
-                        sub.in_sync = Some(version);
-                        cache.update_node(&key, &type_url, |s| {
-                            s.acked = Some(s.acked.map_or(version, |a| a.max(version)));
-                            s.subscribed = names;
-                        });
-                    }
-                    _ => cache.update_node(&key, &type_url, |s| s.subscribed = names),
+                    None => cache.update_node(&key, &type_url, |s| s.subscribed = names),
                 }
                 (Some(type_url), first)
             }
