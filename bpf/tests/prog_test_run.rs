@@ -123,6 +123,18 @@ fn policy(ebpf: &mut Ebpf, identity: u32, dport: u16, proto: u8, dir: u8, action
     }
 }
 
+/// An egress allow entry for the test endpoint.
+fn allow_egress(ebpf: &mut Ebpf, identity: u32, dport: u16, proto: u8) {
+    policy(
+        ebpf,
+        identity,
+        dport,
+        proto,
+        abi::DIR_EGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+}
+
 fn set_revision(ebpf: &mut Ebpf, policy: u32) {
     let mut m: Array<&mut MapData, RevisionValue> =
         Array::try_from(ebpf.map_mut(maps::REVISION).unwrap()).unwrap();
@@ -269,14 +281,7 @@ fn egress_default_deny_allow_reply_and_revocation() {
         (abi::EVENT_DROP, abi::drop::POLICY, EP_IDENTITY, B_ID, 80)
     );
 
-    policy(
-        &mut e,
-        B_ID,
-        80,
-        6,
-        abi::DIR_EGRESS,
-        Some(abi::POLICY_ALLOW),
-    );
+    allow_egress(&mut e, B_ID, 80, 6);
     assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &syn), TC_ACT_OK);
     let ct = ct_entries(&mut e);
     assert_eq!(ct.len(), 1);
@@ -330,7 +335,7 @@ fn probe_order_wildcards_and_world() {
     set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
     set_identity(&mut e, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 8, 400);
     // L4-only wildcard: any identity on 53/UDP.
-    policy(&mut e, 0, 53, 17, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    allow_egress(&mut e, 0, 53, 17);
     assert_eq!(
         run(
             &mut e,
@@ -348,7 +353,7 @@ fn probe_order_wildcards_and_world() {
         TC_ACT_SHOT
     );
     // L3-only allow of the /8's identity (longest prefix match), any port and protocol, ICMP too.
-    policy(&mut e, 400, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    allow_egress(&mut e, 400, 0, 0);
     assert_eq!(
         run(
             &mut e,
@@ -374,7 +379,7 @@ fn probe_order_wildcards_and_world() {
         ),
         TC_ACT_SHOT
     );
-    policy(&mut e, 2, 443, 6, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    allow_egress(&mut e, 2, 443, 6);
     assert_eq!(
         run(
             &mut e,
@@ -410,7 +415,7 @@ fn probe_order_wildcards_and_world() {
 fn fragments_and_ipv6_extension_headers() {
     let mut e = load();
     set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
-    policy(&mut e, 0, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    allow_egress(&mut e, 0, 0, 0);
     assert_eq!(
         run(
             &mut e,
@@ -475,7 +480,7 @@ fn ipv6_policy_and_neighbour_discovery() {
         TC_ACT_SHOT
     );
     set_identity(&mut e, IpAddr::V6("fd00:200::".parse().unwrap()), 64, 500);
-    policy(&mut e, 500, 0, 0, abi::DIR_EGRESS, Some(abi::POLICY_ALLOW));
+    allow_egress(&mut e, 500, 0, 0);
     assert_eq!(
         run(
             &mut e,
@@ -503,14 +508,7 @@ fn conntrack_is_scoped_to_the_endpoint() {
     // pass as a reply. Re-registering lo as endpoint 8 stands in for the other endpoint.
     set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
     set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
-    policy(
-        &mut e,
-        B_ID,
-        80,
-        6,
-        abi::DIR_EGRESS,
-        Some(abi::POLICY_ALLOW),
-    );
+    allow_egress(&mut e, B_ID, 80, 6);
     assert_eq!(
         run(
             &mut e,
@@ -547,14 +545,7 @@ fn a_flow_keeps_its_verdict_until_the_policy_revision_moves() {
     let mut e = load();
     set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
     set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
-    policy(
-        &mut e,
-        B_ID,
-        80,
-        6,
-        abi::DIR_EGRESS,
-        Some(abi::POLICY_ALLOW),
-    );
+    allow_egress(&mut e, B_ID, 80, 6);
     let data = v4(A, B, 6, 40000, 80, ACK, 0);
 
     // Revision 0 is "none": every packet is judged, so a revoked rule bites at once.
@@ -565,14 +556,7 @@ fn a_flow_keeps_its_verdict_until_the_policy_revision_moves() {
 
     // Under revision 7 the verdict is recorded with the flow...
     set_revision(&mut e, 7);
-    policy(
-        &mut e,
-        B_ID,
-        80,
-        6,
-        abi::DIR_EGRESS,
-        Some(abi::POLICY_ALLOW),
-    );
+    allow_egress(&mut e, B_ID, 80, 6);
     assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_OK);
     let ct = ct_entries(&mut e);
     assert_eq!((ct[0].1.policy_rev, ct[0].1.packets), (7, 1));
