@@ -104,11 +104,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// The policy revision in force.
-    pub fn revision(&self) -> u32 {
-        self.revision
-    }
-
     /// The pin of one TC hook of an interface.
     fn link_pin(&self, ifname: &str, hook: &str) -> PathBuf {
         self.root
