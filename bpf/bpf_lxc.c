@@ -22,7 +22,7 @@ struct {
 	__uint(max_entries, 512000);
 	__type(key, struct ipcache_key4);
 	__type(value, struct ipcache_value);
-} mbr_ipcache4_v2 SEC(".maps");
+} mbr_ipcache4_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -30,72 +30,73 @@ struct {
 	__uint(max_entries, 512000);
 	__type(key, struct ipcache_key6);
 	__type(value, struct ipcache_value);
-} mbr_ipcache6_v2 SEC(".maps");
+} mbr_ipcache6_v3 SEC(".maps");
 
+/* Every packet looks its interface up here: small (the bucket array fits a kmalloc) and not
+ * preallocated (entries come from the kernel's direct map), so the lookup costs no TLB miss on
+ * vmalloc'd pages. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_ENDPOINTS);
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
-} mbr_endpoints_v2 SEC(".maps");
+} mbr_endpoints_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
 	__type(key, __u32);
 	__type(value, struct device_info);
-} mbr_devices_v2 SEC(".maps");
+} mbr_devices_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1048576);
 	__type(key, struct policy_key);
 	__type(value, struct policy_value);
-} mbr_policy_v2 SEC(".maps");
+} mbr_policy_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
-} mbr_ct_v2 SEC(".maps");
+} mbr_ct_v3 SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 1024);
-	__type(key, struct metrics_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, METRICS_SLOTS);
+	__type(key, __u32);
 	__type(value, struct metrics_value);
-} mbr_metrics_v2 SEC(".maps");
+} mbr_metrics_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct revision_value);
-} mbr_revision_v2 SEC(".maps");
+} mbr_revision_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
-} mbr_events_v2 SEC(".maps");
+} mbr_events_v3 SEC(".maps");
 
 static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 {
-	struct metrics_key k = {.reason = reason, .dir = dir};
-	struct metrics_value *v = bpf_map_lookup_elem(&mbr_metrics_v2, &k);
+	__u32 slot = metrics_slot(reason, dir);
+	struct metrics_value *v = bpf_map_lookup_elem(&mbr_metrics_v3, &slot);
 	if (v) {
 		v->packets += 1;
 		v->bytes += len;
-	} else {
-		struct metrics_value init = {.packets = 1, .bytes = len};
-		bpf_map_update_elem(&mbr_metrics_v2, &k, &init, BPF_NOEXIST);
 	}
 }
 
 static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb,
 				 const struct flow *f, __u32 ep, __u32 src_id, __u32 dst_id)
 {
-	struct event *e = bpf_ringbuf_reserve(&mbr_events_v2, sizeof(*e), 0);
+	struct event *e = bpf_ringbuf_reserve(&mbr_events_v3, sizeof(*e), 0);
 	if (!e)
 		return;
 	e->type = type;
@@ -121,17 +122,17 @@ static __always_inline struct ipcache_value *lookup_ipcache(const struct flow *f
 	if (f->family == 4) {
 		struct ipcache_key4 k = {.prefixlen = 32};
 		__builtin_memcpy(k.addr, addr + 12, 4);
-		return bpf_map_lookup_elem(&mbr_ipcache4_v2, &k);
+		return bpf_map_lookup_elem(&mbr_ipcache4_v3, &k);
 	}
 	struct ipcache_key6 k = {.prefixlen = 128};
 	__builtin_memcpy(k.addr, addr, 16);
-	return bpf_map_lookup_elem(&mbr_ipcache6_v2, &k);
+	return bpf_map_lookup_elem(&mbr_ipcache6_v3, &k);
 }
 
 static __always_inline __u32 policy_revision(void)
 {
 	__u32 zero = 0;
-	struct revision_value *r = bpf_map_lookup_elem(&mbr_revision_v2, &zero);
+	struct revision_value *r = bpf_map_lookup_elem(&mbr_revision_v3, &zero);
 	return r ? r->policy : 0;
 }
 
@@ -192,7 +193,7 @@ static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __
 	k.identity = (i);                            \
 	k.dport = (p);                               \
 	k.proto = (pr);                              \
-	v = bpf_map_lookup_elem(&mbr_policy_v2, &k); \
+	v = bpf_map_lookup_elem(&mbr_policy_v3, &k); \
 	if (v)                                       \
 		return v;
 	PROBE(id, port, proto)
@@ -205,11 +206,32 @@ static __always_inline struct policy_value *lookup_policy(__u32 ep, __u32 id, __
 	return 0;
 }
 
-static __always_inline void tuple(struct ct_key *k, const struct flow *f, __u32 ep, int reverse)
+/* Orders two 16-byte addresses as memcmp would (big-endian words), without a byte loop. */
+static __always_inline int addr_cmp(const __u8 *a, const __u8 *b)
 {
+	const __u64 *a64 = (const __u64 *)a, *b64 = (const __u64 *)b;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		__u64 x = bpf_be64_to_cpu(a64[i]), y = bpf_be64_to_cpu(b64[i]);
+		if (x != y)
+			return x < y ? -1 : 1;
+	}
+	return 0;
+}
+
+/*
+ * The conntrack key of a packet's flow (abi.h): the lower (address, port) end first, so that a
+ * packet and its reply share one key. Returns 1 when the packet travels from the key's second
+ * end to its first.
+ */
+static __always_inline int ct_key_of(struct ct_key *k, const struct flow *f, __u32 ep)
+{
+	int c = addr_cmp(f->saddr, f->daddr);
+	/* ICMP echo: the identifier would be the port; ports stay 0 so replies match. */
+	int from_second = c > 0 || (c == 0 && f->sport > f->dport);
 	__builtin_memset(k, 0, sizeof(*k));
 	k->endpoint_id = ep;
-	if (reverse) {
+	if (from_second) {
 		__builtin_memcpy(k->saddr, f->daddr, 16);
 		__builtin_memcpy(k->daddr, f->saddr, 16);
 		k->sport = f->dport;
@@ -220,9 +242,9 @@ static __always_inline void tuple(struct ct_key *k, const struct flow *f, __u32 
 		k->sport = f->sport;
 		k->dport = f->dport;
 	}
-	/* ICMP echo: the identifier would be the port; keep ports 0 so replies match. */
 	k->proto = f->proto;
 	k->family = f->family;
+	return from_second;
 }
 
 static __always_inline __u64 lifetime(const struct flow *f, __u8 flags)
@@ -248,88 +270,60 @@ static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, _
 	v->bytes += len;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
-{
-	struct flow f = {};
-	int ret = parse_packet(skb, &f);
-	if (ret == PARSE_NOT_IP || ret == PARSE_PASS_NDP)
-		return TC_ACT_OK;
-
-	__u32 ifindex = skb->ifindex;
-	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v2, &ifindex);
-	if (!ep)
-		return TC_ACT_OK; /* not a membrane endpoint */
-	__u32 ep_id = ep->endpoint_id;
-	__u32 ep_identity = ep->identity;
-	__u32 enforce = ep->flags & (dir == DIR_INGRESS ? EP_ENFORCE_INGRESS : EP_ENFORCE_EGRESS);
-
-	/* The remote end: the destination of what leaves, the source of what arrives. */
-	const __u8 *remote_addr = dir == DIR_EGRESS ? f.daddr : f.saddr;
-	__u32 remote = 0;
-	if (ret < 0) {
-		count((__u8)-ret, dir, skb->len);
-		emit(EVENT_DROP, (__u8)-ret, dir, skb, &f, ep_id, 0, 0);
-		return TC_ACT_SHOT;
-	}
-
-	__u64 now = bpf_ktime_get_ns();
+/* What the fast path learned about a packet, handed to the judging slow path. */
+struct pkt {
+	struct flow f;
 	struct ct_key key;
+	__u64 now;
+	__u32 ep_id;
+	__u32 ep_identity;
+	__u32 enforce;
+	__u32 revision;
+	__u32 mark;
+	__u8 dir;
+	__u8 from_second;
+	__u8 from_proxy;
+	__u8 pad;
+};
 
-	/* A reply of a flow the other side started (and policy allowed) passes. */
-	tuple(&key, &f, ep_id, 1);
-	struct ct_value *rev = bpf_map_lookup_elem(&mbr_ct_v2, &key);
-	if (rev && rev->expires_ns > now) {
-		ct_touch(rev, &f, now, skb->len, CT_SEEN_REPLY);
-		count(0, dir, skb->len);
-		return TC_ACT_OK;
-	}
-
-	/* Read before any lookup: a verdict is never recorded under a newer revision than the
-	 * maps it was judged by. */
-	__u32 revision = policy_revision();
-	int from_proxy =
-	    dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
-
-	/* A flow already judged under the policy in force (and not redirected) keeps its verdict. */
-	tuple(&key, &f, ep_id, 0);
-	struct ct_value *fwd = bpf_map_lookup_elem(&mbr_ct_v2, &key);
-	if (fwd && revision && fwd->policy_rev == revision && !from_proxy &&
-	    fwd->expires_ns > now) {
-		ct_touch(fwd, &f, now, skb->len, 0);
-		count(0, dir, skb->len);
-		return TC_ACT_OK;
-	}
-
-	struct ipcache_value *rv = lookup_ipcache(&f, remote_addr);
-	remote = rv ? rv->identity : ID_WORLD;
+/*
+ * The slow path: the first packet of a flow, and the first after a policy change. Out of line
+ * (a BPF-to-BPF call), so that the fast path every other packet takes is a short run of code:
+ * per packet, the cost of these programs is mostly cache misses, instruction fetch included.
+ */
+static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_value *ct)
+{
+	struct flow *f = &p->f;
+	__u8 dir = p->dir;
+	/* The remote end: the destination of what leaves, the source of what arrives. */
+	struct ipcache_value *rv = lookup_ipcache(f, dir == DIR_EGRESS ? f->daddr : f->saddr);
+	__u32 remote = rv ? rv->identity : ID_WORLD;
 	if (dir == DIR_INGRESS) {
 		/* From outside the node: world (or host, in legacy mode), never a local identity. */
 		__u32 in_if = skb->ingress_ifindex;
-		struct device_info *dev = bpf_map_lookup_elem(&mbr_devices_v2, &in_if);
+		struct device_info *dev = bpf_map_lookup_elem(&mbr_devices_v3, &in_if);
 		if (dev && !(remote & ID_LOCAL_SCOPE))
 			remote = dev->identity;
 		/* Sent by the L7 proxy for a workload: judged as that workload's traffic. */
-		if (from_proxy)
-			remote = mark_identity(skb->mark);
+		if (p->from_proxy)
+			remote = mark_identity(p->mark);
 	}
-	__u32 src_id = dir == DIR_EGRESS ? ep_identity : remote;
-	__u32 dst_id = dir == DIR_EGRESS ? remote : ep_identity;
+	__u32 src_id = dir == DIR_EGRESS ? p->ep_identity : remote;
+	__u32 dst_id = dir == DIR_EGRESS ? remote : p->ep_identity;
 
-	/* Judged again on the first packet after any policy change, so a change also reaches
-	 * established flows. */
 	struct policy_value *pv = 0;
 	__u16 redirect_port = 0;
 	int redirect = 0;
-	if (enforce) {
-		pv = lookup_policy(ep_id, remote, f.dport, f.proto, dir);
+	if (p->enforce) {
+		pv = lookup_policy(p->ep_id, remote, f->dport, f->proto, dir);
 		if (!pv) {
-			bpf_map_delete_elem(&mbr_ct_v2, &key);
+			bpf_map_delete_elem(&mbr_ct_v3, &p->key);
 			count(DROP_POLICY, dir, skb->len);
-			emit(EVENT_DROP, DROP_POLICY, dir, skb, &f, ep_id, src_id, dst_id);
+			emit(EVENT_DROP, DROP_POLICY, dir, skb, f, p->ep_id, src_id, dst_id);
 			return TC_ACT_SHOT;
 		}
 		/* What the proxy sends has passed its L7 rules already. */
-		if (pv->action == POLICY_REDIRECT && !from_proxy) {
+		if (pv->action == POLICY_REDIRECT && !p->from_proxy) {
 			redirect = 1;
 			redirect_port = pv->proxy_port;
 		}
@@ -339,8 +333,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (dir == DIR_EGRESS && !redirect) {
 		/* The remote end of what leaves is the destination: rv is its ipcache entry. */
 		if (rv && rv->endpoint_id) {
-			struct policy_value *ipv = lookup_policy(rv->endpoint_id, ep_identity,
-								 f.dport, f.proto, DIR_INGRESS);
+			struct policy_value *ipv = lookup_policy(rv->endpoint_id, p->ep_identity,
+								 f->dport, f->proto, DIR_INGRESS);
 			if (ipv && ipv->action == POLICY_REDIRECT) {
 				redirect = 1;
 				redirect_port = ipv->proxy_port;
@@ -348,39 +342,97 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		}
 	}
 	/* No proxy, or not TCP: fail closed. */
-	if (redirect && (!redirect_port || f.proto != IPPROTO_TCP)) {
-		bpf_map_delete_elem(&mbr_ct_v2, &key);
+	if (redirect && (!redirect_port || f->proto != IPPROTO_TCP)) {
+		bpf_map_delete_elem(&mbr_ct_v3, &p->key);
 		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
-		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
+		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, f, p->ep_id, src_id, dst_id);
 		return TC_ACT_SHOT;
 	}
 
 	/* Redirected flows are never fast-pathed: each packet must be assigned to the proxy. */
-	__u32 judged_rev = redirect ? 0 : revision;
-	if (fwd && fwd->expires_ns > now) {
-		ct_touch(fwd, &f, now, skb->len, 0);
-		fwd->remote_identity = remote;
-		fwd->policy_rev = judged_rev;
+	__u32 judged_rev = redirect ? 0 : p->revision;
+	if (ct) {
+		ct_touch(ct, f, p->now, skb->len, 0);
+		ct->remote_identity = remote;
+		ct->policy_rev = judged_rev;
 	} else {
 		struct ct_value v = {};
 		v.remote_identity = remote;
-		v.endpoint_id = ep_id;
+		v.endpoint_id = p->ep_id;
 		v.dir = dir;
-		v.expires_ns = now + lifetime(&f, 0);
+		v.flags = p->from_second ? CT_INITIATOR_SECOND : 0;
+		v.expires_ns = p->now + lifetime(f, 0);
 		v.packets = 1;
 		v.bytes = skb->len;
 		v.policy_rev = judged_rev;
-		bpf_map_update_elem(&mbr_ct_v2, &key, &v, BPF_ANY);
-		emit(EVENT_VERDICT, 0, dir, skb, &f, ep_id, src_id, dst_id);
+		bpf_map_update_elem(&mbr_ct_v3, &p->key, &v, BPF_ANY);
+		emit(EVENT_VERDICT, 0, dir, skb, f, p->ep_id, src_id, dst_id);
 	}
-	if (redirect && assign_to_proxy(skb, &f, redirect_port)) {
+	if (redirect && assign_to_proxy(skb, f, redirect_port)) {
 		/* The proxy is not listening (stopped, restarting): never let the flow bypass it. */
 		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
-		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, &f, ep_id, src_id, dst_id);
+		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, f, p->ep_id, src_id, dst_id);
 		return TC_ACT_SHOT;
 	}
 	count(0, dir, skb->len);
 	return TC_ACT_OK;
+}
+
+/* The fast path: replies of tracked flows, and flows judged under the policy revision in force. */
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+	struct pkt p = {};
+	struct flow *f = &p.f;
+	int ret = parse_packet(skb, f);
+	if (ret == PARSE_NOT_IP || ret == PARSE_PASS_NDP)
+		return TC_ACT_OK;
+
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v3, &ifindex);
+	if (!ep)
+		return TC_ACT_OK; /* not a membrane endpoint */
+	p.ep_id = ep->endpoint_id;
+	p.ep_identity = ep->identity;
+	p.enforce = ep->flags & (dir == DIR_INGRESS ? EP_ENFORCE_INGRESS : EP_ENFORCE_EGRESS);
+	p.dir = dir;
+	if (ret < 0) {
+		count((__u8)-ret, dir, skb->len);
+		emit(EVENT_DROP, (__u8)-ret, dir, skb, f, p.ep_id, 0, 0);
+		return TC_ACT_SHOT;
+	}
+
+	/* The coarse clock (CLOCK_MONOTONIC, one tick's resolution) reads no hardware counter; the
+	 * precise one serializes the pipeline on every packet, for lifetimes counted in seconds. */
+	p.now = bpf_ktime_get_coarse_ns();
+	p.from_second = ct_key_of(&p.key, f, p.ep_id);
+	struct ct_value *ct = bpf_map_lookup_elem(&mbr_ct_v3, &p.key);
+	if (ct && ct->expires_ns <= p.now)
+		ct = 0; /* expired: this packet starts a new flow */
+
+	/* A reply of a flow the other side started (and policy allowed) passes. */
+	if (ct && p.from_second != !!(ct->flags & CT_INITIATOR_SECOND)) {
+		ct_touch(ct, f, p.now, skb->len, CT_SEEN_REPLY);
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
+	}
+
+	/* Read before any lookup: a verdict is never recorded under a newer revision than the
+	 * maps it was judged by. */
+	p.revision = policy_revision();
+	/* Read once: clang would otherwise address the context through a derived pointer, which
+	 * the verifier refuses. */
+	p.mark = skb->mark;
+	p.from_proxy = dir == DIR_INGRESS && (p.mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
+
+	/* A flow already judged under the policy in force (and not redirected) keeps its verdict;
+	 * any other is judged (again, after a policy change, so a change reaches established
+	 * flows too). */
+	if (ct && p.revision && ct->policy_rev == p.revision && !p.from_proxy) {
+		ct_touch(ct, f, p.now, skb->len, 0);
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
+	}
+	return judge(skb, &p, ct);
 }
 
 SEC("classifier")

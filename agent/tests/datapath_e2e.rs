@@ -310,11 +310,37 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
         "still denied without the loader (no fail-open)"
     );
 
+    // Pins as an agent of an older datapath ABI would have left them: a map, and a link.
+    let abi = membrane_bpf::abi::ABI_VERSION;
+    let old_map = lab.bpffs.join("mbr_ct_v1");
+    aya::maps::MapData::from_pin(lab.bpffs.join(membrane_bpf::maps::CT))
+        .unwrap()
+        .pin(&old_map)
+        .unwrap();
+    let link_pin = |v: u32| lab.bpffs.join(format!("links/{a_if}_ingress_v{v}"));
+    let old_link = link_pin(1);
+    aya::programs::links::FdLink::from(
+        aya::programs::links::PinnedLink::from_pin(link_pin(abi)).unwrap(),
+    )
+    .pin(&old_link)
+    .unwrap();
+
     // A new loader reuses the pinned maps and swaps the programs in place.
     let mut dp = Datapath::load(&lab.bpffs).expect("datapath reloads");
     dp.attach_endpoint(&a_if).unwrap();
     dp.attach_endpoint(&b_if).unwrap();
     assert!(lab.connects('a', &b_ip, 8080), "allowed after the reload");
+    // Then the other ABI's pins go, and only those.
+    let mut removed = dp.remove_other_abi_pins().unwrap();
+    removed.sort();
+    let mut expected = vec![old_map.clone(), old_link.clone()];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(!old_map.exists() && !old_link.exists());
+    assert!(link_pin(abi).exists());
+    assert!(lab.bpffs.join(membrane_bpf::maps::CT).exists());
+    assert!(lab.connects('a', &b_ip, 8080), "still allowed");
+    assert!(!lab.connects('a', &b_ip, 8081), "still denied");
 
     // A policy change reaches the maps: b now accepts nothing.
     resolver.set_rules(

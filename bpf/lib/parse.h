@@ -18,8 +18,9 @@
 
 #define MAX_EXT_HEADERS 4
 
+/* 8-byte aligned: conntrack compares the addresses a word at a time. */
 struct flow {
-	__u8 saddr[16];
+	__u8 saddr[16] __attribute__((aligned(8)));
 	__u8 daddr[16];
 	__u16 sport; /* host order */
 	__u16 dport; /* host order */

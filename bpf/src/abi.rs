@@ -5,7 +5,7 @@
 use std::mem::{offset_of, size_of};
 
 /// `MEMBRANE_ABI_VERSION`: map names end in `_v{ABI_VERSION}`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `DIR_INGRESS`.
 pub const DIR_INGRESS: u8 = 1;
@@ -146,7 +146,16 @@ pub struct PolicyValue {
     pub pad2: u32,
 }
 
-/// `struct ct_key`: the initiator's 5-tuple (IPv4 as v4-mapped IPv6), scoped to an endpoint.
+/// `CT_SEEN_REPLY`: a reply has been seen.
+pub const CT_SEEN_REPLY: u8 = 1;
+/// `CT_CLOSING`: FIN or RST seen; the short lifetime applies.
+pub const CT_CLOSING: u8 = 2;
+/// `CT_INITIATOR_SECOND`: the flow was started from the key's second end (`daddr`, `dport`).
+pub const CT_INITIATOR_SECOND: u8 = 4;
+
+/// `struct ct_key`: a flow's two ends (IPv4 as v4-mapped IPv6) with the lower (address, port)
+/// first, the same key for a packet and its reply, scoped to an endpoint. [`CtKey::of_flow`]
+/// builds one as the datapath does; [`CtKey::initiated`] reads the flow's direction back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -168,6 +177,45 @@ pub struct CtKey {
     pub endpoint_id: u32,
 }
 
+impl CtKey {
+    /// The key of the flow whose initiator sent `src:sport -> dst:dport`, and the value flags
+    /// that record who initiated it (IPv4 as v4-mapped addresses). Mirrors `ct_key_of`.
+    pub fn of_flow(
+        endpoint_id: u32,
+        family: u8,
+        proto: u8,
+        (src, sport): ([u8; 16], u16),
+        (dst, dport): ([u8; 16], u16),
+    ) -> (CtKey, u8) {
+        let from_second = (src, sport) > (dst, dport);
+        let ((saddr, sport), (daddr, dport)) = if from_second {
+            ((dst, dport), (src, sport))
+        } else {
+            ((src, sport), (dst, dport))
+        };
+        let key = CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            family,
+            pad: 0,
+            endpoint_id,
+        };
+        (key, if from_second { CT_INITIATOR_SECOND } else { 0 })
+    }
+
+    /// The flow as its initiator sent it: (source, source port, destination, destination port).
+    pub fn initiated(&self, value: &CtValue) -> ([u8; 16], u16, [u8; 16], u16) {
+        if value.flags & CT_INITIATOR_SECOND != 0 {
+            (self.daddr, self.dport, self.saddr, self.sport)
+        } else {
+            (self.saddr, self.sport, self.daddr, self.dport)
+        }
+    }
+}
+
 /// `struct ct_value`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,7 +232,7 @@ pub struct CtValue {
     pub endpoint_id: u32,
     /// Direction of the initiating packet.
     pub dir: u8,
-    /// `CT_SEEN_REPLY`, `CT_CLOSING`.
+    /// `CT_SEEN_REPLY`, `CT_CLOSING`, `CT_INITIATOR_SECOND`.
     pub flags: u8,
     /// Reserved.
     pub pad: u16,
@@ -202,16 +250,34 @@ pub struct RevisionValue {
     pub pad: u32,
 }
 
-/// `struct metrics_key`.
-#[repr(C)]
+/// Most endpoints a node's datapath holds (`max_entries` of the endpoints map).
+pub const MAX_ENDPOINTS: u32 = 2048;
+
+/// `METRICS_SLOTS`: entries of the per-CPU metrics array.
+pub const METRICS_SLOTS: u32 = 4 << 8;
+
+/// What a metrics slot counts: forwarded (reason 0) or dropped packets, in a direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MetricsKey {
     /// 0 = forwarded, else the drop reason.
     pub reason: u8,
     /// Direction.
     pub dir: u8,
-    /// Reserved.
-    pub pad: u16,
+}
+
+impl MetricsKey {
+    /// The array slot of this counter (`metrics_slot` in abi.h).
+    pub fn slot(self) -> u32 {
+        (u32::from(self.dir & 3) << 8) | u32::from(self.reason)
+    }
+
+    /// The counter a slot holds.
+    pub fn of_slot(slot: u32) -> MetricsKey {
+        MetricsKey {
+            reason: (slot & 0xff) as u8,
+            dir: ((slot >> 8) & 3) as u8,
+        }
+    }
 }
 
 /// `struct metrics_value`.
@@ -322,7 +388,6 @@ const _: () = {
     );
     assert!(offset_of!(CtValue, policy_rev) == 36);
     assert!(size_of::<RevisionValue>() == 8);
-    assert!(size_of::<MetricsKey>() == 4);
     assert!(size_of::<MetricsValue>() == 16);
     assert!(size_of::<Event>() == 64);
     assert!(
@@ -352,6 +417,5 @@ pod!(
     PolicyValue,
     CtKey,
     CtValue,
-    MetricsKey,
     MetricsValue
 );

@@ -25,24 +25,24 @@ pub mod programs {
     pub const TO_ENDPOINT: &str = "to_endpoint";
 }
 
-/// Names of the maps in [`OBJECT`]; the `_v2` suffix is [`abi::ABI_VERSION`].
+/// Names of the maps in [`OBJECT`]; the `_v3` suffix is [`abi::ABI_VERSION`].
 pub mod maps {
     /// IPv4 ipcache.
-    pub const IPCACHE4: &str = "mbr_ipcache4_v2";
+    pub const IPCACHE4: &str = "mbr_ipcache4_v3";
     /// IPv6 ipcache.
-    pub const IPCACHE6: &str = "mbr_ipcache6_v2";
+    pub const IPCACHE6: &str = "mbr_ipcache6_v3";
     /// External devices by ifindex.
-    pub const DEVICES: &str = "mbr_devices_v2";
+    pub const DEVICES: &str = "mbr_devices_v3";
     /// Endpoints by host veth ifindex.
-    pub const ENDPOINTS: &str = "mbr_endpoints_v2";
+    pub const ENDPOINTS: &str = "mbr_endpoints_v3";
     /// Policy.
-    pub const POLICY: &str = "mbr_policy_v2";
+    pub const POLICY: &str = "mbr_policy_v3";
     /// Connection tracking.
-    pub const CT: &str = "mbr_ct_v2";
+    pub const CT: &str = "mbr_ct_v3";
     /// Per-CPU metrics.
-    pub const METRICS: &str = "mbr_metrics_v2";
+    pub const METRICS: &str = "mbr_metrics_v3";
     /// Ring buffer of drop and verdict events.
-    pub const EVENTS: &str = "mbr_events_v2";
+    pub const EVENTS: &str = "mbr_events_v3";
     /// The policy revision (one entry).
-    pub const REVISION: &str = "mbr_revision_v2";
+    pub const REVISION: &str = "mbr_revision_v3";
 }

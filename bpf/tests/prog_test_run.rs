@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use membrane_bpf::abi::{
     self, CtKey, CtValue, EndpointInfo, Event, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
@@ -148,18 +148,12 @@ fn ct_entries(ebpf: &mut Ebpf) -> Vec<(CtKey, CtValue)> {
 }
 
 fn metric(ebpf: &mut Ebpf, reason: u8, dir: u8) -> u64 {
-    let m: PerCpuHashMap<&mut MapData, MetricsKey, MetricsValue> =
-        PerCpuHashMap::try_from(ebpf.map_mut(maps::METRICS).unwrap()).unwrap();
-    m.get(
-        &MetricsKey {
-            reason,
-            dir,
-            pad: 0,
-        },
-        0,
-    )
-    .map(|v| v.iter().map(|c| c.packets).sum())
-    .unwrap_or(0)
+    let m: PerCpuArray<&mut MapData, MetricsValue> =
+        PerCpuArray::try_from(ebpf.map_mut(maps::METRICS).unwrap()).unwrap();
+    let slot = MetricsKey { reason, dir }.slot();
+    m.get(&slot, 0)
+        .map(|v| v.iter().map(|c| c.packets).sum())
+        .unwrap()
 }
 
 fn events(ebpf: &mut Ebpf) -> Vec<Event> {
@@ -289,6 +283,11 @@ fn egress_default_deny_allow_reply_and_revocation() {
         (ct[0].0.dport, ct[0].0.proto, ct[0].1.remote_identity),
         (80, 6, B_ID)
     );
+    let mapped = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
+    assert_eq!(
+        ct[0].0.initiated(&ct[0].1),
+        (mapped(A), 40000, mapped(B), 80)
+    );
     assert!(
         events(&mut e)
             .iter()
@@ -327,6 +326,67 @@ fn egress_default_deny_allow_reply_and_revocation() {
         TC_ACT_SHOT,
         "replies stop too"
     );
+}
+
+#[test]
+fn one_conntrack_entry_serves_both_directions_whichever_end_started() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    // B (the higher address) connects to the endpoint: the key puts A first and records that
+    // the second end started the flow.
+    policy(
+        &mut e,
+        B_ID,
+        8080,
+        6,
+        abi::DIR_INGRESS,
+        Some(abi::POLICY_ALLOW),
+    );
+    set_revision(&mut e, 3);
+    let syn = v4(B, A, 6, 45000, 8080, SYN, 0);
+    assert_eq!(run(&mut e, programs::TO_ENDPOINT, &syn), TC_ACT_OK);
+    let mapped = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
+    let (key, flags) = CtKey::of_flow(EP, 4, 6, (mapped(B), 45000), (mapped(A), 8080));
+    assert_eq!(flags, abi::CT_INITIATOR_SECOND);
+    let ct = ct_entries(&mut e);
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].0, key, "the datapath and CtKey::of_flow agree");
+    assert_eq!(ct[0].1.flags & abi::CT_INITIATOR_SECOND, flags);
+    assert_eq!(ct[0].1.dir, abi::DIR_INGRESS);
+    assert_eq!(
+        ct[0].0.initiated(&ct[0].1),
+        (mapped(B), 45000, mapped(A), 8080)
+    );
+
+    // A's answer leaves through its enforced egress with no rule: conntrack passes it as the
+    // reply and marks the flow replied.
+    let answer = v4(A, B, 6, 8080, 45000, SYN | ACK, 0);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &answer), TC_ACT_OK);
+    let ct = ct_entries(&mut e);
+    assert_eq!(ct.len(), 1, "the reply found the same entry");
+    assert_ne!(ct[0].1.flags & abi::CT_SEEN_REPLY, 0);
+    // B's next packet is the initiator's: on the fast path (revision 3 stands).
+    let ack = v4(B, A, 6, 45000, 8080, ACK, 0);
+    assert_eq!(run(&mut e, programs::TO_ENDPOINT, &ack), TC_ACT_OK);
+    assert_eq!(ct_entries(&mut e)[0].1.packets, 3);
+    // The endpoint starting a flow to B's port 45000 from 8080 is that same flow's reply, but
+    // a flow to any other port of B is new and judged by A's egress: denied.
+    assert_eq!(
+        run(
+            &mut e,
+            programs::FROM_ENDPOINT,
+            &v4(A, B, 6, 8080, 45001, SYN, 0)
+        ),
+        TC_ACT_SHOT
+    );
+    // Revoked: B's next packet is judged under the new revision, dropped, and the entry goes,
+    // so A's replies stop too.
+    policy(&mut e, B_ID, 8080, 6, abi::DIR_INGRESS, None);
+    set_revision(&mut e, 4);
+    assert_eq!(run(&mut e, programs::TO_ENDPOINT, &ack), TC_ACT_SHOT);
+    assert!(ct_entries(&mut e).is_empty());
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &answer), TC_ACT_SHOT);
 }
 
 #[test]
@@ -582,4 +642,17 @@ fn a_flow_keeps_its_verdict_until_the_policy_revision_moves() {
     set_revision(&mut e, 8);
     assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &data), TC_ACT_SHOT);
     assert!(ct_entries(&mut e).is_empty());
+}
+
+#[test]
+fn map_sizes_match_the_rust_mirror() {
+    let e = load();
+    let max_entries = |name: &str| match e.map(name).unwrap() {
+        aya::maps::Map::HashMap(m) | aya::maps::Map::PerCpuArray(m) => {
+            m.info().unwrap().max_entries()
+        }
+        other => panic!("{name}: unexpected map {other:?}"),
+    };
+    assert_eq!(max_entries(maps::ENDPOINTS), abi::MAX_ENDPOINTS);
+    assert_eq!(max_entries(maps::METRICS), abi::METRICS_SLOTS);
 }

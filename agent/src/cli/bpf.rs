@@ -224,19 +224,21 @@ fn ct(root: &BpfRoot) -> Result<()> {
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| {
+            // The key orders the two ends; show the flow as its initiator sent it.
+            let (src, sport, dst, dport) = k.initiated(&v);
             json!({
-                "src": addr(k.saddr, k.family).to_string(),
-                "dst": addr(k.daddr, k.family).to_string(),
-                "sport": k.sport,
-                "dport": k.dport,
+                "src": addr(src, k.family).to_string(),
+                "dst": addr(dst, k.family).to_string(),
+                "sport": sport,
+                "dport": dport,
                 "proto": k.proto,
                 "direction": dir_name(v.dir),
                 "endpoint": v.endpoint_id,
                 "remote_identity": v.remote_identity,
                 "packets": v.packets,
                 "bytes": v.bytes,
-                "replied": v.flags & 1 != 0,
-                "closing": v.flags & 2 != 0,
+                "replied": v.flags & abi::CT_SEEN_REPLY != 0,
+                "closing": v.flags & abi::CT_CLOSING != 0,
                 // The revision its verdict was judged under (0: judged on every packet).
                 "policy_revision": v.policy_rev,
             })

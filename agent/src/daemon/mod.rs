@@ -226,6 +226,14 @@ impl Agent {
         agent.apply_policy(policy)?;
         agent.write_host_addresses()?;
         agent.restore_endpoints()?;
+        // Only now, with this agent's programs on every endpoint: an older agent's links would
+        // keep its programs judging packets by maps nobody updates any more.
+        for pin in agent.datapath.remove_other_abi_pins()? {
+            eprintln!(
+                "membrane-agent: removed {}, pinned by an agent of another datapath ABI",
+                pin.display()
+            );
+        }
         agent.allocator.drop_unclaimed();
         agent.persist()?;
         agent.refresh_proxy()?;

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use membrane_bpf::abi::{
-    ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue,
-    PolicyKey, PolicyValue, RevisionValue,
+    ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue, MAX_ENDPOINTS,
+    METRICS_SLOTS, MetricsKey, MetricsValue, PolicyKey, PolicyValue, RevisionValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -147,6 +147,33 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes the links and maps that an agent of another datapath ABI pinned under the root:
+    /// names ending in `_v<N>` for another N. Their connection-tracking state is not carried
+    /// over (a new ABI reads it differently): flows are judged again on their next packet.
+    /// Returns what was removed.
+    pub fn remove_other_abi_pins(&self) -> Result<Vec<PathBuf>> {
+        let current = format!("_v{ABI_VERSION}");
+        let is_other_abi = |name: &str| {
+            name.rsplit_once("_v").is_some_and(|(_, v)| {
+                !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(&current)
+            })
+        };
+        let mut removed = Vec::new();
+        for dir in [self.root.join("links"), self.root.clone()] {
+            for e in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = dir != self.root || name.starts_with("mbr_");
+                if ours && e.file_type()?.is_file() && is_other_abi(&name) {
+                    fs::remove_file(e.path())
+                        .with_context(|| format!("removing {}", e.path().display()))?;
+                    removed.push(e.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Detaches the programs from an interface by dropping its pinned links.
     pub fn detach_endpoint(&mut self, ifname: &str) -> Result<()> {
         for hook in ["ingress", "egress"] {
@@ -195,7 +222,12 @@ impl Datapath {
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
         let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
             HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
-        m.insert(ifindex, info, 0)?;
+        m.insert(ifindex, info, 0).with_context(|| {
+            format!(
+                "registering endpoint {} in the datapath (it holds at most {MAX_ENDPOINTS})",
+                info.endpoint_id
+            )
+        })?;
         self.bump_revision()
     }
 
@@ -227,17 +259,19 @@ impl Datapath {
 
     /// The datapath's counters, summed over CPUs: (key, packets and bytes).
     pub fn metrics(&mut self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
-        let m: PerCpuHashMap<&mut MapData, MetricsKey, MetricsValue> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::METRICS).context("metrics")?)?;
+        let m: PerCpuArray<&mut MapData, MetricsValue> =
+            PerCpuArray::try_from(self.ebpf.map_mut(maps::METRICS).context("metrics")?)?;
         let mut out = Vec::new();
-        for entry in m.iter() {
-            let (k, per_cpu) = entry?;
+        for slot in 0..METRICS_SLOTS {
             let mut total = MetricsValue::default();
-            for v in per_cpu.iter() {
+            for v in m.get(&slot, 0)?.iter() {
                 total.packets += v.packets;
                 total.bytes += v.bytes;
             }
-            out.push((k, total));
+            // Untouched slots are counters that never moved, not series worth reporting.
+            if total.packets > 0 {
+                out.push((MetricsKey::of_slot(slot), total));
+            }
         }
         Ok(out)
     }
@@ -301,7 +335,8 @@ impl Datapath {
     }
 }
 
-/// Now on CLOCK_MONOTONIC, in nanoseconds (`bpf_ktime_get_ns`'s clock).
+/// Now on CLOCK_MONOTONIC, in nanoseconds: the clock the programs stamp expiry with (they read
+/// its coarse variant, which lags by less than a tick).
 pub fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)

@@ -9,7 +9,7 @@
 
 #include <linux/types.h>
 
-#define MEMBRANE_ABI_VERSION 2
+#define MEMBRANE_ABI_VERSION 3
 
 /* Reserved identities (Cilium's numbers). */
 #define ID_UNKNOWN 0
@@ -61,7 +61,9 @@ static inline __u32 mark_identity(__u32 mark)
 	return id;
 }
 
-/* endpoints: host-side veth ifindex -> the endpoint behind it. */
+/* endpoints: host-side veth ifindex -> the endpoint behind it; at most MAX_ENDPOINTS. */
+#define MAX_ENDPOINTS 2048
+
 #define EP_ENFORCE_INGRESS 1
 #define EP_ENFORCE_EGRESS  2
 
@@ -106,10 +108,16 @@ struct policy_value {
 };
 
 /*
- * conntrack: LRU hash keyed by the initiator's 5-tuple (addresses as 16 bytes, v4 mapped) and the
- * endpoint whose policy admitted it. Scoping entries to the endpoint keeps one endpoint's allowed
- * flow from passing another endpoint's packets as "replies".
+ * conntrack: LRU hash keyed by a flow's two ends (addresses as 16 bytes, v4 mapped) in a fixed
+ * order, the same for a packet and its reply, so that one lookup finds the flow in either
+ * direction, scoped to the endpoint whose policy admitted it (one endpoint's allowed flow never
+ * passes another endpoint's packets as "replies"). The first end is the lower (address, port);
+ * CT_INITIATOR_SECOND in the value says the flow was started from the second end.
  */
+#define CT_SEEN_REPLY	    1
+#define CT_CLOSING	    2
+#define CT_INITIATOR_SECOND 4
+
 struct ct_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -120,9 +128,6 @@ struct ct_key {
 	__u16 pad;
 	__u32 endpoint_id;
 };
-
-#define CT_SEEN_REPLY 1
-#define CT_CLOSING    2
 
 struct ct_value {
 	__u64 expires_ns;
@@ -156,12 +161,17 @@ struct revision_value {
 /* Unreplied UDP and other non-TCP flows age out quickly. */
 #define CT_LIFETIME_UNREPLIED_NS (10ULL * 1000000000ULL)
 
-/* metrics: per-CPU hash, (reason, direction) -> counters. reason 0 = forwarded, else -drop code. */
-struct metrics_key {
-	__u8 reason;
-	__u8 dir;
-	__u16 pad;
-};
+/*
+ * metrics: per-CPU array of counters, slot metrics_slot(reason, direction); reason 0 = forwarded,
+ * else the drop code. An array slot is found without hashing (the verifier inlines the lookup),
+ * which matters on a path every packet takes.
+ */
+#define METRICS_SLOTS (4 << 8)
+
+static inline __u32 metrics_slot(__u8 reason, __u8 dir)
+{
+	return ((__u32)(dir & 3) << 8) | reason;
+}
 
 struct metrics_value {
 	__u64 packets;
