@@ -13,11 +13,11 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/datapath.sh needs root" >&2; exit 1; }
 . scripts/env.sh
 need_cargo
-command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
+apt_need iperf3 iperf3
 ROUNDS=${ROUNDS:-10}
 SECS=${SECS:-3}
 
-cargo build --release --quiet --bin membrane --bin membrane-agent
+cargo build --release --quiet --bin membrane --bin membrane-agent --bin membrane-bench-rr
 bin="$CARGO_TARGET_DIR/release"
 work=$(mktemp -d /tmp/membrane-bench.XXXXXX)
 mkdir -p "$work/policy" "$work/bpf"
@@ -89,38 +89,27 @@ for ns in bench-srv plain-srv; do
   # In the foreground of a tracked PID: a daemonized server would outlive its namespace.
   ip netns exec "$ns" iperf3 -s >/dev/null 2>&1 &
   pids+=($!)
-  ip netns exec "$ns" python3 -c '
-import socket,threading
-s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",7000)); s.listen(8)
-def h(c):
-    c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)
-    while (d:=c.recv(64)): c.sendall(d)
-while True:
-    c,_=s.accept(); threading.Thread(target=h,args=(c,),daemon=True).start()' &
+  ip netns exec "$ns" "$bin/membrane-bench-rr" serve 7000 &
   pids+=($!)
 done
 sleep 0.5
 
 gbps() { ip netns exec "$1" iperf3 -c "$2" -t "$SECS" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'; }
-rr() { ip netns exec "$1" python3 -c "
-import socket,time
-s=socket.create_connection(('$2',7000)); s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)
-n=0; end=time.time()+$SECS
-while time.time()<end:
-    s.sendall(b'x'); s.recv(64); n+=1
-print(n/$SECS)"; }
+# Round trips per second of one TCP connection from each client, 1-byte messages, the two
+# connections taking turns every few milliseconds: prints "plain membrane".
+rr() { "$bin/membrane-bench-rr" plain-cli 10.253.0.1:7000 bench-cli "$srv_ip:7000" "$SECS"; }
 
-# This shared VM drifts by tens of percent within a minute: each round measures both sides back
-# to back, alternating which goes first, and the per-round ratios are reported with the medians.
+# This shared VM drifts by tens of percent within a minute: each round measures both sides' throughput
+# back to back, alternating which goes first (the request/response peer interleaves by itself),
+# and the per-round ratios are reported with the medians.
 declare -a t_plain t_mbr r_plain r_mbr t_ratio r_ratio
 for i in $(seq "$ROUNDS"); do
   if (( i % 2 )); then
     tp1=$(gbps plain-cli 10.253.0.1); tm1=$(gbps bench-cli "$srv_ip")
-    rp1=$(rr plain-cli 10.253.0.1); rm1=$(rr bench-cli "$srv_ip")
   else
     tm1=$(gbps bench-cli "$srv_ip"); tp1=$(gbps plain-cli 10.253.0.1)
-    rm1=$(rr bench-cli "$srv_ip"); rp1=$(rr plain-cli 10.253.0.1)
   fi
+  rates=$(rr); read -r rp1 rm1 <<<"$rates"
   t_plain+=("$tp1"); t_mbr+=("$tm1"); r_plain+=("$rp1"); r_mbr+=("$rm1")
   t_ratio+=("$(echo "$tm1 / $tp1" | bc -l)"); r_ratio+=("$(echo "$rm1 / $rp1" | bc -l)")
 done
