@@ -111,8 +111,9 @@ pub enum EntryVerdict {
     /// Allowed at L3/L4.
     Allow,
     /// Allowed at L3/L4; every request must be allowed by one of these ORed rule sets (each with
-    /// the policy it comes from).
-    Redirect(Vec<(Arc<str>, L7Rules)>),
+    /// the policy it comes from); shared, so a consumer keeps them per connection for a pointer
+    /// copy.
+    Redirect(Arc<[(Arc<str>, L7Rules)]>),
 }
 
 /// One direction of a [`v1::NetworkPolicy`], compiled for enforcement: regexes are compiled once
@@ -149,7 +150,7 @@ impl DirectionRules {
                                 .map_err(|err| format!("{at}.l7[{j}]: {err}"))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                EntryVerdict::Redirect(sets)
+                EntryVerdict::Redirect(sets.into())
             };
             if entries.insert(key, verdict).is_some() {
                 return Err(format!("{at}: duplicate key {key:?}"));

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod admin;
+pub mod agent_feed;
 pub mod guard;
 pub mod kafka;
 pub mod policy;

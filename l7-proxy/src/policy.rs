@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
+use membrane_api::{DirectionRules, EntryVerdict, v1};
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::{EndpointSpec, endpoint_labels};
 use membrane_policy::identity::{
@@ -23,46 +24,78 @@ use membrane_policy::resolve::{
 };
 use membrane_policy::rule::{Direction, EnforcementMode, L7Kind, L7Rules, PortRule, Proto};
 
+/// The ORed L7 rule sets of one direction's policy key, each with the policy it comes from.
+#[derive(Clone, Debug)]
+pub enum RuleSets {
+    /// Resolved in this process: the port rules that derived the key.
+    Resolved(Vec<(Arc<PortRule>, Arc<str>)>),
+    /// Resolved by the agent and received over xDS (`membrane.v1.NetworkPolicy`).
+    Received(Arc<[(Arc<str>, L7Rules)]>),
+}
+
+impl RuleSets {
+    /// The sets that carry L7 rules, with their policies.
+    pub fn iter(&self) -> RuleSetsIter<'_> {
+        match self {
+            RuleSets::Resolved(v) => RuleSetsIter::Resolved(v.iter()),
+            RuleSets::Received(v) => RuleSetsIter::Received(v.iter()),
+        }
+    }
+}
+
+/// [`RuleSets::iter`].
+#[derive(Clone, Debug)]
+pub enum RuleSetsIter<'a> {
+    /// Over port rules (those without L7 rules are skipped).
+    Resolved(std::slice::Iter<'a, (Arc<PortRule>, Arc<str>)>),
+    /// Over received sets.
+    Received(std::slice::Iter<'a, (Arc<str>, L7Rules)>),
+}
+
+impl<'a> Iterator for RuleSetsIter<'a> {
+    type Item = (&'a Arc<str>, &'a L7Rules);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            RuleSetsIter::Resolved(it) => {
+                it.find_map(|(port_rule, policy)| Some((policy, port_rule.l7.as_ref()?)))
+            }
+            RuleSetsIter::Received(it) => it.next().map(|(policy, rules)| (policy, rules)),
+        }
+    }
+}
+
 /// One direction's L7 requirement on a connection: a request must match one of `sets`.
 #[derive(Clone, Debug)]
 pub struct L7Requirement {
     /// Which endpoint's policy this is: the destination's ingress or the source's egress.
     pub direction: Direction,
-    /// The ORed port rules (each carries its L7 rules) and the policy each came from.
-    pub sets: Vec<(Arc<PortRule>, Arc<str>)>,
+    /// The ORed rule sets and the policy each came from.
+    pub sets: RuleSets,
 }
 
 impl L7Requirement {
     /// The policy whose rules allow `req`, or `None` when none does.
     pub fn allowing_policy(&self, req: &HttpRequest<'_>) -> Option<&Arc<str>> {
-        let rules = self.sets.iter().filter_map(|(p, _)| p.l7.as_ref());
-        first_allowing_http(rules, req).map(|i| {
-            // `first_allowing_http` counts only sets with L7 rules; a redirected key has no
-            // others, so the index is the set's index.
-            &self.sets[i].1
-        })
-    }
-}
-
-impl L7Requirement {
-    fn rule_sets(&self) -> impl Iterator<Item = &L7Rules> + Clone {
-        self.sets.iter().filter_map(|(p, _)| p.l7.as_ref())
+        let i = first_allowing_http(self.sets.iter().map(|(_, rules)| rules), req)?;
+        self.sets.iter().nth(i).map(|(policy, _)| policy)
     }
 
     /// The Kafka verdict of these ORed rule sets, with the policy credited for an allow: the first
     /// set that allows the request on its own, else (the union was needed) the first set.
     pub fn judge_kafka(&self, req: &KafkaRequest<'_>) -> (KafkaVerdict, Option<&Arc<str>>) {
-        let (verdict, credited) = judge_kafka_sets_credited(self.rule_sets(), req);
-        let credited = credited.map(|i| {
-            let mut with_rules = self.sets.iter().filter(|(p, _)| p.l7.is_some());
-            &with_rules.nth(i).unwrap_or(&self.sets[0]).1
+        let (verdict, credited) =
+            judge_kafka_sets_credited(self.sets.iter().map(|(_, rules)| rules), req);
+        let credited = credited.and_then(|i| {
+            let mut sets = self.sets.iter();
+            sets.clone().nth(i).or_else(|| sets.next())
         });
-        (verdict, credited)
+        (verdict, credited.map(|(policy, _)| policy))
     }
 
     /// The protocol of these rule sets; `None` when they mix protocols.
     pub fn protocol(&self) -> Option<L7Kind> {
-        let mut kinds = self.rule_sets().map(L7Rules::kind);
+        let mut kinds = self.sets.iter().map(|(_, rules)| rules.kind());
         let first = kinds.next()?;
         kinds.all(|k| k == first).then_some(first)
     }
@@ -200,7 +233,7 @@ pub struct Snapshot {
     pub generation: u64,
     /// The policy tables of the endpoints this proxy serves, by identity: all a decision needs
     /// (the identities' labels stay with whoever resolved them).
-    tables: HashMap<NumericIdentity, PolicyTable>,
+    tables: HashMap<NumericIdentity, EndpointTables>,
     /// Prefix -> identity (workloads win over policy CIDRs on equal prefixes).
     prefixes: PrefixMap<NumericIdentity>,
     names: HashMap<NumericIdentity, String>,
@@ -237,10 +270,10 @@ impl Snapshot {
             (Direction::Egress, peers.src, peers.dst),
         ];
         for (direction, endpoint, remote) in sides {
-            let Some(table) = self.tables.get(&endpoint) else {
+            let Some(tables) = self.tables.get(&endpoint) else {
                 continue;
             };
-            match judge_l4(table.direction(direction), remote, port) {
+            match tables.judge_l4(direction, remote, port) {
                 L4::Deny => return Decision::Deny { direction },
                 L4::Allow => {}
                 L4::Redirect(sets) => reqs.push(L7Requirement { direction, sets }),
@@ -254,14 +287,58 @@ impl Snapshot {
     pub fn enforces(&self, endpoint: NumericIdentity) -> bool {
         self.tables
             .get(&endpoint)
-            .is_some_and(|t| t.ingress.enforced || t.egress.enforced)
+            .is_some_and(EndpointTables::enforces)
     }
 }
 
 enum L4 {
     Deny,
     Allow,
-    Redirect(Vec<(Arc<PortRule>, Arc<str>)>),
+    Redirect(RuleSets),
+}
+
+/// An endpoint's policy as this proxy holds it.
+#[derive(Debug)]
+enum EndpointTables {
+    /// Resolved in this process (or by the agent in process).
+    Resolved(PolicyTable),
+    /// Received from the agent over xDS.
+    Received {
+        ingress: DirectionRules,
+        egress: DirectionRules,
+    },
+}
+
+impl EndpointTables {
+    fn enforces(&self) -> bool {
+        match self {
+            EndpointTables::Resolved(t) => t.ingress.enforced || t.egress.enforced,
+            EndpointTables::Received { ingress, egress } => ingress.enforced || egress.enforced,
+        }
+    }
+
+    fn judge_l4(&self, direction: Direction, remote: NumericIdentity, port: u16) -> L4 {
+        match self {
+            EndpointTables::Resolved(t) => judge_l4(t.direction(direction), remote, port),
+            EndpointTables::Received { ingress, egress } => {
+                let rules = if direction == Direction::Ingress {
+                    ingress
+                } else {
+                    egress
+                };
+                if !rules.enforced {
+                    return L4::Allow;
+                }
+                match rules.lookup(remote, port, Proto::Tcp.number()) {
+                    None => L4::Deny,
+                    Some((_, EntryVerdict::Allow)) => L4::Allow,
+                    Some((_, EntryVerdict::Redirect(sets))) => {
+                        L4::Redirect(RuleSets::Received(sets.clone()))
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn judge_l4(table: &DirectionTable, remote: NumericIdentity, port: u16) -> L4 {
@@ -272,7 +349,7 @@ fn judge_l4(table: &DirectionTable, remote: NumericIdentity, port: u16) -> L4 {
         None => L4::Deny,
         Some((_, eff)) => match eff.verdict {
             Verdict::Allow => L4::Allow,
-            Verdict::Redirect(_) => L4::Redirect(
+            Verdict::Redirect(_) => L4::Redirect(RuleSets::Resolved(
                 eff.derived_from
                     .iter()
                     .filter_map(|c| {
@@ -280,7 +357,7 @@ fn judge_l4(table: &DirectionTable, remote: NumericIdentity, port: u16) -> L4 {
                         Some((port_rule, Arc::from(c.rule.origin.to_string())))
                     })
                     .collect(),
-            ),
+            )),
         },
     }
 }
@@ -377,7 +454,10 @@ impl SnapshotBuilder {
     ) -> Snapshot {
         let tables = resolver
             .endpoint_ids()
-            .filter_map(|id| Some((id, resolver.table(id)?.clone())))
+            .filter_map(|id| {
+                let table = resolver.table(id)?.clone();
+                Some((id, EndpointTables::Resolved(table)))
+            })
             .collect();
         self.generation += 1;
         Snapshot {
@@ -386,6 +466,58 @@ impl SnapshotBuilder {
             prefixes,
             names,
         }
+    }
+}
+
+impl SnapshotBuilder {
+    /// A snapshot of policy the agent resolved and serves over xDS: its endpoints'
+    /// `NetworkPolicy` resources and its identity-to-addresses map (`NetworkPolicyHosts`).
+    /// Identity numbers are the agent's, as in its datapath. An error names the resource and
+    /// field at fault; the caller rejects the update and keeps its last good snapshot.
+    pub fn snapshot_received(
+        &mut self,
+        policies: &[v1::NetworkPolicy],
+        hosts: &[v1::NetworkPolicyHosts],
+    ) -> Result<Snapshot, String> {
+        let mut tables = HashMap::new();
+        let mut names = HashMap::new();
+        let mut endpoint_prefixes = Vec::new();
+        for np in policies {
+            let at = |what: &str, e: String| format!("NetworkPolicy {} {what}: {e}", np.endpoint);
+            let id = NumericIdentity(np.identity);
+            let ingress = DirectionRules::from_wire(&np.ingress.clone().unwrap_or_default())
+                .map_err(|e| at("ingress", e))?;
+            let egress = DirectionRules::from_wire(&np.egress.clone().unwrap_or_default())
+                .map_err(|e| at("egress", e))?;
+            tables.insert(id, EndpointTables::Received { ingress, egress });
+            names.entry(id).or_insert_with(|| np.endpoint.clone());
+            for addr in &np.addresses {
+                let ip: IpAddr = addr
+                    .parse()
+                    .map_err(|_| at("addresses", format!("{addr:?} is not an address")))?;
+                endpoint_prefixes.push((IpNet::from(canonical(ip)), id));
+            }
+        }
+        let mut host_prefixes = Vec::new();
+        for h in hosts {
+            for prefix in &h.host_addresses {
+                let net: IpNet = prefix.parse().map_err(|_| {
+                    format!(
+                        "NetworkPolicyHosts {}: {prefix:?} is not a prefix",
+                        h.identity
+                    )
+                })?;
+                host_prefixes.push((net, NumericIdentity(h.identity)));
+            }
+        }
+        self.generation += 1;
+        Ok(Snapshot {
+            generation: self.generation,
+            tables,
+            // An endpoint's own addresses first: the first of equal prefixes wins.
+            prefixes: endpoint_prefixes.into_iter().chain(host_prefixes).collect(),
+            names,
+        })
     }
 }
 

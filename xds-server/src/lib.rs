@@ -5,9 +5,8 @@
 //!   the SPIFFE ID table), golden-tested;
 //! - [`ads`]: the tonic ADS service (state of the world) with versions, nonces, ACK/NACK per
 //!   stream and "policy realized" completions, on a unix socket or loopback TCP;
-//! - [`client`]: an ADS client over the unix socket, as tests and tools use it.
-//!
-//! Not wired into the agent yet (issue 6).
+//! - [`client`]: an ADS client over the unix socket, as tests and tools use it (from
+//!   `membrane-source`).
 
 pub mod ads;
 pub mod client;

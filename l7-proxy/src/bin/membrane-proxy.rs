@@ -3,6 +3,7 @@
 //! ```text
 //! membrane-proxy --policy-dir DIR --listen ADDR --upstream HOST:PORT [--identities FILE]
 //! membrane-proxy --policy-dir DIR --listen ADDR --transparent        [--identities FILE]
+//! membrane-proxy --agent-xds /var/run/membrane/xds.sock --listen ADDR --upstream HOST:PORT
 //! membrane-proxy redirect print|install|remove --proxy-port P --port 80 --interface eth1
 //! ```
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use membrane_l7_proxy::agent_feed::{self, FeedEvent};
 use membrane_l7_proxy::guard::Limits;
 use membrane_l7_proxy::policy::{ConnectionProtocol, PolicyHandle, Snapshot, SnapshotBuilder};
 use membrane_l7_proxy::redirect::{self, RedirectSpec};
@@ -106,6 +108,15 @@ struct RunArgs {
     /// Directory (or file) of CiliumNetworkPolicy / NetworkPolicy YAML; watched for changes.
     #[arg(long, env = "MEMBRANE_PROXY_POLICY_DIR")]
     policy_dir: Option<PathBuf>,
+    /// Take policy and identities from a membrane agent on this host instead: its xDS unix
+    /// socket (`/var/run/membrane/xds.sock`). Endpoints' policies arrive resolved, with the
+    /// agent's identity numbers (the ones its datapath uses).
+    #[arg(long, env = "MEMBRANE_PROXY_AGENT_XDS", conflicts_with_all = ["policy_dir", "identities", "enable_policy"])]
+    agent_xds: Option<PathBuf>,
+    /// With --agent-xds: seconds to wait for the agent's first policy before giving up (no
+    /// connection is accepted before it: there is no policy to judge by).
+    #[arg(long, default_value_t = 30.0)]
+    agent_wait: f64,
     /// Address to accept connections on (`[::]:15001` accepts IPv4 too).
     #[arg(long, env = "MEMBRANE_PROXY_LISTEN")]
     listen: Option<SocketAddr>,
@@ -266,10 +277,11 @@ impl Sources {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let policy_dir = args
-        .policy_dir
-        .clone()
-        .context("--policy-dir is required")?;
+    let source = match (&args.policy_dir, &args.agent_xds) {
+        (Some(dir), None) => PolicySource::Files(dir.clone()),
+        (None, Some(socket)) => PolicySource::Agent(socket.clone()),
+        _ => bail!("give either --policy-dir DIR or --agent-xds SOCKET"),
+    };
     let listen = args.listen.context("--listen is required")?;
     let mode = match (&args.upstream, args.transparent) {
         (Some(u), false) => {
@@ -295,38 +307,23 @@ fn run(args: RunArgs) -> Result<()> {
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = runtime.enable_all().build()?;
-    runtime.block_on(serve(args, policy_dir, listen, mode))
+    runtime.block_on(serve(args, source, listen, mode))
 }
 
-async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mode) -> Result<()> {
-    let enforcement = match args.enable_policy {
-        PolicyMode::Default => EnforcementMode::Default,
-        PolicyMode::Always => EnforcementMode::Always,
-        PolicyMode::Never => EnforcementMode::Never,
-    };
-    let mut builder = SnapshotBuilder::new(enforcement);
-    let mut sources = Sources {
-        policy_dir,
-        identities: args.identities.clone(),
-        cache: policy_dir::PolicyCache::default(),
-    };
-    let mut fingerprint = sources.fingerprint()?;
-    let (snapshot, workloads) = match sources.snapshot(&mut builder)? {
-        Ok(s) => s,
-        Err(diags) => {
-            print_diagnostics(&diags);
-            bail!(
-                "refusing to start: the policy or identities are invalid ({} problem(s))",
-                diags.len()
-            );
-        }
-    };
-    if let Mode::Reverse { upstream } = mode {
-        check_reverse_endpoint(&snapshot, &workloads, args.endpoint.as_deref(), upstream)?;
-    }
+/// Where policy comes from.
+enum PolicySource {
+    /// A policy directory (and --identities), read and resolved here.
+    Files(PathBuf),
+    /// The agent's xDS server on this unix socket.
+    Agent(PathBuf),
+}
+
+async fn serve(args: RunArgs, source: PolicySource, listen: SocketAddr, mode: Mode) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
-    metrics.policy_generation.set(snapshot.generation as i64);
-    let policy = Arc::new(PolicyHandle::new(snapshot));
+    let policy = match source {
+        PolicySource::Files(dir) => follow_files(&args, dir, mode, &metrics)?,
+        PolicySource::Agent(socket) => follow_agent(&args, socket, mode, &metrics).await?,
+    };
     let flows = FlowSink::new();
     let config = ProxyConfig {
         limits: Limits {
@@ -350,8 +347,6 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         ..ProxyConfig::default()
     };
     let drain = secs(args.drain_timeout, "drain-timeout")?;
-    let reload_every =
-        secs(args.reload_interval, "reload-interval")?.max(Duration::from_millis(50));
     let shared = Arc::new(Shared::new(
         config,
         policy.clone(),
@@ -382,10 +377,69 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
         }
     );
 
-    // Reload: poll the files' fingerprint (and reload at once on SIGHUP).
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("membrane-proxy: draining");
+        let _ = shutdown_tx.send(true);
+    });
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            release_free_memory();
+        }
+    });
+    proxy.serve(listener, mode, shutdown_rx, drain).await?;
+    eprintln!("membrane-proxy: stopped");
+    Ok(())
+}
+
+/// Reads and resolves the policy directory (refusing to start when it is invalid), then keeps
+/// following it: a poll of the files' fingerprint, and a reload at once on SIGHUP.
+fn follow_files(
+    args: &RunArgs,
+    policy_dir: PathBuf,
+    mode: Mode,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<PolicyHandle>> {
+    let enforcement = match args.enable_policy {
+        PolicyMode::Default => EnforcementMode::Default,
+        PolicyMode::Always => EnforcementMode::Always,
+        PolicyMode::Never => EnforcementMode::Never,
+    };
+    let mut builder = SnapshotBuilder::new(enforcement);
+    let mut sources = Sources {
+        policy_dir,
+        identities: args.identities.clone(),
+        cache: policy_dir::PolicyCache::default(),
+    };
+    let mut fingerprint = sources.fingerprint()?;
+    let (snapshot, workloads) = match sources.snapshot(&mut builder)? {
+        Ok(s) => s,
+        Err(diags) => {
+            print_diagnostics(&diags);
+            bail!(
+                "refusing to start: the policy or identities are invalid ({} problem(s))",
+                diags.len()
+            );
+        }
+    };
+    if let Mode::Reverse { upstream } = mode {
+        check_reverse_endpoint(&snapshot, &workloads, args.endpoint.as_deref(), upstream)?;
+    }
+    metrics.policy_generation.set(snapshot.generation as i64);
+    let policy = Arc::new(PolicyHandle::new(snapshot));
+    let reload_every =
+        secs(args.reload_interval, "reload-interval")?.max(Duration::from_millis(50));
     let reload_metrics = metrics.clone();
     let endpoint = args.endpoint.clone();
+    let handle = policy.clone();
     tokio::spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
@@ -421,7 +475,7 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
                         "membrane-proxy: policy generation {} in force",
                         snap.generation
                     );
-                    policy.store(snap);
+                    handle.store(snap);
                 }
                 Ok(Err(diags)) => {
                     print_diagnostics(&diags);
@@ -440,25 +494,107 @@ async fn serve(args: RunArgs, policy_dir: PathBuf, listen: SocketAddr, mode: Mod
             }
         }
     });
+    Ok(policy)
+}
+
+/// Subscribes to the agent's policy and waits for the first snapshot (no connection is accepted
+/// before it), then keeps following: each accepted update is swapped in; a rejected one, or a
+/// lost agent, leaves the last good snapshot in force.
+async fn follow_agent(
+    args: &RunArgs,
+    socket: PathBuf,
+    mode: Mode,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<PolicyHandle>> {
+    let wait = secs(args.agent_wait, "agent-wait")?;
+    let node = format!("membrane-proxy/{}", std::process::id());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(agent_feed::follow(
+        socket.clone(),
+        node,
+        SnapshotBuilder::new(EnforcementMode::Default),
+        move |event| {
+            let _ = tx.send(event);
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last_problem = String::from("no answer");
+    let first = loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(FeedEvent::Snapshot(snap))) => break snap,
+            Ok(Some(FeedEvent::Rejected(why) | FeedEvent::Disconnected(why))) => {
+                last_problem = why;
+            }
+            Ok(None) | Err(_) => bail!(
+                "no policy from the agent at {} within {} s (last problem: {last_problem})",
+                socket.display(),
+                wait.as_secs_f64()
+            ),
+        }
+    };
+    if let Mode::Reverse { upstream } = mode {
+        check_agent_endpoint(&first, args.endpoint.as_deref(), upstream)?;
+    }
+    eprintln!(
+        "membrane-proxy: policy from the agent at {} in force",
+        socket.display()
+    );
+    metrics.policy_generation.set(first.generation as i64);
+    let policy = Arc::new(PolicyHandle::new(first));
+    let handle = policy.clone();
+    let feed_metrics = metrics.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut connected = true;
+        while let Some(event) = rx.recv().await {
+            match event {
+                FeedEvent::Snapshot(snap) => {
+                    if !connected {
+                        eprintln!("membrane-proxy: the agent is back");
+                        connected = true;
+                    }
+                    feed_metrics.policy_generation.set(snap.generation as i64);
+                    handle.store(snap);
+                }
+                FeedEvent::Rejected(why) => {
+                    eprintln!(
+                        "membrane-proxy: policy update rejected, last good policy kept: {why}"
+                    );
+                    feed_metrics.policy_rejected.inc();
+                }
+                FeedEvent::Disconnected(why) => {
+                    // Logged once per outage: reconnection attempts repeat with backoff.
+                    if connected {
+                        eprintln!(
+                            "membrane-proxy: lost the agent ({why}); last good policy kept, reconnecting"
+                        );
+                        connected = false;
+                    }
+                }
+            }
         }
-        eprintln!("membrane-proxy: draining");
-        let _ = shutdown_tx.send(true);
     });
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tick.tick().await;
-            release_free_memory();
-        }
-    });
-    proxy.serve(listener, mode, shutdown_rx, drain).await?;
-    eprintln!("membrane-proxy: stopped");
+    Ok(policy)
+}
+
+/// With the agent's policy, reverse mode protects the agent's endpoint that holds the
+/// upstream's address (named by --endpoint when given).
+fn check_agent_endpoint(snap: &Snapshot, name: Option<&str>, upstream: SocketAddr) -> Result<()> {
+    let id = snap.identity_of(upstream.ip());
+    match (snap.name_of(id), name) {
+        (Some(found), Some(name)) if found != name => bail!(
+            "--endpoint {name}: the upstream {} is the agent's endpoint {found}",
+            upstream.ip()
+        ),
+        (None, Some(name)) => bail!(
+            "--endpoint {name}: the upstream {} is none of the agent's endpoints",
+            upstream.ip()
+        ),
+        (None, None) => eprintln!(
+            "membrane-proxy: warning: the upstream {} is none of the agent's endpoints, so no policy selects it and every request is forwarded",
+            upstream.ip()
+        ),
+        _ => {}
+    }
     Ok(())
 }
 
