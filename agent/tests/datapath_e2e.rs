@@ -225,6 +225,26 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
         dp.set_ipcache(format!("{ip}/32").parse().unwrap(), id.id.0, ep)
             .unwrap();
     }
+    // The reconcile pass writes only what drifted.
+    let desired: Vec<(ipnet::IpNet, u32, u32)> = vec![
+        (format!("{a_ip}/32").parse().unwrap(), id_a.id.0, 1),
+        (format!("{b_ip}/32").parse().unwrap(), id_b.id.0, 2),
+        ("fd00:beef::/64".parse().unwrap(), 16_777_300, 0),
+    ];
+    assert_eq!(
+        dp.ensure_ipcache(&desired).unwrap(),
+        1,
+        "only the new v6 prefix"
+    );
+    assert_eq!(dp.ensure_ipcache(&desired).unwrap(), 0, "nothing drifted");
+    dp.remove_ipcache(desired[1].0).unwrap();
+    dp.set_ipcache(desired[2].0, 2, 0).unwrap();
+    assert_eq!(
+        dp.ensure_ipcache(&desired).unwrap(),
+        2,
+        "a deleted entry and a changed one are repaired"
+    );
+    dp.remove_ipcache(desired[2].0).unwrap();
     let write = |dp: &mut Datapath, resolver: &Resolver| {
         for (ep, ifname, id) in [(1u32, &a_if, &id_a), (2, &b_if, &id_b)] {
             let table = resolver.table(id.id).unwrap();

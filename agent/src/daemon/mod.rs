@@ -756,20 +756,24 @@ impl Agent {
     /// The reconcile controller: repairs drift in plumbing, links and maps.
     pub fn reconcile(&mut self) -> Result<()> {
         let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        let mut ipcache = Vec::new();
         for n in &names {
             let ep = self.endpoints[n].clone();
             let ifindex = netns::ensure(&ep.net)?;
             self.endpoints.get_mut(n).expect("listed").ifindex = ifindex;
             for a in &ep.net.addresses {
-                self.datapath
-                    .set_ipcache(IpNet::from(*a), ep.identity.id.0, ep.id)?;
+                ipcache.push((IpNet::from(*a), ep.identity.id.0, ep.id));
             }
             self.datapath.attach_endpoint(&ep.net.host_if)?;
         }
-        for (net, id) in self.cidr_identities.clone() {
-            self.datapath.set_ipcache(net, id.0, 0)?;
+        for (net, id) in &self.cidr_identities {
+            ipcache.push((*net, id.0, 0));
         }
-        self.write_host_addresses()?;
+        for addr in host_addresses() {
+            ipcache.push((IpNet::from(addr), NumericIdentity::HOST.0, 0));
+        }
+        // Only what drifted is written (and moves the policy revision).
+        self.datapath.ensure_ipcache(&ipcache)?;
         self.write_devices()?;
         self.sync_all()
     }
