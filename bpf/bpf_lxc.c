@@ -3,6 +3,9 @@
  * membrane endpoint programs, attached to the host side of each endpoint's veth:
  *   from_endpoint  TC ingress: packets leaving the endpoint, judged by its egress policy;
  *   to_endpoint    TC egress:  packets arriving at the endpoint, judged by its ingress policy.
+ * A packet from one endpoint to another on the node is judged by both policies in from_endpoint
+ * and handed straight to the receiver (bpf_redirect_peer): it never meets the host's routing or
+ * the receiver's to_endpoint.
  * Replies of allowed flows pass through conntrack; a flow that policy now denies loses its
  * conntrack entry, so its replies stop too.
  */
@@ -42,6 +45,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
 } mbr_endpoints_v3 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_ENDPOINTS *LOCAL_ADDRESSES_PER_ENDPOINT);
+	__type(key, struct local_key);
+	__type(value, struct local_endpoint);
+} mbr_local_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -94,7 +105,8 @@ static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 }
 
 static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_buff *skb,
-				 const struct flow *f, __u32 ep, __u32 src_id, __u32 dst_id)
+				 __u32 ifindex, const struct flow *f, __u32 ep, __u32 src_id,
+				 __u32 dst_id)
 {
 	struct event *e = bpf_ringbuf_reserve(&mbr_events_v3, sizeof(*e), 0);
 	if (!e)
@@ -105,7 +117,7 @@ static __always_inline void emit(__u8 type, __u8 reason, __u8 dir, struct __sk_b
 	e->proto = f->proto;
 	e->family = f->family;
 	e->pad[0] = e->pad[1] = e->pad[2] = 0;
-	e->ifindex = skb->ifindex;
+	e->ifindex = ifindex;
 	e->endpoint_id = ep;
 	e->src_identity = src_id;
 	e->dst_identity = dst_id;
@@ -275,6 +287,8 @@ struct pkt {
 	struct flow f;
 	struct ct_key key;
 	__u64 now;
+	/* The endpoint judged, behind this host veth. */
+	__u32 ifindex;
 	__u32 ep_id;
 	__u32 ep_identity;
 	__u32 enforce;
@@ -283,13 +297,19 @@ struct pkt {
 	__u8 dir;
 	__u8 from_second;
 	__u8 from_proxy;
-	__u8 pad;
+	/* Judged for local delivery: a flow that needs the proxy goes through the stack instead. */
+	__u8 local;
+	/* Set by judge(): the packet was assigned to the L7 proxy. */
+	__u8 to_proxy;
+	__u8 pad[3];
 };
 
 /*
  * The slow path: the first packet of a flow, and the first after a policy change. Out of line
  * (a BPF-to-BPF call), so that the fast path every other packet takes is a short run of code:
  * per packet, the cost of these programs is mostly cache misses, instruction fetch included.
+ * Returns TC_ACT_UNSPEC, with nothing recorded, for a locally delivered packet that needs the
+ * proxy.
  */
 static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_value *ct)
 {
@@ -319,7 +339,8 @@ static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_valu
 		if (!pv) {
 			bpf_map_delete_elem(&mbr_ct_v3, &p->key);
 			count(DROP_POLICY, dir, skb->len);
-			emit(EVENT_DROP, DROP_POLICY, dir, skb, f, p->ep_id, src_id, dst_id);
+			emit(EVENT_DROP, DROP_POLICY, dir, skb, p->ifindex, f, p->ep_id, src_id,
+			     dst_id);
 			return TC_ACT_SHOT;
 		}
 		/* What the proxy sends has passed its L7 rules already. */
@@ -341,11 +362,16 @@ static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_valu
 			}
 		}
 	}
+	/* The sender's egress judgement saw no redirect, the maps changed since: the stack and
+	 * the destination's to_endpoint decide, as for any packet not delivered here. */
+	if (redirect && p->local)
+		return TC_ACT_UNSPEC;
 	/* No proxy, or not TCP: fail closed. */
 	if (redirect && (!redirect_port || f->proto != IPPROTO_TCP)) {
 		bpf_map_delete_elem(&mbr_ct_v3, &p->key);
 		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
-		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, f, p->ep_id, src_id, dst_id);
+		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, p->ifindex, f, p->ep_id,
+		     src_id, dst_id);
 		return TC_ACT_SHOT;
 	}
 
@@ -366,24 +392,65 @@ static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_valu
 		v.bytes = skb->len;
 		v.policy_rev = judged_rev;
 		bpf_map_update_elem(&mbr_ct_v3, &p->key, &v, BPF_ANY);
-		emit(EVENT_VERDICT, 0, dir, skb, f, p->ep_id, src_id, dst_id);
+		emit(EVENT_VERDICT, 0, dir, skb, p->ifindex, f, p->ep_id, src_id, dst_id);
 	}
-	if (redirect && assign_to_proxy(skb, f, redirect_port)) {
-		/* The proxy is not listening (stopped, restarting): never let the flow bypass it. */
-		count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
-		emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, f, p->ep_id, src_id, dst_id);
-		return TC_ACT_SHOT;
+	if (redirect) {
+		if (assign_to_proxy(skb, f, redirect_port)) {
+			/* The proxy is not listening (stopped, restarting): never let the flow
+			 * bypass it. */
+			count(DROP_PROXY_LOOKUP_FAILED, dir, skb->len);
+			emit(EVENT_DROP, DROP_PROXY_LOOKUP_FAILED, dir, skb, p->ifindex, f,
+			     p->ep_id, src_id, dst_id);
+			return TC_ACT_SHOT;
+		}
+		p->to_proxy = 1;
 	}
 	count(0, dir, skb->len);
 	return TC_ACT_OK;
 }
 
-/* The fast path: replies of tracked flows, and flows judged under the policy revision in force. */
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+/*
+ * One endpoint's verdict on a parsed packet (p: flow, endpoint, direction, clock, mark): replies
+ * of tracked flows and flows judged under the policy revision in force pass here; any other
+ * packet is judged.
+ */
+static __always_inline int enforce(struct __sk_buff *skb, struct pkt *p)
 {
-	struct pkt p = {};
-	struct flow *f = &p.f;
-	int ret = parse_packet(skb, f);
+	struct flow *f = &p->f;
+	p->from_second = ct_key_of(&p->key, f, p->ep_id);
+	struct ct_value *ct = bpf_map_lookup_elem(&mbr_ct_v3, &p->key);
+	if (ct && ct->expires_ns <= p->now)
+		ct = 0; /* expired: this packet starts a new flow */
+
+	/* A reply of a flow the other side started (and policy allowed) passes. */
+	if (ct && p->from_second != !!(ct->flags & CT_INITIATOR_SECOND)) {
+		ct_touch(ct, f, p->now, skb->len, CT_SEEN_REPLY);
+		count(0, p->dir, skb->len);
+		return TC_ACT_OK;
+	}
+
+	/* Read before any lookup: a verdict is never recorded under a newer revision than the
+	 * maps it was judged by. */
+	p->revision = policy_revision();
+
+	/* A flow already judged under the policy in force (and not redirected) keeps its verdict;
+	 * any other is judged (again, after a policy change, so a change reaches established
+	 * flows too). */
+	if (ct && p->revision && ct->policy_rev == p->revision && !p->from_proxy) {
+		ct_touch(ct, f, p->now, skb->len, 0);
+		count(0, p->dir, skb->len);
+		return TC_ACT_OK;
+	}
+	return judge(skb, p, ct);
+}
+
+#define GO_ON 0x100
+
+/* Parses the packet and finds the endpoint behind the interface: GO_ON, or the verdict on a
+ * packet that is no business of policy (not IP, neighbour discovery, no endpoint) or malformed. */
+static __always_inline int begin(struct __sk_buff *skb, struct pkt *p, __u8 dir)
+{
+	int ret = parse_packet(skb, &p->f);
 	if (ret == PARSE_NOT_IP || ret == PARSE_PASS_NDP)
 		return TC_ACT_OK;
 
@@ -391,58 +458,94 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_info *ep = bpf_map_lookup_elem(&mbr_endpoints_v3, &ifindex);
 	if (!ep)
 		return TC_ACT_OK; /* not a membrane endpoint */
-	p.ep_id = ep->endpoint_id;
-	p.ep_identity = ep->identity;
-	p.enforce = ep->flags & (dir == DIR_INGRESS ? EP_ENFORCE_INGRESS : EP_ENFORCE_EGRESS);
-	p.dir = dir;
+	p->ifindex = ifindex;
+	p->ep_id = ep->endpoint_id;
+	p->ep_identity = ep->identity;
+	p->enforce = ep->flags & (dir == DIR_INGRESS ? EP_ENFORCE_INGRESS : EP_ENFORCE_EGRESS);
+	p->dir = dir;
 	if (ret < 0) {
 		count((__u8)-ret, dir, skb->len);
-		emit(EVENT_DROP, (__u8)-ret, dir, skb, f, p.ep_id, 0, 0);
+		emit(EVENT_DROP, (__u8)-ret, dir, skb, ifindex, &p->f, p->ep_id, 0, 0);
 		return TC_ACT_SHOT;
 	}
-
 	/* The coarse clock (CLOCK_MONOTONIC, one tick's resolution) reads no hardware counter; the
 	 * precise one serializes the pipeline on every packet, for lifetimes counted in seconds. */
-	p.now = bpf_ktime_get_coarse_ns();
-	p.from_second = ct_key_of(&p.key, f, p.ep_id);
-	struct ct_value *ct = bpf_map_lookup_elem(&mbr_ct_v3, &p.key);
-	if (ct && ct->expires_ns <= p.now)
-		ct = 0; /* expired: this packet starts a new flow */
+	p->now = bpf_ktime_get_coarse_ns();
+	return GO_ON;
+}
 
-	/* A reply of a flow the other side started (and policy allowed) passes. */
-	if (ct && p.from_second != !!(ct->flags & CT_INITIATOR_SECOND)) {
-		ct_touch(ct, f, p.now, skb->len, CT_SEEN_REPLY);
-		count(0, dir, skb->len);
+/*
+ * A packet its sender's policy let out, for another endpoint on this node: judged by the
+ * receiver's ingress policy here and handed to the receiver's interface, with what the host's
+ * forwarding would have done to it (Ethernet addresses, one hop off the TTL). Anything this path
+ * does not take goes through the stack to the receiver's to_endpoint, as before.
+ */
+static __always_inline int deliver_local(struct __sk_buff *skb, struct pkt *p)
+{
+	struct local_key k;
+	__builtin_memcpy(k.addr, p->f.daddr, 16);
+	struct local_endpoint *dst = bpf_map_lookup_elem(&mbr_local_v3, &k);
+	if (!dst)
 		return TC_ACT_OK;
-	}
-
-	/* Read before any lookup: a verdict is never recorded under a newer revision than the
-	 * maps it was judged by. */
-	p.revision = policy_revision();
-	/* Read once: clang would otherwise address the context through a derived pointer, which
-	 * the verifier refuses. */
-	p.mark = skb->mark;
-	p.from_proxy = dir == DIR_INGRESS && (p.mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
-
-	/* A flow already judged under the policy in force (and not redirected) keeps its verdict;
-	 * any other is judged (again, after a policy change, so a change reaches established
-	 * flows too). */
-	if (ct && p.revision && ct->policy_rev == p.revision && !p.from_proxy) {
-		ct_touch(ct, f, p.now, skb->len, 0);
-		count(0, dir, skb->len);
+	__u32 ttl_off =
+	    ETH_HLEN + (p->f.family == 4 ? __builtin_offsetof(struct iphdr, ttl)
+					 : __builtin_offsetof(struct ipv6hdr, hop_limit));
+	__u8 ttl;
+	/* Expiring: the stack answers with ICMP time exceeded. */
+	if (bpf_skb_load_bytes(skb, ttl_off, &ttl, 1) || ttl <= 1)
 		return TC_ACT_OK;
+
+	p->ifindex = dst->ifindex;
+	p->ep_id = dst->endpoint_id;
+	p->ep_identity = dst->identity;
+	p->enforce = dst->flags & EP_ENFORCE_INGRESS;
+	p->dir = DIR_INGRESS;
+	p->from_proxy = 0;
+	p->local = 1;
+	int verdict = enforce(skb, p);
+	if (verdict == TC_ACT_UNSPEC)
+		return TC_ACT_OK;
+	if (verdict != TC_ACT_OK)
+		return verdict;
+
+	__u8 new_ttl = ttl - 1;
+	/* The checksum word holds TTL and protocol; only the TTL byte changes. */
+	if ((p->f.family == 4 &&
+	     bpf_l3_csum_replace(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, check), ttl,
+				 new_ttl, 2)) ||
+	    bpf_skb_store_bytes(skb, ttl_off, &new_ttl, 1, 0) ||
+	    bpf_skb_store_bytes(skb, 0, dst->mac, 12, 0)) {
+		count(DROP_WRITE_ERROR, DIR_INGRESS, skb->len);
+		emit(EVENT_DROP, DROP_WRITE_ERROR, DIR_INGRESS, skb, p->ifindex, &p->f, p->ep_id, 0,
+		     p->ep_identity);
+		return TC_ACT_SHOT;
 	}
-	return judge(skb, &p, ct);
+	return bpf_redirect_peer(p->ifindex, 0);
 }
 
 SEC("classifier")
 int from_endpoint(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_EGRESS);
+	struct pkt p = {};
+	int verdict = begin(skb, &p, DIR_EGRESS);
+	if (verdict != GO_ON)
+		return verdict;
+	verdict = enforce(skb, &p);
+	if (verdict != TC_ACT_OK || p.to_proxy)
+		return verdict;
+	return deliver_local(skb, &p);
 }
 
 SEC("classifier")
 int to_endpoint(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_INGRESS);
+	struct pkt p = {};
+	int verdict = begin(skb, &p, DIR_INGRESS);
+	if (verdict != GO_ON)
+		return verdict;
+	/* Read once, here: clang would otherwise address the context through a derived pointer,
+	 * which the verifier refuses. */
+	p.mark = skb->mark;
+	p.from_proxy = (p.mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY;
+	return enforce(skb, &p);
 }

@@ -20,6 +20,76 @@ pub struct EndpointNet {
     pub mtu: u32,
 }
 
+/// An Ethernet address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Mac> {
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split(':');
+        for b in &mut out {
+            let part = parts
+                .next()
+                .with_context(|| format!("Ethernet address {s:?}: too short"))?;
+            *b = u8::from_str_radix(part, 16)
+                .with_context(|| format!("Ethernet address {s:?}: {part:?}"))?;
+        }
+        if parts.next().is_some() {
+            bail!("Ethernet address {s:?}: too long");
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The Ethernet address of an interface: in the host's namespace, or in `netns`.
+pub fn mac(netns: Option<&str>, ifname: &str) -> Result<Mac> {
+    let text = match netns {
+        None => std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
+            .with_context(|| format!("no interface {ifname}"))?,
+        Some(ns) => {
+            let out = ip(&["-n", ns, "-j", "link", "show", "dev", ifname])?;
+            let links: Vec<serde_json::Value> = serde_json::from_str(&out)
+                .with_context(|| format!("parsing `ip -j link` of {ns}/{ifname}"))?;
+            links
+                .first()
+                .and_then(|l| l["address"].as_str())
+                .map(str::to_string)
+                .with_context(|| format!("{ns}/{ifname} has no Ethernet address"))?
+        }
+    };
+    text.parse()
+}
+
+/// What the datapath needs to know of an endpoint's plumbing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plumbed {
+    /// The host veth's ifindex.
+    pub ifindex: u32,
+    /// The endpoint's interface's Ethernet address.
+    pub mac: Mac,
+    /// The host veth's.
+    pub host_mac: Mac,
+}
+
 /// The interface name inside the namespace.
 pub const POD_IF: &str = "eth0";
 /// The host side's IPv6 link-local address, the endpoints' IPv6 gateway.
@@ -72,8 +142,8 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(s.trim().parse()?)
 }
 
-/// Creates (or completes) the plumbing. Returns the host veth's ifindex.
-pub fn ensure(ep: &EndpointNet) -> Result<u32> {
+/// Creates (or completes) the plumbing.
+pub fn ensure(ep: &EndpointNet) -> Result<Plumbed> {
     let ns = ep.netns.as_str();
     if !exists_netns(ns) {
         ip(&["netns", "add", ns])?;
@@ -159,7 +229,11 @@ pub fn ensure(ep: &EndpointNet) -> Result<u32> {
             "-n", ns, "-6", "route", "add", "default", "via", HOST_LL6, "dev", POD_IF,
         ])?;
     }
-    ifindex(&ep.host_if)
+    Ok(Plumbed {
+        ifindex: ifindex(&ep.host_if)?,
+        mac: mac(Some(ns), POD_IF)?,
+        host_mac: mac(None, host)?,
+    })
 }
 
 /// Removes the namespace (and with it the veth pair) and the host routes.
@@ -187,6 +261,21 @@ pub fn remove(ep: &EndpointNet) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ethernet_addresses_parse_and_print() {
+        let m: Mac = "02:0a:ff:00:01:9c".parse().unwrap();
+        assert_eq!(m, Mac([2, 0x0a, 0xff, 0, 1, 0x9c]));
+        assert_eq!(m.to_string(), "02:0a:ff:00:01:9c");
+        for bad in [
+            "02:0a:ff:00:01",
+            "02:0a:ff:00:01:9c:00",
+            "02:0a:zz:00:01:9c",
+            "",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn host_names_are_stable_and_short() {

@@ -14,7 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
-use membrane_agent::datapath::{Datapath, sync};
+use membrane_agent::datapath::{Datapath, LocalDelivery, sync};
+use membrane_agent::netns;
 use membrane_bpf::abi::{CtKey, CtValue, EndpointInfo};
 use membrane_policy::PolicySet;
 use membrane_policy::identity::{IdentityAllocator, LocalAllocator};
@@ -67,11 +68,21 @@ impl Lab {
         lab
     }
 
+    fn ns(&self, pod: char) -> String {
+        format!("mbrt{}{pod}", self.tag)
+    }
+
+    fn host_if(&self, pod: char) -> String {
+        format!("mbh{}{pod}", self.tag)
+    }
+
+    fn pod_if(&self, pod: char) -> String {
+        format!("mbp{}{pod}", self.tag)
+    }
+
     /// A "pod": namespace, veth pair, address, routes. Returns (host veth name, address).
     fn pod(&mut self, name: char, octet: u8) -> (String, String) {
-        let ns = format!("mbrt{}{name}", self.tag);
-        let host = format!("mbh{}{name}", self.tag);
-        let pod = format!("mbp{}{name}", self.tag);
+        let (ns, host, pod) = (self.ns(name), self.host_if(name), self.pod_if(name));
         let addr = format!("10.250.0.{octet}");
         must(&["ip", "netns", "add", &ns]);
         self.namespaces.push(ns.clone());
@@ -110,7 +121,7 @@ impl Lab {
 
     /// A TCP server in the pod's namespace that answers "ok" on each port.
     fn serve(&mut self, name: char, addr: &str, ports: &[u16]) {
-        let ns = format!("mbrt{}{name}", self.tag);
+        let ns = self.ns(name);
         let code = common::server_code(addr, ports, &[]);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c", &code])
@@ -122,7 +133,7 @@ impl Lab {
 
     /// Whether a TCP connection from the pod gets the server's answer within a second.
     fn connects(&self, from: char, addr: &str, port: u16) -> bool {
-        let ns = format!("mbrt{}{from}", self.tag);
+        let ns = self.ns(from);
         let code = common::client_code(addr, port);
         common::sh(&["ip", "netns", "exec", &ns, "python3", "-c", &code])
     }
@@ -169,6 +180,14 @@ fn json(mut c: Command) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn tx_packets(ifname: &str) -> u64 {
+    fs::read_to_string(format!("/sys/class/net/{ifname}/statistics/tx_packets"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -245,19 +264,30 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
         "a deleted entry and a changed one are repaired"
     );
     dp.remove_ipcache(desired[2].0).unwrap();
+    let delivery = |pod: char, ip: &str| LocalDelivery {
+        addresses: vec![ip.parse().unwrap()],
+        mac: netns::mac(Some(&lab.ns(pod)), &lab.pod_if(pod)).unwrap(),
+        host_mac: netns::mac(None, &lab.host_if(pod)).unwrap(),
+    };
+    let deliveries = [delivery('a', &a_ip), delivery('b', &b_ip)];
     let write = |dp: &mut Datapath, resolver: &Resolver| {
-        for (ep, ifname, id) in [(1u32, &a_if, &id_a), (2, &b_if, &id_b)] {
+        for ((ep, ifname, id), delivery) in [(1u32, &a_if, &id_a), (2, &b_if, &id_b)]
+            .into_iter()
+            .zip(&deliveries)
+        {
             let table = resolver.table(id.id).unwrap();
-            dp.set_endpoint(
-                ifindex(ifname),
-                EndpointInfo {
-                    endpoint_id: ep,
-                    identity: id.id.0,
-                    flags: sync::enforcement_flags(table),
-                    pad: 0,
-                },
-            )
-            .unwrap();
+            let info = EndpointInfo {
+                endpoint_id: ep,
+                identity: id.id.0,
+                flags: sync::enforcement_flags(table),
+                pad: 0,
+            };
+            dp.set_endpoint(ifindex(ifname), info, delivery).unwrap();
+            assert_eq!(
+                dp.set_endpoint(ifindex(ifname), info, delivery).unwrap(),
+                0,
+                "written once, then nothing drifted"
+            );
             dp.sync_policy(
                 ep,
                 &sync::policy_entries(ep, table, sync::L7Enforcer::Proxy, |_| 0),
@@ -270,6 +300,31 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
     dp.attach_endpoint(&b_if).unwrap();
 
     assert!(lab.connects('a', &b_ip, 8080), "allowed by b-ingress");
+
+    // Between endpoints, packets go straight into the receiver (bpf_redirect_peer): b's host
+    // veth transmits none of them, and they arrive one hop older, with valid checksums (the
+    // kernel drops a bad IPv4 header checksum; ping would time out).
+    let b_host_tx = tx_packets(&b_if);
+    assert!(lab.connects('a', &b_ip, 8080), "allowed, delivered locally");
+    let echo = Command::new("ip")
+        .args(["netns", "exec", &lab.ns('b'), "python3", "-c"])
+        .arg(common::icmp_echo_ttls_code(&a_ip, 20))
+        .output()
+        .unwrap();
+    let ttls = String::from_utf8_lossy(&echo.stdout);
+    assert_eq!(
+        ttls.lines().filter(|l| *l == "63").count(),
+        20,
+        "b reaches a (a's ingress is not enforced), one hop: {ttls} {}",
+        String::from_utf8_lossy(&echo.stderr)
+    );
+    let sent_by_host = tx_packets(&b_if) - b_host_tx;
+    assert!(
+        sent_by_host < 5,
+        "{sent_by_host} packets went through b's host veth: not delivered locally"
+    );
+    // A packet denied by the receiver's ingress policy, judged in the sender's program: the
+    // drop is the receiver's, as if its own program had judged it.
     let monitor = membrane(&lab, &["monitor", "--timeout", "4"])
         .stdout(Stdio::piped())
         .spawn()
@@ -304,6 +359,42 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
             .unwrap()
             .iter()
             .any(|e| e["prefix"] == format!("{b_ip}/32") && e["identity"] == id_b.id.0)
+    );
+    let local = json(membrane(&lab, &["bpf", "endpoint", "list"]));
+    assert_eq!(
+        local,
+        serde_json::json!([
+            {"address": a_ip, "endpoint_id": 1, "identity": id_a.id.0, "ifindex": ifindex(&a_if),
+             "mac": deliveries[0].mac.to_string(), "host_mac": deliveries[0].host_mac.to_string(),
+             "enforced": []},
+            {"address": b_ip, "endpoint_id": 2, "identity": id_b.id.0, "ifindex": ifindex(&b_if),
+             "mac": deliveries[1].mac.to_string(), "host_mac": deliveries[1].host_mac.to_string(),
+             "enforced": ["ingress"]},
+        ])
+    );
+    // An entry for an address no endpoint has (left by an interrupted removal) is pruned.
+    {
+        let stray = membrane_bpf::abi::LocalEndpoint {
+            ifindex: 999_999,
+            ..Default::default()
+        };
+        let data = aya::maps::MapData::from_pin(lab.bpffs.join(membrane_bpf::maps::LOCAL)).unwrap();
+        let mut m = aya::maps::HashMap::<_, membrane_bpf::abi::LocalKey, _>::try_from(
+            aya::maps::Map::HashMap(data),
+        )
+        .unwrap();
+        let key = membrane_bpf::abi::LocalKey::of("10.250.0.99".parse().unwrap());
+        m.insert(key, stray, 0).unwrap();
+    }
+    let addresses: Vec<std::net::IpAddr> = deliveries
+        .iter()
+        .flat_map(|d| d.addresses.clone())
+        .collect();
+    assert_eq!(dp.prune_local(&addresses).unwrap(), 1, "the stray entry");
+    assert_eq!(
+        dp.prune_local(&addresses).unwrap(),
+        0,
+        "the endpoints' own stay"
     );
     let policy = json(membrane(&lab, &["bpf", "policy", "get", "2"]));
     assert_eq!(

@@ -32,6 +32,8 @@ pub mod drop {
     pub const INVALID: u8 = 134;
     /// Truncated L4 header.
     pub const CT_INVALID_HDR: u8 = 135;
+    /// Writing to the packet failed (local delivery rewrites its Ethernet header and TTL).
+    pub const WRITE_ERROR: u8 = 141;
     /// Unsupported IPv6 extension header.
     pub const INVALID_EXTHDR: u8 = 156;
     /// Fragments are not supported.
@@ -105,6 +107,48 @@ pub struct EndpointInfo {
     /// Reserved.
     pub pad: u32,
 }
+
+/// `struct local_key`: a local endpoint's address, 16 bytes (IPv4 mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalKey {
+    /// The address.
+    pub addr: [u8; 16],
+}
+
+impl LocalKey {
+    /// The key of an address (IPv4 as `::ffff:a.b.c.d`, as the programs parse it).
+    pub fn of(addr: std::net::IpAddr) -> LocalKey {
+        let v6 = match addr {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+            std::net::IpAddr::V6(a) => a,
+        };
+        LocalKey { addr: v6.octets() }
+    }
+}
+
+/// `struct local_endpoint`: a local endpoint as the sender's program delivers to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// Its host-side veth.
+    pub ifindex: u32,
+    /// The endpoint's id.
+    pub endpoint_id: u32,
+    /// Its identity.
+    pub identity: u32,
+    /// `EP_ENFORCE_*` bits.
+    pub flags: u32,
+    /// The endpoint's interface's Ethernet address.
+    pub mac: [u8; 6],
+    /// The host-side veth's Ethernet address.
+    pub host_mac: [u8; 6],
+    /// Reserved.
+    pub pad: u32,
+}
+
+/// Addresses per endpoint the local map is sized for.
+pub const LOCAL_ADDRESSES_PER_ENDPOINT: u32 = 4;
 
 /// `struct device_info`.
 #[repr(C)]
@@ -365,6 +409,9 @@ const _: () = {
     assert!(size_of::<IpcacheValue>() == 8);
     assert!(size_of::<EndpointInfo>() == 16);
     assert!(size_of::<DeviceInfo>() == 8);
+    assert!(size_of::<LocalKey>() == 16);
+    assert!(size_of::<LocalEndpoint>() == 32);
+    assert!(offset_of!(LocalEndpoint, mac) == 16 && offset_of!(LocalEndpoint, host_mac) == 22);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(
         offset_of!(PolicyKey, dport) == 8
@@ -413,6 +460,8 @@ pod!(
     IpcacheKey6,
     IpcacheValue,
     EndpointInfo,
+    LocalKey,
+    LocalEndpoint,
     PolicyKey,
     PolicyValue,
     CtKey,

@@ -3,9 +3,11 @@
 //!
 //! ```text
 //!  host veth of an endpoint
-//!    TC ingress: from_endpoint ── egress policy of the endpoint
-//!    TC egress:  to_endpoint   ── ingress policy of the endpoint
+//!    TC ingress: from_endpoint ── egress policy of the endpoint; for a local destination also
+//!                                 its ingress policy, then straight into it (bpf_redirect_peer)
+//!    TC egress:  to_endpoint   ── ingress policy of the endpoint (traffic from elsewhere)
 //!  maps: ipcache (LPM, v4 + v6) -> identity; endpoints (ifindex -> endpoint);
+//!        local (address -> local endpoint, its interface and Ethernet addresses);
 //!        policy (endpoint, identity, port, proto, dir; 6 probes); conntrack (LRU);
 //!        metrics (per-CPU); events (ring buffer); revision (policy revision, one entry)
 //! ```
@@ -35,6 +37,8 @@ pub mod maps {
     pub const DEVICES: &str = "mbr_devices_v3";
     /// Endpoints by host veth ifindex.
     pub const ENDPOINTS: &str = "mbr_endpoints_v3";
+    /// Local endpoints by address, for delivery between endpoints.
+    pub const LOCAL: &str = "mbr_local_v3";
     /// Policy.
     pub const POLICY: &str = "mbr_policy_v3";
     /// Connection tracking.

@@ -7,8 +7,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use membrane_bpf::abi::{
-    self, CtKey, CtValue, EndpointInfo, Event, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
-    PolicyValue, RevisionValue,
+    self, CtKey, CtValue, EndpointInfo, Event, IpcacheValue, LocalEndpoint, LocalKey, MetricsKey,
+    MetricsValue, PolicyKey, PolicyValue, RevisionValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
 
@@ -50,6 +50,20 @@ fn effective_uid() -> u32 {
         })
         .and_then(|u| u.parse().ok())
         .unwrap_or(1)
+}
+
+/// Runs a program; returns its verdict and the packet as it left.
+fn run_out(ebpf: &mut Ebpf, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+    let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    };
+    let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(packet.len());
+    (r.return_value, out)
 }
 
 fn run(ebpf: &mut Ebpf, prog: &str, packet: &[u8]) -> u32 {
@@ -97,10 +111,22 @@ fn set_identity(ebpf: &mut Ebpf, net: IpAddr, len: u32, identity: u32) {
 }
 
 fn policy(ebpf: &mut Ebpf, identity: u32, dport: u16, proto: u8, dir: u8, action: Option<u8>) {
+    policy_of(ebpf, EP, identity, dport, proto, dir, action);
+}
+
+fn policy_of(
+    ebpf: &mut Ebpf,
+    endpoint_id: u32,
+    identity: u32,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+    action: Option<u8>,
+) {
     let mut m: HashMap<&mut MapData, PolicyKey, PolicyValue> =
         HashMap::try_from(ebpf.map_mut(maps::POLICY).unwrap()).unwrap();
     let k = PolicyKey {
-        endpoint_id: EP,
+        endpoint_id,
         identity,
         dport,
         proto,
@@ -655,4 +681,185 @@ fn map_sizes_match_the_rust_mirror() {
     };
     assert_eq!(max_entries(maps::ENDPOINTS), abi::MAX_ENDPOINTS);
     assert_eq!(max_entries(maps::METRICS), abi::METRICS_SLOTS);
+    assert_eq!(
+        max_entries(maps::LOCAL),
+        abi::MAX_ENDPOINTS * abi::LOCAL_ADDRESSES_PER_ENDPOINT
+    );
+}
+
+/// The IPv4 header checksum a packet builder leaves at 0, filled in.
+fn with_ipv4_checksum(mut p: Vec<u8>) -> Vec<u8> {
+    let sum = ipv4_header_sum(&p[14..34]);
+    p[24..26].copy_from_slice(&(!sum).to_be_bytes());
+    p
+}
+
+/// The one's-complement sum of a header's 16-bit words (0xffff when its checksum is right).
+fn ipv4_header_sum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+/// The receiving endpoint of local delivery, at address B.
+const RX_EP: u32 = 8;
+const RX_IFINDEX: u32 = 42;
+const RX_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 8];
+const RX_HOST_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 8];
+
+fn set_local(ebpf: &mut Ebpf, addr: IpAddr, flags: u32) {
+    let mut m: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+        HashMap::try_from(ebpf.map_mut(maps::LOCAL).unwrap()).unwrap();
+    let v = LocalEndpoint {
+        ifindex: RX_IFINDEX,
+        endpoint_id: RX_EP,
+        identity: B_ID,
+        flags,
+        mac: RX_MAC,
+        host_mac: RX_HOST_MAC,
+        pad: 0,
+    };
+    m.insert(LocalKey::of(addr), v, 0).unwrap();
+}
+
+#[test]
+fn local_delivery_judges_both_ends_and_hands_the_packet_over() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    // The receiver knows the sender by its address, as from any local endpoint.
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(A)), 32, EP_IDENTITY);
+    set_local(
+        &mut e,
+        IpAddr::V4(Ipv4Addr::from(B)),
+        abi::EP_ENFORCE_INGRESS,
+    );
+    set_revision(&mut e, 1);
+    allow_egress(&mut e, B_ID, 80, 6);
+    allow_egress(&mut e, B_ID, 81, 6);
+    let rx_allow = |e: &mut Ebpf, port: u16| {
+        policy_of(
+            e,
+            RX_EP,
+            EP_IDENTITY,
+            port,
+            6,
+            abi::DIR_INGRESS,
+            Some(abi::POLICY_ALLOW),
+        )
+    };
+    rx_allow(&mut e, 80);
+
+    let syn = with_ipv4_checksum(v4(A, B, 6, 40000, 80, SYN, 0));
+    let (verdict, out) = run_out(&mut e, programs::FROM_ENDPOINT, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "both policies allow: delivered");
+    assert_eq!(&out[0..6], &RX_MAC, "to the receiver's interface");
+    assert_eq!(&out[6..12], &RX_HOST_MAC, "from its gateway");
+    assert_eq!(out[22], 63, "one hop, as the host's forwarding would count");
+    assert_eq!(
+        ipv4_header_sum(&out[14..34]),
+        0xffff,
+        "the header checksum follows the TTL"
+    );
+    assert_eq!(&out[12..22], &syn[12..22]);
+    assert_eq!(&out[23..24], &syn[23..24]);
+    assert_eq!(&out[26..], &syn[26..], "nothing else changes");
+    assert_eq!(metric(&mut e, 0, abi::DIR_EGRESS), 1);
+    assert_eq!(metric(&mut e, 0, abi::DIR_INGRESS), 1);
+    let mut ct: Vec<(u32, u8)> = ct_entries(&mut e)
+        .iter()
+        .map(|(k, v)| (k.endpoint_id, v.dir))
+        .collect();
+    ct.sort();
+    assert_eq!(
+        ct,
+        vec![(EP, abi::DIR_EGRESS), (RX_EP, abi::DIR_INGRESS)],
+        "each end tracks the flow under its own policy"
+    );
+    // The established flow takes the fast path on both ends.
+    let ack = with_ipv4_checksum(v4(A, B, 6, 40000, 80, ACK, 0));
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &ack), TC_ACT_REDIRECT);
+    events(&mut e);
+
+    // The receiver's ingress denies 81: dropped here, counted and reported as its drop.
+    let to_81 = with_ipv4_checksum(v4(A, B, 6, 40001, 81, SYN, 0));
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &to_81), TC_ACT_SHOT);
+    assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_INGRESS), 1);
+    let drop = events(&mut e)
+        .into_iter()
+        .find(|ev| ev.kind == abi::EVENT_DROP)
+        .expect("a drop event");
+    assert_eq!(
+        (
+            drop.dir,
+            drop.endpoint_id,
+            drop.ifindex,
+            drop.src_identity,
+            drop.dst_identity
+        ),
+        (abi::DIR_INGRESS, RX_EP, RX_IFINDEX, EP_IDENTITY, B_ID)
+    );
+
+    // A packet about to expire goes through the stack (which answers time exceeded), judged
+    // by the sender only.
+    let mut last_hop = v4(A, B, 6, 40002, 80, SYN, 0);
+    last_hop[22] = 1;
+    let last_hop = with_ipv4_checksum(last_hop);
+    let before = ct_entries(&mut e).len();
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &last_hop), TC_ACT_OK);
+    assert_eq!(
+        ct_entries(&mut e).len(),
+        before + 1,
+        "the sender's entry only"
+    );
+
+    // A receiver whose ingress wants the proxy, which the sender's judgement did not see (here
+    // the ipcache does not name B's endpoint, as while maps change): the packet goes the long
+    // way, to the receiver's own program, with nothing recorded for the receiver.
+    policy_of(
+        &mut e,
+        RX_EP,
+        EP_IDENTITY,
+        80,
+        6,
+        abi::DIR_INGRESS,
+        Some(abi::POLICY_REDIRECT),
+    );
+    set_revision(&mut e, 2);
+    let fresh = with_ipv4_checksum(v4(A, B, 6, 40003, 80, SYN, 0));
+    let (verdict, out) = run_out(&mut e, programs::FROM_ENDPOINT, &fresh);
+    assert_eq!((verdict, &out[..]), (TC_ACT_OK, &fresh[..]), "untouched");
+    assert!(
+        !ct_entries(&mut e)
+            .iter()
+            .any(|(k, _)| k.endpoint_id == RX_EP && k.sport == 40003),
+        "nothing recorded for the receiver"
+    );
+}
+
+#[test]
+fn local_delivery_over_ipv6_counts_the_hop() {
+    let mut e = load();
+    let a: Ipv6Addr = "fd00::1".parse().unwrap();
+    let b: Ipv6Addr = "fd00::2".parse().unwrap();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS);
+    set_identity(&mut e, IpAddr::V6(b), 128, B_ID);
+    set_local(&mut e, IpAddr::V6(b), 0);
+    allow_egress(&mut e, B_ID, 443, 6);
+    let syn = v6(a, b, 6, &[], &l4(6, 40000, 443, SYN));
+    let (verdict, out) = run_out(&mut e, programs::FROM_ENDPOINT, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[0..6], &out[6..12]), (&RX_MAC[..], &RX_HOST_MAC[..]));
+    assert_eq!(out[21], 63, "hop limit");
+    assert_eq!(&out[22..], &syn[22..]);
+    // Not allowed out: never delivered.
+    let other = v6(a, b, 6, &[], &l4(6, 40000, 22, SYN));
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &other), TC_ACT_SHOT);
+    assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_EGRESS), 1);
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, RingBuf};
 use clap::{Args, Subcommand};
-use membrane_bpf::abi::{self, CtKey, CtValue, Event, IpcacheValue, PolicyKey, PolicyValue};
+use membrane_bpf::abi::{
+    self, CtKey, CtValue, Event, IpcacheValue, LocalEndpoint, LocalKey, PolicyKey, PolicyValue,
+};
 use membrane_bpf::maps;
 use serde_json::{Value, json};
 
@@ -41,6 +43,9 @@ pub(super) enum BpfCommand {
     /// Connection tracking entries.
     #[command(subcommand)]
     Ct(ListOnly),
+    /// Local endpoints by address: what the datapath delivers to directly.
+    #[command(subcommand)]
+    Endpoint(ListOnly),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +118,7 @@ pub(super) fn run(cmd: BpfCommand) -> Result<()> {
             policy(&root, id)
         }
         BpfCommand::Ct(ListOnly::List(root)) => ct(&root),
+        BpfCommand::Endpoint(ListOnly::List(root)) => local_endpoints(&root),
     }
 }
 
@@ -158,6 +164,49 @@ fn ipcache(root: &BpfRoot) -> Result<()> {
             "{:<45} {}",
             r["prefix"].as_str().unwrap_or_default(),
             r["identity"]
+        )
+    });
+    Ok(())
+}
+
+fn local_endpoints(root: &BpfRoot) -> Result<()> {
+    let m: HashMap<MapData, LocalKey, LocalEndpoint> =
+        pinned(&root.bpf_root, maps::LOCAL)?.try_into()?;
+    let mut rows = Vec::new();
+    for entry in m.iter() {
+        let (k, v) = entry?;
+        let a = Ipv6Addr::from(k.addr);
+        let address = a
+            .to_ipv4_mapped()
+            .map_or(IpAddr::V6(a), IpAddr::V4)
+            .to_string();
+        let mut enforced = Vec::new();
+        if v.flags & abi::EP_ENFORCE_INGRESS != 0 {
+            enforced.push("ingress");
+        }
+        if v.flags & abi::EP_ENFORCE_EGRESS != 0 {
+            enforced.push("egress");
+        }
+        rows.push(json!({
+            "address": address,
+            "endpoint_id": v.endpoint_id,
+            "identity": v.identity,
+            "ifindex": v.ifindex,
+            "mac": crate::netns::Mac(v.mac),
+            "host_mac": crate::netns::Mac(v.host_mac),
+            "enforced": enforced,
+        }));
+    }
+    rows.sort_by(|a, b| a["endpoint_id"].as_u64().cmp(&b["endpoint_id"].as_u64()));
+    print(root, rows, |r| {
+        format!(
+            "{:<40} id={} identity={} ifindex={} mac={} host_mac={}",
+            r["address"].as_str().unwrap_or_default(),
+            r["endpoint_id"],
+            r["identity"],
+            r["ifindex"],
+            r["mac"].as_str().unwrap_or_default(),
+            r["host_mac"].as_str().unwrap_or_default()
         )
     });
     Ok(())
@@ -274,6 +323,7 @@ fn drop_reason(reason: u8) -> &'static str {
         abi::drop::INVALID_EXTHDR => "Unsupported IPv6 extension header",
         abi::drop::FRAG_NOSUPPORT => "Fragments not supported",
         abi::drop::PROXY_LOOKUP_FAILED => "No proxy for L7 redirect",
+        abi::drop::WRITE_ERROR => "Failed to write to packet",
         _ => "Unknown",
     }
 }

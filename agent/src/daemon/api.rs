@@ -44,6 +44,8 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
         "addresses": e.net.addresses,
         "interface": e.net.host_if,
         "ifindex": e.ifindex,
+        "mac": e.mac,
+        "host_mac": e.host_mac,
         "netns": e.net.netns,
     })
 }

@@ -39,7 +39,7 @@ use membrane_xds_server::ads::XdsCache;
 use membrane_xds_server::translate;
 use prost::Message;
 
-use crate::datapath::{Datapath, sync};
+use crate::datapath::{Datapath, LocalDelivery, sync};
 use crate::ipam::Ipam;
 use crate::netns::{self, EndpointNet};
 use crate::policy_dir;
@@ -62,6 +62,10 @@ pub struct Endpoint {
     pub net: EndpointNet,
     /// Host veth ifindex.
     pub ifindex: u32,
+    /// The endpoint's interface's Ethernet address (local delivery writes it).
+    pub mac: netns::Mac,
+    /// The host veth's.
+    pub host_mac: netns::Mac,
 }
 
 /// What is persisted per endpoint, so a restarted agent finds its endpoints again.
@@ -572,7 +576,7 @@ impl Agent {
         id: u32,
         net: EndpointNet,
     ) -> Result<()> {
-        let ifindex = netns::ensure(&net)?;
+        let plumbed = netns::ensure(&net)?;
         let identity = self.identity_for(&labels, &namespace)?;
         for a in &net.addresses {
             self.datapath
@@ -586,7 +590,9 @@ impl Agent {
             id,
             identity,
             net,
-            ifindex,
+            ifindex: plumbed.ifindex,
+            mac: plumbed.mac,
+            host_mac: plumbed.host_mac,
         };
         self.endpoints.insert(name.clone(), ep);
         self.sync_endpoint(&name)?;
@@ -652,7 +658,8 @@ impl Agent {
             .ok_or_else(|| anyhow!("no endpoint {name:?}"))?;
         self.datapath.detach_endpoint(&ep.net.host_if)?;
         self.datapath.sync_policy(ep.id, &[])?;
-        self.datapath.remove_endpoint(ep.ifindex)?;
+        self.datapath
+            .remove_endpoint(ep.ifindex, &ep.net.addresses)?;
         for a in &ep.net.addresses {
             self.datapath.remove_ipcache(IpNet::from(*a))?;
             self.ipam.release(*a);
@@ -732,6 +739,11 @@ impl Agent {
             sync::L7Enforcer::Proxy
         };
         let entries = sync::policy_entries(id, table, l7, |_| proxy_port);
+        let delivery = LocalDelivery {
+            addresses: ep.net.addresses.clone(),
+            mac: ep.mac,
+            host_mac: ep.host_mac,
+        };
         self.datapath.set_endpoint(
             ifindex,
             EndpointInfo {
@@ -740,6 +752,7 @@ impl Agent {
                 flags,
                 pad: 0,
             },
+            &delivery,
         )?;
         self.datapath.sync_policy(id, &entries)?;
         Ok(())
@@ -757,12 +770,15 @@ impl Agent {
     pub fn reconcile(&mut self) -> Result<()> {
         let names: Vec<String> = self.endpoints.keys().cloned().collect();
         let mut ipcache = Vec::new();
+        let mut endpoint_addresses = Vec::new();
         for n in &names {
             let ep = self.endpoints[n].clone();
-            let ifindex = netns::ensure(&ep.net)?;
-            self.endpoints.get_mut(n).expect("listed").ifindex = ifindex;
+            let plumbed = netns::ensure(&ep.net)?;
+            let e = self.endpoints.get_mut(n).expect("listed");
+            (e.ifindex, e.mac, e.host_mac) = (plumbed.ifindex, plumbed.mac, plumbed.host_mac);
             for a in &ep.net.addresses {
                 ipcache.push((IpNet::from(*a), ep.identity.id.0, ep.id));
+                endpoint_addresses.push(*a);
             }
             self.datapath.attach_endpoint(&ep.net.host_if)?;
         }
@@ -774,6 +790,7 @@ impl Agent {
         }
         // Only what drifted is written (and moves the policy revision).
         self.datapath.ensure_ipcache(&ipcache)?;
+        self.datapath.prune_local(&endpoint_addresses)?;
         self.write_devices()?;
         self.sync_all()
     }

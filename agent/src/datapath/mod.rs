@@ -17,16 +17,20 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use membrane_bpf::abi::{
-    ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue, MAX_ENDPOINTS,
-    METRICS_SLOTS, MetricsKey, MetricsValue, PolicyKey, PolicyValue, RevisionValue,
+    ABI_VERSION, CtKey, CtValue, DeviceInfo, EndpointInfo, IpcacheValue,
+    LOCAL_ADDRESSES_PER_ENDPOINT, LocalEndpoint, LocalKey, MAX_ENDPOINTS, METRICS_SLOTS,
+    MetricsKey, MetricsValue, PolicyKey, PolicyValue, RevisionValue,
 };
 use membrane_bpf::{OBJECT, maps, programs};
+
+use crate::netns::Mac;
 
 /// Every map of the object, pinned by name under the root.
 const ALL_MAPS: &[&str] = &[
     maps::IPCACHE4,
     maps::IPCACHE6,
     maps::ENDPOINTS,
+    maps::LOCAL,
     maps::DEVICES,
     maps::POLICY,
     maps::CT,
@@ -34,6 +38,18 @@ const ALL_MAPS: &[&str] = &[
     maps::EVENTS,
     maps::REVISION,
 ];
+
+/// How other endpoints' packets reach an endpoint straight from their own program
+/// (`struct local_endpoint`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalDelivery {
+    /// The endpoint's addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Its interface's Ethernet address.
+    pub mac: Mac,
+    /// Its host-side veth's.
+    pub host_mac: Mac,
+}
 
 /// The loaded datapath.
 #[derive(Debug)]
@@ -269,17 +285,85 @@ impl Datapath {
         self.bump_revision()
     }
 
-    /// Registers the endpoint behind a host veth.
-    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
-        let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
-            HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
-        m.insert(ifindex, info, 0).with_context(|| {
-            format!(
-                "registering endpoint {} in the datapath (it holds at most {MAX_ENDPOINTS})",
-                info.endpoint_id
-            )
-        })?;
-        self.bump_revision()
+    /// Registers the endpoint behind a host veth, and under its addresses for delivery from
+    /// other endpoints. Writes only what differs from the maps (and moves the revision only
+    /// then), so the reconcile pass calls it for every endpoint; returns how many entries it
+    /// wrote.
+    pub fn set_endpoint(
+        &mut self,
+        ifindex: u32,
+        info: EndpointInfo,
+        delivery: &LocalDelivery,
+    ) -> Result<usize> {
+        if delivery.addresses.len() > LOCAL_ADDRESSES_PER_ENDPOINT as usize {
+            bail!(
+                "endpoint {} has {} addresses; the datapath delivers to at most {LOCAL_ADDRESSES_PER_ENDPOINT}",
+                info.endpoint_id,
+                delivery.addresses.len()
+            );
+        }
+        let mut written = 0;
+        {
+            let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
+                HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
+            if m.get(&ifindex, 0).ok() != Some(info) {
+                m.insert(ifindex, info, 0).with_context(|| {
+                    format!(
+                        "registering endpoint {} in the datapath (it holds at most {MAX_ENDPOINTS})",
+                        info.endpoint_id
+                    )
+                })?;
+                written += 1;
+            }
+        }
+        let local = LocalEndpoint {
+            ifindex,
+            endpoint_id: info.endpoint_id,
+            identity: info.identity,
+            flags: info.flags,
+            mac: delivery.mac.0,
+            host_mac: delivery.host_mac.0,
+            pad: 0,
+        };
+        {
+            let mut m: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+                HashMap::try_from(self.ebpf.map_mut(maps::LOCAL).context("local")?)?;
+            for a in &delivery.addresses {
+                let key = LocalKey::of(*a);
+                if m.get(&key, 0).ok() != Some(local) {
+                    m.insert(key, local, 0)
+                        .with_context(|| format!("registering {a} for local delivery"))?;
+                    written += 1;
+                }
+            }
+        }
+        if written > 0 {
+            self.bump_revision()?;
+        }
+        Ok(written)
+    }
+
+    /// Deletes the local-delivery entries of addresses that belong to no endpoint any more
+    /// (drift: something else wrote them, or a removal was interrupted); returns how many.
+    pub fn prune_local(&mut self, endpoint_addresses: &[IpAddr]) -> Result<usize> {
+        let keep: std::collections::HashSet<LocalKey> = endpoint_addresses
+            .iter()
+            .map(|a| LocalKey::of(*a))
+            .collect();
+        let mut m: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+            HashMap::try_from(self.ebpf.map_mut(maps::LOCAL).context("local")?)?;
+        let stale: Vec<LocalKey> = m
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in &stale {
+            let _ = m.remove(k);
+        }
+        if !stale.is_empty() {
+            self.bump_revision()?;
+        }
+        Ok(stale.len())
     }
 
     /// Removes a prefix from the ipcache.
@@ -300,8 +384,15 @@ impl Datapath {
         self.bump_revision()
     }
 
-    /// Forgets the endpoint behind a host veth.
-    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+    /// Forgets the endpoint behind a host veth, and its addresses for local delivery.
+    pub fn remove_endpoint(&mut self, ifindex: u32, addresses: &[IpAddr]) -> Result<()> {
+        {
+            let mut m: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+                HashMap::try_from(self.ebpf.map_mut(maps::LOCAL).context("local")?)?;
+            for a in addresses {
+                let _ = m.remove(&LocalKey::of(*a));
+            }
+        }
         let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
             HashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints")?)?;
         let _ = m.remove(&ifindex);

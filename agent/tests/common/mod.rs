@@ -93,6 +93,23 @@ pub fn http_server_code(addr: &str, port: u16) -> String {
     )
 }
 
+/// Python that sends `count` ICMP echo requests to the IPv4 address `addr`, one at a time, and
+/// prints the TTL of each reply (a line per reply; a request unanswered within a second ends it).
+pub fn icmp_echo_ttls_code(addr: &str, count: u16) -> String {
+    format!(
+        "import socket,struct,sys,os\n\
+         def csum(b):\n  b+=b'\\0'*(len(b)%2); s=sum(struct.unpack('!%dH'%(len(b)//2),b)); s=(s>>16)+(s&0xffff); s+=s>>16; return ~s&0xffff\n\
+         ident=os.getpid()&0xffff\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP); s.settimeout(1)\n\
+         for seq in range({count}):\n  \
+           body=struct.pack('!BBHHH',8,0,0,ident,seq)+b'membrane'\n  \
+           s.sendto(body[:2]+struct.pack('!H',csum(body))+body[4:],('{addr}',0))\n  \
+           while True:\n    \
+             d=s.recv(1024); ihl=(d[0]&15)*4\n    \
+             if d[ihl]==0 and struct.unpack('!HH',d[ihl+4:ihl+8])==(ident,seq): print(d[8]); break\n"
+    )
+}
+
 /// Python that exits 0 when an ICMP echo request to the IPv4 address `addr` is answered within a
 /// second (raw socket: needs root).
 pub fn icmp_echo_code(addr: &str) -> String {

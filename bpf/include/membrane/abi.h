@@ -75,6 +75,30 @@ struct endpoint_info {
 };
 
 /*
+ * local: the address (16 bytes, v4 mapped) of a local endpoint -> that endpoint and how to reach
+ * it. A packet one endpoint sends to another on the node is judged by both policies at the
+ * sender's TC ingress and handed straight to the receiver's interface (bpf_redirect_peer, as
+ * Cilium's local delivery): no host routing, no second program run. At most MAX_ENDPOINTS
+ * endpoints with 4 addresses each.
+ */
+#define LOCAL_ADDRESSES_PER_ENDPOINT 4
+struct local_key {
+	__u8 addr[16];
+};
+struct local_endpoint {
+	/* Its host-side veth, whose peer is the endpoint's interface. */
+	__u32 ifindex;
+	__u32 endpoint_id;
+	__u32 identity;
+	__u32 flags;
+	/* The Ethernet addresses of a delivered frame: the endpoint's interface (destination),
+	 * then its host-side veth (source, the endpoint's gateway). */
+	__u8 mac[6];
+	__u8 host_mac[6];
+	__u32 pad;
+};
+
+/*
  * devices: ifindex of an external device -> the identity its traffic has when the ipcache knows no
  * better (world; host with --k8s-legacy-host-allows-world). Traffic that arrives from an external
  * device never carries a local endpoint's or the host's identity, whatever its source address.
@@ -182,6 +206,7 @@ struct metrics_value {
 #define DROP_INVALID		 134
 #define DROP_POLICY		 133
 #define DROP_CT_INVALID_HDR	 135
+#define DROP_WRITE_ERROR	 141
 #define DROP_UNKNOWN_L4		 142
 #define DROP_INVALID_EXTHDR	 156
 #define DROP_FRAG_NOSUPPORT	 157
