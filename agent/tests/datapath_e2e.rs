@@ -263,6 +263,11 @@ fn enforces_resolved_policy_on_real_traffic_and_survives_the_loader() {
         2,
         "a deleted entry and a changed one are repaired"
     );
+    // A prefix nobody asked for (written by something else) is deleted.
+    dp.set_ipcache("10.250.7.0/24".parse().unwrap(), 2, 0)
+        .unwrap();
+    assert_eq!(dp.ensure_ipcache(&desired).unwrap(), 1, "the stray prefix");
+    assert_eq!(dp.ensure_ipcache(&desired).unwrap(), 0);
     dp.remove_ipcache(desired[2].0).unwrap();
     let delivery = |pod: char, ip: &str| LocalDelivery {
         addresses: vec![ip.parse().unwrap()],

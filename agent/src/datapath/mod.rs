@@ -213,12 +213,13 @@ impl Datapath {
         self.bump_revision()
     }
 
-    /// Makes the ipcache hold `entries` (prefix, identity, endpoint id): writes only those
-    /// missing or different, and moves the policy revision once if any was. The reconcile
-    /// controller calls it every few seconds with every prefix (10,000 CIDR identities in the
-    /// benchmark): writing them all each time, with a revision bump per write, was work for
-    /// nothing and re-judged every flow. Entries it does not name are left alone. Returns how
-    /// many were written.
+    /// Makes the ipcache hold exactly `entries` (prefix, identity, endpoint id): writes only
+    /// those missing or different, deletes prefixes it does not name (written by something
+    /// else, or left by an interrupted removal), and moves the policy revision once if anything
+    /// changed. The reconcile controller calls it every few seconds with every prefix (10,000
+    /// CIDR identities in the benchmark): writing them all each time, with a revision bump per
+    /// write, was work for nothing and re-judged every flow. Returns how many entries it wrote
+    /// or deleted.
     pub fn ensure_ipcache(&mut self, entries: &[(IpNet, u32, u32)]) -> Result<usize> {
         let mut current: std::collections::HashMap<IpNet, IpcacheValue> =
             std::collections::HashMap::new();
@@ -242,21 +243,44 @@ impl Datapath {
                 }
             }
         }
-        let mut written = 0;
+        let mut changed = 0;
         for &(net, identity, endpoint_id) in entries {
             let value = IpcacheValue {
                 identity,
                 endpoint_id,
             };
-            if current.get(&net.trunc()) != Some(&value) {
+            if current.remove(&net.trunc()) != Some(value) {
                 self.write_ipcache(net, value)?;
-                written += 1;
+                changed += 1;
             }
         }
-        if written > 0 {
+        // What is left was named by no entry.
+        for net in current.into_keys() {
+            self.delete_ipcache(net)?;
+            changed += 1;
+        }
+        if changed > 0 {
             self.bump_revision()?;
         }
-        Ok(written)
+        Ok(changed)
+    }
+
+    fn delete_ipcache(&mut self, net: IpNet) -> Result<()> {
+        let len = u32::from(net.prefix_len());
+        match net.network() {
+            IpAddr::V4(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE4).context("ipcache4")?)?;
+                // Gone already is what was wanted.
+                let _ = m.remove(&Key::new(len, a.octets()));
+            }
+            IpAddr::V6(a) => {
+                let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE6).context("ipcache6")?)?;
+                let _ = m.remove(&Key::new(len, a.octets()));
+            }
+        }
+        Ok(())
     }
 
     fn write_ipcache(&mut self, net: IpNet, value: IpcacheValue) -> Result<()> {
@@ -368,19 +392,7 @@ impl Datapath {
 
     /// Removes a prefix from the ipcache.
     pub fn remove_ipcache(&mut self, net: IpNet) -> Result<()> {
-        let len = u32::from(net.prefix_len());
-        match net.network() {
-            IpAddr::V4(a) => {
-                let mut m: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE4).context("ipcache4")?)?;
-                let _ = m.remove(&Key::new(len, a.octets()));
-            }
-            IpAddr::V6(a) => {
-                let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE6).context("ipcache6")?)?;
-                let _ = m.remove(&Key::new(len, a.octets()));
-            }
-        }
+        self.delete_ipcache(net)?;
         self.bump_revision()
     }
 
