@@ -409,6 +409,12 @@ static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_valu
 	return TC_ACT_OK;
 }
 
+static __always_inline int is_echo_request(const struct flow *f)
+{
+	return (f->proto == IPPROTO_ICMP && f->icmp_type == 8) ||
+	       (f->proto == IPPROTO_ICMPV6 && f->icmp_type == 128);
+}
+
 /*
  * One endpoint's verdict on a parsed packet (p: flow, endpoint, direction, clock, mark): replies
  * of tracked flows and flows judged under the policy revision in force pass here; any other
@@ -422,8 +428,11 @@ static __always_inline int enforce(struct __sk_buff *skb, struct pkt *p)
 	if (ct && ct->expires_ns <= p->now)
 		ct = 0; /* expired: this packet starts a new flow */
 
-	/* A reply of a flow the other side started (and policy allowed) passes. */
-	if (ct && p->from_second != !!(ct->flags & CT_INITIATOR_SECOND)) {
+	int from_initiator = ct && p->from_second == !!(ct->flags & CT_INITIATOR_SECOND);
+	/* A reply of a flow the other side started (and policy allowed) passes. An echo request
+	 * is never a reply: it shares its key with the other end's pings (ICMP has no ports), and
+	 * is judged as the new exchange it is. */
+	if (ct && !from_initiator && !is_echo_request(f)) {
 		ct_touch(ct, f, p->now, skb->len, CT_SEEN_REPLY);
 		count(0, p->dir, skb->len);
 		return TC_ACT_OK;
@@ -436,7 +445,7 @@ static __always_inline int enforce(struct __sk_buff *skb, struct pkt *p)
 	/* A flow already judged under the policy in force (and not redirected) keeps its verdict;
 	 * any other is judged (again, after a policy change, so a change reaches established
 	 * flows too). */
-	if (ct && p->revision && ct->policy_rev == p->revision && !p->from_proxy) {
+	if (from_initiator && p->revision && ct->policy_rev == p->revision && !p->from_proxy) {
 		ct_touch(ct, f, p->now, skb->len, 0);
 		count(0, p->dir, skb->len);
 		return TC_ACT_OK;

@@ -18,9 +18,9 @@ if ! command -v clang-19 >/dev/null || ! command -v clang-format-19 >/dev/null |
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 clang-format-19 llvm-19 libbpf-dev protobuf-compiler >/dev/null
 fi
-for tool in ip sysctl python3 curl nft iperf3 openssl; do
+for tool in ip sysctl python3 curl nft iperf3 openssl ping nc; do
   if ! command -v "$tool" >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 procps python3 curl nftables iperf3 openssl >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 procps python3 curl nftables iperf3 openssl iputils-ping netcat-openbsd >/dev/null
     break
   fi
 done

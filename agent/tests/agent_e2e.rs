@@ -235,6 +235,19 @@ impl Env {
         common::sh(&["ip", "netns", "exec", &self.ns(from), "python3", "-c", code])
     }
 
+    /// Runs a command in an endpoint's namespace: (success, stdout).
+    fn run_in(&self, ns: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e} (scripts/test.sh installs the tools)"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     fn connects(&self, from: &str, addr: &str, port: u16) -> bool {
         let code = common::client_code(addr, port);
         self.python(from, &code)
@@ -1286,6 +1299,48 @@ fn agent_enforces_policy_between_endpoints() {
     assert!(
         env.python("web", &common::icmp_echo_code(&client_ip)),
         "ICMP echo to an unselected endpoint, and its reply"
+    );
+    // The same with the everyday tools: ping over IPv4 and ICMPv6, nc over TCP and UDP. Between
+    // two endpoints a packet is one hop older (the datapath delivers it as the host's forwarding
+    // would have).
+    let client_ip6 = c["addresses"][1].as_str().unwrap().to_string();
+    env.serve("client", &client_ip, &[], &[5300]);
+    for (family, to_client, to_web) in [("-4", &client_ip, &web_ip), ("-6", &client_ip6, &web_ip6)]
+    {
+        let (ok, out) = env.run_in("web", &["ping", family, "-c", "2", "-W", "1", to_client]);
+        assert!(
+            ok && out.contains("ttl=63"),
+            "ping {family} web -> client: {out}"
+        );
+        let (ok, out) = env.run_in("client", &["ping", family, "-c", "2", "-W", "1", to_web]);
+        assert!(!ok, "ping {family} is not in web's policy: {out}");
+    }
+    let nc = |from: &str, args: &[&str]| {
+        let mut cmd = vec!["sh", "-c", r#"printf hi | nc "$@""#, "nc"];
+        cmd.extend_from_slice(args);
+        env.run_in(from, &cmd)
+    };
+    assert!(
+        nc("client", &["-z", "-w", "1", &web_ip, "8080"]).0,
+        "nc TCP: allowed"
+    );
+    assert!(
+        !nc("client", &["-z", "-w", "1", &web_ip, "8081"]).0,
+        "nc TCP: not in the policy"
+    );
+    assert!(
+        nc("client", &["-z", "-w", "1", &web_ip6, "8080"]).0,
+        "nc TCP over IPv6: allowed"
+    );
+    assert_eq!(
+        nc("web", &["-u", "-w", "1", &client_ip, "5300"]).1,
+        "ok",
+        "nc UDP and its reply"
+    );
+    assert_eq!(
+        nc("client", &["-u", "-w", "1", &web_ip, "5353"]).1,
+        "",
+        "nc UDP: not in the policy"
     );
     // From the world, through the external device: the CIDR rule with its exception.
     assert!(

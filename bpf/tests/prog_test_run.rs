@@ -863,3 +863,25 @@ fn local_delivery_over_ipv6_counts_the_hop() {
     assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &other), TC_ACT_SHOT);
     assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_EGRESS), 1);
 }
+
+#[test]
+fn an_echo_request_is_never_a_reply() {
+    let mut e = load();
+    set_endpoint(&mut e, abi::EP_ENFORCE_EGRESS | abi::EP_ENFORCE_INGRESS);
+    set_identity(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 32, B_ID);
+    set_revision(&mut e, 1);
+    allow_egress(&mut e, B_ID, 0, 1);
+    // The endpoint pings B; B's reply comes back through conntrack.
+    let request = |src, dst| v4(src, dst, 1, 0, 0, 0, 0);
+    let mut reply = request(B, A);
+    reply[34] = 0; // echo reply
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &request(A, B)), TC_ACT_OK);
+    assert_eq!(run(&mut e, programs::TO_ENDPOINT, &reply), TC_ACT_OK);
+    // B pings the endpoint: same addresses, no ports, so the same conntrack key; still a new
+    // exchange, which the endpoint's ingress policy (no rule) refuses.
+    assert_eq!(
+        run(&mut e, programs::TO_ENDPOINT, &request(B, A)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_INGRESS), 1);
+}
