@@ -160,20 +160,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
                     return r;
                 }
             }
-            // A stack buffer: an idle connection holds no read buffer of its own.
-            let mut scratch = [0u8; 4096];
-            let mut rb = ReadBuf::new(&mut scratch);
+            // A stack buffer: an idle connection holds no read buffer of its own. Left
+            // uninitialized (the socket fills what is read), not zeroed on every read.
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+            let mut rb = ReadBuf::uninit(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
+                    let read = rb.filled();
+                    if read.is_empty() {
                         // EOF: a partial head is simply dropped with the connection.
                         return Poll::Ready(Ok(()));
                     }
-                    this.state.activity.fetch_add(n as u64, Ordering::Relaxed);
-                    this.framer.feed(&scratch[..n], &mut this.out);
+                    this.state
+                        .activity
+                        .fetch_add(read.len() as u64, Ordering::Relaxed);
+                    this.framer.feed(read, &mut this.out);
                     this.note_progress();
                 }
             }

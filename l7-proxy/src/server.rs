@@ -71,8 +71,9 @@ impl Proxy {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_timeout)
+            // The guard times heads out (GuardState::head_age, checked by the connection
+            // task): hyper's own timeout would arm a timer for every request.
+            .header_read_timeout(None)
             .max_headers(cfg.limits.max_headers)
             .max_buf_size((cfg.limits.max_head_bytes * 2).max(64 * 1024))
             .keep_alive(true)
@@ -238,6 +239,11 @@ impl Proxy {
             let tick = (idle.min(header_timeout) / 2)
                 .min(Duration::from_secs(1))
                 .max(Duration::from_millis(10));
+            // One timer for the connection's life, re-armed when it fires: a new one per
+            // wake-up (every request wakes this task) was a timer-wheel insert and removal
+            // per request.
+            let checks = tokio::time::sleep(tick);
+            tokio::pin!(checks);
             loop {
                 tokio::select! {
                     _ = served.as_mut() => break,
@@ -245,7 +251,8 @@ impl Proxy {
                         closing = true;
                         served.as_mut().graceful_shutdown();
                     }
-                    _ = tokio::time::sleep(tick) => {
+                    _ = checks.as_mut() => {
+                        checks.as_mut().reset(tokio::time::Instant::now() + tick);
                         if guard_state.head_age().is_some_and(|age| age >= header_timeout) {
                             // A head that does not complete in time: drop the connection.
                             break;
