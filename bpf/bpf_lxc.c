@@ -315,6 +315,20 @@ static __noinline int judge(struct __sk_buff *skb, struct pkt *p, struct ct_valu
 {
 	struct flow *f = &p->f;
 	__u8 dir = p->dir;
+	/* What leaves an endpoint carries one of its own addresses: with another's, it would pass
+	 * for that workload at the receiver. Checked when a flow is judged, so a spoofed flow never
+	 * gets a conntrack entry to ride on. */
+	if (dir == DIR_EGRESS) {
+		struct local_key own;
+		__builtin_memcpy(own.addr, f->saddr, 16);
+		struct local_endpoint *self = bpf_map_lookup_elem(&mbr_local_v3, &own);
+		if (!self || self->endpoint_id != p->ep_id) {
+			count(DROP_INVALID_SIP, dir, skb->len);
+			emit(EVENT_DROP, DROP_INVALID_SIP, dir, skb, p->ifindex, f, p->ep_id,
+			     p->ep_identity, 0);
+			return TC_ACT_SHOT;
+		}
+	}
 	/* The remote end: the destination of what leaves, the source of what arrives. */
 	struct ipcache_value *rv = lookup_ipcache(f, dir == DIR_EGRESS ? f->daddr : f->saddr);
 	__u32 remote = rv ? rv->identity : ID_WORLD;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use membrane_bpf::abi::{self, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, RevisionValue};
+use membrane_bpf::abi::{
+    self, EndpointInfo, IpcacheValue, LocalEndpoint, LocalKey, PolicyKey, PolicyValue,
+    RevisionValue,
+};
 use membrane_bpf::{OBJECT, maps, programs};
 
 /// BPF_PROG_TEST_RUN runs sched_cls programs on the loopback device.
@@ -67,6 +70,19 @@ fn main() {
             pad: 0,
         };
         m.insert(LO, info, 0).unwrap();
+        // Its own address (judged packets must come from it).
+        let mut local: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+            HashMap::try_from(e.map_mut(maps::LOCAL).unwrap()).unwrap();
+        let own = LocalEndpoint {
+            ifindex: LO,
+            endpoint_id: EP,
+            identity: 300,
+            flags,
+            ..LocalEndpoint::default()
+        };
+        local
+            .insert(LocalKey::of(Ipv4Addr::from(A).into()), own, 0)
+            .unwrap();
     }
     {
         // 10,000 CIDR identities in the ipcache, as in bench/datapath.sh.

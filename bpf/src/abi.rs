@@ -26,6 +26,8 @@ pub const EVENT_VERDICT: u8 = 2;
 
 /// Drop reasons (Cilium's numbers; negated in Cilium's own output).
 pub mod drop {
+    /// The source address is not the sending endpoint's.
+    pub const INVALID_SIP: u8 = 132;
     /// Policy denied.
     pub const POLICY: u8 = 133;
     /// Invalid packet.

@@ -75,6 +75,9 @@ fn run(ebpf: &mut Ebpf, prog: &str, packet: &[u8]) -> u32 {
     p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
+/// The test endpoint's own addresses (what it may send from).
+const OWN_ADDRESSES: [&str; 3] = ["10.200.0.1", "fd00:200::1", "fd00::1"];
+
 fn set_endpoint(ebpf: &mut Ebpf, flags: u32) {
     let mut m: HashMap<&mut MapData, u32, EndpointInfo> =
         HashMap::try_from(ebpf.map_mut(maps::ENDPOINTS).unwrap()).unwrap();
@@ -89,6 +92,20 @@ fn set_endpoint(ebpf: &mut Ebpf, flags: u32) {
         0,
     )
     .unwrap();
+    let mut local: HashMap<&mut MapData, LocalKey, LocalEndpoint> =
+        HashMap::try_from(ebpf.map_mut(maps::LOCAL).unwrap()).unwrap();
+    for a in OWN_ADDRESSES {
+        let own = LocalEndpoint {
+            ifindex: LO,
+            endpoint_id: EP,
+            identity: EP_IDENTITY,
+            flags,
+            ..LocalEndpoint::default()
+        };
+        local
+            .insert(LocalKey::of(a.parse().unwrap()), own, 0)
+            .unwrap();
+    }
 }
 
 fn set_identity(ebpf: &mut Ebpf, net: IpAddr, len: u32, identity: u32) {
@@ -875,7 +892,10 @@ fn an_echo_request_is_never_a_reply() {
     let request = |src, dst| v4(src, dst, 1, 0, 0, 0, 0);
     let mut reply = request(B, A);
     reply[34] = 0; // echo reply
-    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &request(A, B)), TC_ACT_OK);
+    assert_eq!(
+        run(&mut e, programs::FROM_ENDPOINT, &request(A, B)),
+        TC_ACT_OK
+    );
     assert_eq!(run(&mut e, programs::TO_ENDPOINT, &reply), TC_ACT_OK);
     // B pings the endpoint: same addresses, no ports, so the same conntrack key; still a new
     // exchange, which the endpoint's ingress policy (no rule) refuses.
@@ -884,4 +904,28 @@ fn an_echo_request_is_never_a_reply() {
         TC_ACT_SHOT
     );
     assert_eq!(metric(&mut e, abi::drop::POLICY, abi::DIR_INGRESS), 1);
+}
+
+#[test]
+fn an_endpoint_sends_only_from_its_own_addresses() {
+    let mut e = load();
+    set_endpoint(&mut e, 0);
+    // Not even enforced: a spoofed source is dropped all the same, before any policy.
+    let spoofed = v4([10, 200, 0, 9], B, 6, 40000, 80, SYN, 0);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &spoofed), TC_ACT_SHOT);
+    assert_eq!(metric(&mut e, abi::drop::INVALID_SIP, abi::DIR_EGRESS), 1);
+    let ev = events(&mut e);
+    assert_eq!(
+        (ev[0].kind, ev[0].reason, ev[0].endpoint_id),
+        (abi::EVENT_DROP, abi::drop::INVALID_SIP, EP)
+    );
+    assert!(ct_entries(&mut e).is_empty(), "no flow to ride on");
+    // Another endpoint's address is no better.
+    set_local(&mut e, IpAddr::V4(Ipv4Addr::from(B)), 0);
+    let as_b = v4(B, [10, 200, 0, 3], 6, 40000, 80, SYN, 0);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &as_b), TC_ACT_SHOT);
+    assert_eq!(metric(&mut e, abi::drop::INVALID_SIP, abi::DIR_EGRESS), 2);
+    // Its own passes.
+    let own = v4(A, [10, 200, 0, 3], 6, 40000, 80, SYN, 0);
+    assert_eq!(run(&mut e, programs::FROM_ENDPOINT, &own), TC_ACT_OK);
 }

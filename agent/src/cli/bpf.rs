@@ -317,6 +317,7 @@ fn ct(root: &BpfRoot) -> Result<()> {
 
 fn drop_reason(reason: u8) -> &'static str {
     match reason {
+        abi::drop::INVALID_SIP => "Invalid source ip",
         abi::drop::POLICY => "Policy denied",
         abi::drop::INVALID => "Invalid packet",
         abi::drop::CT_INVALID_HDR => "Invalid L4 header",

@@ -203,6 +203,7 @@ struct metrics_value {
 };
 
 /* Drop reasons: Cilium's numbers, negated in events and metrics. */
+#define DROP_INVALID_SIP	 132
 #define DROP_INVALID		 134
 #define DROP_POLICY		 133
 #define DROP_CT_INVALID_HDR	 135
