@@ -102,6 +102,7 @@ struct Metrics {
     denied: [u32; 2],
     kafka_allowed: [u32; 2],
     kafka_denied: [u32; 2],
+    connections: u32,
     applied: u32,
     rejected: u32,
     seeded: u32,
@@ -129,6 +130,7 @@ impl Metrics {
                 counter("kafka.inbound.denied"),
                 counter("kafka.outbound.denied"),
             ],
+            connections: counter("http.connections"),
             applied: counter("xds.applied"),
             rejected: counter("xds.rejected"),
             seeded: counter("xds.seeded"),
@@ -148,6 +150,8 @@ struct Tally {
     denied: [Cell<i64>; 2],
     kafka_allowed: [Cell<i64>; 2],
     kafka_denied: [Cell<i64>; 2],
+    /// Connections whose facts were read (once per connection while it stays cached).
+    connections: Cell<i64>,
 }
 
 impl Tally {
@@ -168,6 +172,10 @@ impl Tally {
                     hostcalls::increment_metric(*id, n).ok();
                 }
             }
+        }
+        let n = self.connections.take();
+        if n > 0 {
+            hostcalls::increment_metric(metrics.connections, n).ok();
         }
     }
 }
@@ -532,13 +540,16 @@ impl Http {
     /// The connection's facts, read once per connection (one property read per request after
     /// the first).
     fn conn_facts(&self) -> Option<Rc<ConnFacts>> {
-        let id = property(&["connection", "id"])
+        // `connection_id`, not `connection.id`: the latter builds Envoy's CEL connection
+        // wrapper in a fresh arena and looks the field up by name, on every request.
+        let id = property(&["connection_id"])
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_le_bytes);
         if let Some(facts) = id.and_then(|id| self.conns.borrow().get(&id).cloned()) {
             return Some(facts);
         }
         let facts = Rc::new(read_conn_facts()?);
+        Tally::count(&self.tally.connections);
         if let Some(id) = id {
             let mut conns = self.conns.borrow_mut();
             if conns.len() >= CONN_CACHE_MAX {

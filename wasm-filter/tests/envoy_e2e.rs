@@ -772,9 +772,26 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         .await
         .unwrap();
 
+    // A connection's facts (identity, direction, addresses) are read once, not per request:
+    // five requests on one keep-alive connection count one connection.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let connections = || {
+        stats("membrane.http.connections")
+            .get("wasmcustom.membrane.http.connections")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = connections();
+    let mut conn = KeepAlive::open("127.0.0.2").await;
+    for _ in 0..5 {
+        assert_eq!(conn.get("/public/a").await, 200);
+    }
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(connections() - before, 1, "facts read once per connection");
+
     // Every deny is counted and logged with the identities, the request and the reason (the VMs
     // add their tallies to the counters on each 0.5 s tick).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     let counters = stats("membrane");
     let counter = |name: &str| {
         counters
