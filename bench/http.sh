@@ -27,8 +27,9 @@ PATH_OK=/public/index.html
 apt_need nginx nginx; apt_need wrk wrk; apt_need h2load nghttp2-client; apt_need curl curl
 apt_need taskset util-linux; apt_need bc bc
 ENVOY=$(envoy_bin)
-cargo build --release --quiet -p membrane-l7-proxy --bin membrane-proxy
-PROXY_BIN="$CARGO_TARGET_DIR/release/membrane-proxy"
+# The shipped build: profile dist (fat LTO, one codegen unit; see Cargo.toml).
+cargo build --profile dist --quiet -p membrane-l7-proxy --bin membrane-proxy
+PROXY_BIN="$CARGO_TARGET_DIR/dist/membrane-proxy"
 
 . bench/lib.sh
 bench_setup http
