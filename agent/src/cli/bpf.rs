@@ -197,7 +197,13 @@ fn local_endpoints(root: &BpfRoot) -> Result<()> {
             "enforced": enforced,
         }));
     }
-    rows.sort_by(|a, b| a["endpoint_id"].as_u64().cmp(&b["endpoint_id"].as_u64()));
+    // Hash order is arbitrary: by endpoint, then address.
+    rows.sort_by_key(|r| {
+        (
+            r["endpoint_id"].as_u64(),
+            r["address"].as_str().unwrap_or_default().to_string(),
+        )
+    });
     print(root, rows, |r| {
         format!(
             "{:<40} id={} identity={} ifindex={} mac={} host_mac={}",
