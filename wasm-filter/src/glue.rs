@@ -75,6 +75,10 @@ enum Mode {
     Enforce,
     /// The HTTP filter that judges nothing.
     Noop,
+    /// The HTTP filter that reads what enforcement must read of every request (the connection
+    /// id, `:method`, `:path`) and judges nothing: the floor of any filter that judges requests
+    /// through proxy-wasm, which `bench/wasm.sh` measures next to the membrane filter.
+    Fetch,
     /// A network filter (`envoy.filters.network.wasm`, before `tcp_proxy`) for Kafka ports.
     Kafka,
 }
@@ -375,7 +379,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match serde_json::from_slice::<Config>(&bytes) {
-            Ok(c) if c.mode != Mode::Noop && c.xds_cluster.is_empty() => {
+            Ok(c) if matches!(c.mode, Mode::Enforce | Mode::Kafka) && c.xds_cluster.is_empty() => {
                 log(LogLevel::Error, "membrane: xds_cluster is required");
                 return false;
             }
@@ -385,7 +389,7 @@ impl RootContext for Root {
                 return false;
             }
         }
-        if self.config.mode == Mode::Noop {
+        if matches!(self.config.mode, Mode::Noop | Mode::Fetch) {
             return true;
         }
         if self.config.node.is_empty() {
@@ -425,7 +429,7 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         match self.config.mode {
             Mode::Kafka => Some(ContextType::StreamContext),
-            Mode::Enforce | Mode::Noop => Some(ContextType::HttpContext),
+            Mode::Enforce | Mode::Noop | Mode::Fetch => Some(ContextType::HttpContext),
         }
     }
 
@@ -448,8 +452,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        if self.config.mode == Mode::Noop {
-            return Some(Box::new(Noop));
+        match self.config.mode {
+            Mode::Noop => return Some(Box::new(Noop)),
+            Mode::Fetch => return Some(Box::new(Fetch)),
+            _ => {}
         }
         Some(Box::new(Http {
             state: self.state.clone(),
@@ -465,6 +471,21 @@ struct Noop;
 impl Context for Noop {}
 
 impl HttpContext for Noop {}
+
+struct Fetch;
+
+impl Context for Fetch {}
+
+impl HttpContext for Fetch {
+    fn on_http_request_headers(&mut self, _headers: usize, _eos: bool) -> Action {
+        // The same reads as `Http`: one property and two headers.
+        let id = property(&["connection_id"]);
+        let method = self.get_http_request_header(":method");
+        let path = self.get_http_request_header(":path");
+        std::hint::black_box((id, method, path));
+        Action::Continue
+    }
+}
 
 struct Http {
     state: Rc<RefCell<PolicyState>>,
@@ -994,5 +1015,20 @@ impl StreamContext for KafkaStream {
                 Action::Pause
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Config, Mode};
+
+    #[test]
+    fn modes_parse_by_name_and_unknown_ones_are_refused() {
+        let mode = |json: &str| serde_json::from_str::<Config>(json).map(|c| c.mode);
+        assert_eq!(mode("{}").unwrap(), Mode::Enforce);
+        assert_eq!(mode(r#"{"mode":"noop"}"#).unwrap(), Mode::Noop);
+        assert_eq!(mode(r#"{"mode":"fetch"}"#).unwrap(), Mode::Fetch);
+        assert_eq!(mode(r#"{"mode":"kafka"}"#).unwrap(), Mode::Kafka);
+        assert!(mode(r#"{"mode":"judge-less"}"#).is_err());
     }
 }
