@@ -59,7 +59,7 @@ step "benchmarks (smoke: each benchmark runs once)"
 cargo bench --quiet -p membrane-policy --bench resolve --bench l7 -- --test 2>&1 | tee -a "$log"
 MEMBRANE_BENCH_SMOKE=1 cargo bench --quiet -p membrane-xds-server --bench scale
 
-step "fuzz: policy parser, HTTP/1 framer, path normalization, Kafka request decoding, Kafka session"
+step "fuzz: policy parser, HTTP/1 framer and response parser, path normalization, Kafka request decoding, Kafka session"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
@@ -83,6 +83,7 @@ fuzz() {  # fuzz CRATE_DIR TARGET: the checked-in seeds are copied into libFuzze
 }
 fuzz policy parse_policy
 fuzz codec http1_framer
+fuzz codec http1_response
 fuzz codec path_normalize
 fuzz codec kafka_request
 fuzz codec kafka_session

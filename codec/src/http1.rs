@@ -94,8 +94,8 @@ enum Phase {
     Head,
     /// `remaining` body bytes with a known length.
     Length,
-    /// A chunked body.
-    Chunked(Chunk),
+    /// A chunked body (state in `Framer::chunked`).
+    Chunked,
     /// Not HTTP/1 framing any more (HTTP/2, an upgrade, CONNECT).
     Passthrough,
     /// A head was refused: hyper got the stand-in; nothing more is delivered.
@@ -110,7 +110,7 @@ pub struct Framer {
     /// A head being collected (or the first bytes while detecting HTTP/2).
     head: Vec<u8>,
     remaining: u64,
-    trailer_bytes: usize,
+    chunked: ChunkedBody,
     /// The head just finished asks to switch protocols once its body is done.
     upgrade_after_body: bool,
     /// Requests delivered so far (the stand-in included).
@@ -129,7 +129,7 @@ impl Framer {
             phase: Phase::Detect,
             head: Vec::new(),
             remaining: 0,
-            trailer_bytes: 0,
+            chunked: ChunkedBody::new(limits.max_head_bytes),
             upgrade_after_body: false,
             delivered: 0,
             failed: None,
@@ -264,7 +264,8 @@ impl Framer {
                                     self.phase = Phase::Length;
                                 }
                                 Body::Chunked => {
-                                    self.phase = Phase::Chunked(Chunk::Size { digits: 0 });
+                                    self.chunked = ChunkedBody::new(self.limits.max_head_bytes);
+                                    self.phase = Phase::Chunked;
                                 }
                             }
                         }
@@ -280,34 +281,77 @@ impl Framer {
                         self.body_done();
                     }
                 }
-                Phase::Chunked(Chunk::Data) => {
-                    let take = (self.remaining.min(data.len() as u64)) as usize;
-                    out.extend_from_slice(&data[..take]);
-                    self.remaining -= take as u64;
-                    data = &data[take..];
-                    if self.remaining == 0 {
-                        self.phase = Phase::Chunked(Chunk::DataCr);
+                Phase::Chunked => match self.chunked.scan(data) {
+                    Ok(Some(n)) => {
+                        out.extend_from_slice(&data[..n]);
+                        data = &data[n..];
+                        self.body_done();
                     }
-                }
-                Phase::Chunked(c) => {
-                    let b = data[0];
-                    match self.chunk_step(c, b) {
-                        Ok(()) => {
-                            out.extend_from_slice(&data[..1]);
-                            data = &data[1..];
-                        }
-                        Err(e) => {
-                            self.failed = Some(e);
-                            return;
-                        }
+                    Ok(None) => {
+                        out.extend_from_slice(data);
+                        return;
                     }
-                }
+                    Err((n, e)) => {
+                        out.extend_from_slice(&data[..n]);
+                        self.failed = Some(e);
+                        return;
+                    }
+                },
             }
         }
     }
+}
 
-    fn chunk_step(&mut self, c: Chunk, b: u8) -> Result<(), String> {
-        let next = match (c, b) {
+/// The framing of one chunked body (RFC 9112 §7.1), checked byte by byte: sizes in hex (at most
+/// 15 digits), extensions and trailer lines without bare CR or LF or control bytes, CRLF after
+/// each chunk's data, and a bounded trailer section. Used for request bodies by [`Framer`] and for
+/// response bodies by the proxy, which passes chunked bodies through as they are.
+#[derive(Clone, Debug)]
+pub struct ChunkedBody {
+    state: Chunk,
+    remaining: u64,
+    trailer_bytes: usize,
+    max_trailer_bytes: usize,
+}
+
+impl ChunkedBody {
+    /// A body about to start, whose trailer section may hold up to `max_trailer_bytes`.
+    pub fn new(max_trailer_bytes: usize) -> ChunkedBody {
+        ChunkedBody {
+            state: Chunk::Size { digits: 0 },
+            remaining: 0,
+            trailer_bytes: 0,
+            max_trailer_bytes,
+        }
+    }
+
+    /// Scans the next bytes of the body: `Some(n)` when the body ends after `data[..n]`, `None`
+    /// when all of `data` belongs to it and more is to come, `Err((n, why))` when `data[n]` breaks
+    /// the framing (`data[..n]` was valid).
+    pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, (usize, String)> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.state == Chunk::Data {
+                let take = (self.remaining.min((data.len() - i) as u64)) as usize;
+                i += take;
+                self.remaining -= take as u64;
+                if self.remaining == 0 {
+                    self.state = Chunk::DataCr;
+                }
+                continue;
+            }
+            match self.step(data[i]) {
+                Ok(true) => return Ok(Some(i + 1)),
+                Ok(false) => i += 1,
+                Err(e) => return Err((i, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// One framing byte; `Ok(true)` when it ends the body.
+    fn step(&mut self, b: u8) -> Result<bool, String> {
+        let next = match (self.state, b) {
             (Chunk::Size { digits }, _) if b.is_ascii_hexdigit() => {
                 if digits >= 15 {
                     return Err("chunk size too large".into());
@@ -354,8 +398,7 @@ impl Framer {
             }
             (Chunk::TrailerLf { empty }, b'\n') => {
                 if empty {
-                    self.body_done();
-                    return Ok(());
+                    return Ok(true);
                 }
                 Chunk::TrailerLineStart
             }
@@ -363,12 +406,12 @@ impl Framer {
         };
         if matches!(next, Chunk::TrailerLine | Chunk::TrailerLf { .. }) {
             self.trailer_bytes += 1;
-            if self.trailer_bytes > self.limits.max_head_bytes {
+            if self.trailer_bytes > self.max_trailer_bytes {
                 return Err("trailer section too large".into());
             }
         }
-        self.phase = Phase::Chunked(next);
-        Ok(())
+        self.state = next;
+        Ok(false)
     }
 }
 
@@ -521,6 +564,228 @@ fn trim(b: &[u8]) -> &[u8] {
         (Some(s), Some(e)) => &b[s..=e],
         _ => &[],
     }
+}
+
+/// Bound on a response head the proxy reads from an upstream.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Bound on a response's header count.
+const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1), which a proxy never forwards. `Transfer-Encoding` is
+/// not among them here: a proxy that passes a chunked body through as it is keeps it.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The tokens of a message's `Connection` fields: whether one is `close`, and the field names
+/// the others list (hop-by-hop as well).
+pub fn connection_tokens<'a>(headers: &[httparse::Header<'a>]) -> (bool, Vec<&'a [u8]>) {
+    let mut close = false;
+    let mut named = Vec::new();
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+    {
+        for token in h.value.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !token.is_empty() {
+                named.push(token);
+            }
+        }
+    }
+    (close, named)
+}
+
+/// Whether a field is forwarded: not hop-by-hop and not named by `Connection`. The fields that
+/// frame the message or name its authority stay whatever `Connection` says: dropping
+/// `Content-Length` from a message whose body is forwarded would let the body pass for the
+/// next message.
+pub fn is_forwarded(name: &str, named: &[&[u8]]) -> bool {
+    if ["content-length", "transfer-encoding", "host"]
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f))
+    {
+        return true;
+    }
+    !is_hop_by_hop(name)
+        && !named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// How a response's body is framed (RFC 9112 §6.3).
+#[derive(Clone, Debug)]
+pub enum ResponseBody {
+    /// No body (a HEAD request's response, 204, 304, `Content-Length: 0`).
+    None,
+    /// This many bytes.
+    Length(u64),
+    /// Chunked, passed through as it is and checked as it goes.
+    Chunked(ChunkedBody),
+    /// Everything until the upstream closes.
+    UntilClose,
+}
+
+impl ResponseBody {
+    /// How much of `data` (the next bytes from the upstream) belongs to the body and whether
+    /// the body ends there; an error when the chunked framing breaks.
+    pub fn take(&mut self, data: &[u8]) -> Result<(usize, bool), String> {
+        Ok(match self {
+            ResponseBody::None => (0, true),
+            ResponseBody::Length(n) => {
+                let take = ((*n).min(data.len() as u64)) as usize;
+                *n -= take as u64;
+                (take, *n == 0)
+            }
+            ResponseBody::Chunked(c) => match c.scan(data) {
+                Ok(Some(k)) => (k, true),
+                Ok(None) => (data.len(), false),
+                Err((_, e)) => return Err(e),
+            },
+            ResponseBody::UntilClose => (data.len(), false),
+        })
+    }
+}
+
+/// A final response head a proxy may pass on.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Bytes of the head in the input.
+    pub head_len: usize,
+    /// The status code.
+    pub status: u16,
+    /// The body's framing.
+    pub body: ResponseBody,
+    /// The head to send downstream: HTTP/1.1, hop-by-hop fields removed, `connection: close`
+    /// when the downstream connection must close after it.
+    pub forward_head: Vec<u8>,
+    /// The upstream connection may carry another request after this response.
+    pub reusable: bool,
+    /// The downstream connection closes after this response (the client asked, or the body
+    /// ends with the upstream's close).
+    pub close_downstream: bool,
+}
+
+/// What the bytes at the start of an upstream's response stream hold.
+#[derive(Debug)]
+pub enum ParsedResponse {
+    /// Not a complete head yet.
+    Incomplete,
+    /// An interim (1xx) response of this many bytes, to skip.
+    Interim(usize),
+    /// A final response.
+    Final(ResponseHead),
+}
+
+/// Parses the response head at the start of `buf`, for a request that was `HEAD` or not and
+/// whose client asked to close or not. Refused (an error): malformed heads, bare LFs, both
+/// `Content-Length` and `Transfer-Encoding`, conflicting or malformed lengths, a 101 nobody
+/// asked for, heads over [`MAX_RESPONSE_HEAD`]: a response a proxy cannot frame exactly as the
+/// client will is a desync waiting to happen.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    client_close: bool,
+) -> Result<ParsedResponse, String> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut storage);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
+            return Ok(ParsedResponse::Incomplete);
+        }
+        Ok(_) => return Err("response head too large".into()),
+        Err(e) => return Err(format!("malformed response head: {e}")),
+    };
+    let head = &buf[..head_len];
+    if head
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    {
+        return Err("bare LF in response head".into());
+    }
+    let status = resp.code.unwrap_or_default();
+    if !(100..=999).contains(&status) {
+        return Err(format!("invalid status {status}"));
+    }
+    if status == 101 {
+        return Err("101 to a request that asked for no upgrade".into());
+    }
+    if status < 200 {
+        return Ok(ParsedResponse::Interim(head_len));
+    }
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            for part in h.value.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
+                    return Err("invalid Content-Length in response".into());
+                }
+                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length values in response".into());
+                }
+                length = Some(n);
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    if chunked.is_some() && length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding in response".into());
+    }
+    let http11 = resp.version == Some(1);
+    let (upstream_close, named) = connection_tokens(headers);
+    let no_body = head_request || status == 204 || status == 304;
+    let body = match (no_body, chunked, length) {
+        (true, _, _) | (false, None, Some(0)) => ResponseBody::None,
+        (false, Some(true), _) => ResponseBody::Chunked(ChunkedBody::new(MAX_RESPONSE_HEAD)),
+        (false, Some(false), _) | (false, None, None) => ResponseBody::UntilClose,
+        (false, None, Some(n)) => ResponseBody::Length(n),
+    };
+    let until_close = matches!(body, ResponseBody::UntilClose);
+    let close_downstream = client_close || until_close;
+    let mut out = Vec::with_capacity(head_len + 24);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in headers.iter().filter(|h| is_forwarded(h.name, &named)) {
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close_downstream {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ParsedResponse::Final(ResponseHead {
+        head_len,
+        status,
+        body,
+        forward_head: out,
+        reusable: http11 && !upstream_close && !until_close,
+        close_downstream,
+    }))
 }
 
 #[cfg(test)]
@@ -689,5 +954,118 @@ mod tests {
                 proptest::prop_assert_eq!(whole, split);
             }
         }
+    }
+
+    fn final_head(text: &str) -> ResponseHead {
+        match parse_response(text.as_bytes(), false, false) {
+            Ok(ParsedResponse::Final(h)) => h,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = final_head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        assert!(matches!(h.body, ResponseBody::Length(5)) && h.reusable && !h.close_downstream);
+        assert_eq!(h.head_len, 38);
+        let h = final_head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(h.body, ResponseBody::Chunked(_)) && h.reusable);
+        let h = final_head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert!(matches!(h.body, ResponseBody::UntilClose) && !h.reusable && h.close_downstream);
+        let h = final_head("HTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(h.body, ResponseBody::UntilClose) && h.close_downstream);
+        let h = final_head("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n");
+        assert!(matches!(h.body, ResponseBody::None) && h.reusable);
+        let h = final_head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h.reusable && !h.close_downstream);
+        match parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false) {
+            Ok(ParsedResponse::Final(h)) => assert!(matches!(h.body, ResponseBody::None)),
+            other => panic!("a HEAD response: {other:?}"),
+        }
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false, false),
+            Ok(ParsedResponse::Interim(25))
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\n", false, false),
+            Ok(ParsedResponse::Incomplete)
+        ));
+    }
+
+    #[test]
+    fn ambiguous_responses_are_refused() {
+        for (text, why) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "conflicting",
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", "invalid"),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                "invalid",
+            ),
+            ("HTTP/1.1 200 OK\nContent-Length: 1\r\n\r\n", "bare LF"),
+            ("HTTP/1.1 101 Switching Protocols\r\n\r\n", "101"),
+        ] {
+            match parse_response(text.as_bytes(), false, false) {
+                Err(e) => assert!(e.contains(why), "{text:?}: {e}"),
+                Ok(r) => panic!("{text:?} was accepted: {r:?}"),
+            }
+        }
+        let mut huge = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        huge.resize(MAX_RESPONSE_HEAD + 1, b'a');
+        assert!(parse_response(&huge, false, false).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_response_fields_stay_behind() {
+        let h = final_head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\
+             X-Kept: 1\r\nContent-Length: 0\r\n\r\n",
+        );
+        let text = String::from_utf8(h.forward_head).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 0\r\n\r\n"
+        );
+        assert!(!h.reusable && !h.close_downstream);
+        match parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false, true) {
+            Ok(ParsedResponse::Final(h)) => {
+                assert!(h.close_downstream);
+                let text = String::from_utf8(h.forward_head).unwrap();
+                assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn connection_cannot_remove_the_framing() {
+        let h = final_head(
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\n\
+             Content-Length: 3\r\n\r\nabc",
+        );
+        assert!(matches!(h.body, ResponseBody::Length(3)));
+        let text = String::from_utf8(h.forward_head).unwrap();
+        assert!(text.contains("Content-Length: 3\r\n"), "{text}");
+        assert!(is_forwarded("Host", &[b"host"]) && !is_forwarded("X-A", &[b"x-a"]));
+    }
+
+    #[test]
+    fn response_bodies_end_where_their_framing_says() {
+        let mut body = ResponseBody::Chunked(ChunkedBody::new(1024));
+        assert_eq!(body.take(b"3\r\nab"), Ok((5, false)));
+        assert_eq!(body.take(b"c\r\n0\r\n\r\nextra"), Ok((8, true)));
+        let mut body = ResponseBody::Chunked(ChunkedBody::new(1024));
+        assert!(body.take(b"zz\r\n").is_err());
+        let mut body = ResponseBody::Length(4);
+        assert_eq!(body.take(b"ab"), Ok((2, false)));
+        assert_eq!(body.take(b"cdef"), Ok((2, true)));
+        assert_eq!(ResponseBody::None.take(b"x"), Ok((0, true)));
+        assert_eq!(ResponseBody::UntilClose.take(b"xyz"), Ok((3, false)));
     }
 }

@@ -1,0 +1,54 @@
+//! The upstream response parser of the proxy's direct path must never panic, the head it
+//! forwards must frame the body exactly as the head it read (or the client and the proxy would
+//! disagree on where the response ends), and where a chunked body ends must not depend on how
+//! the bytes were split into reads.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use membrane_codec::http1::{ParsedResponse, ResponseBody, parse_response};
+
+/// A framing's kind and length, comparable.
+fn kind(b: &ResponseBody) -> (u8, u64) {
+    match b {
+        ResponseBody::None => (0, 0),
+        ResponseBody::Length(n) => (1, *n),
+        ResponseBody::Chunked(_) => (2, 0),
+        ResponseBody::UntilClose => (3, 0),
+    }
+}
+
+/// Feeds `data` to the body in pieces of `split`: where it ended, or whether it failed.
+fn body_end(mut body: ResponseBody, data: &[u8], split: usize) -> Result<Option<usize>, ()> {
+    let mut at = 0;
+    for piece in data.chunks(split.max(1)) {
+        match body.take(piece) {
+            Ok((used, true)) => return Ok(Some(at + used)),
+            Ok((used, false)) => at += used,
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(None)
+}
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&flags, data)) = input.split_first() else {
+        return;
+    };
+    let (head_request, client_close) = (flags & 1 == 1, flags & 2 == 2);
+    let Ok(ParsedResponse::Final(head)) = parse_response(data, head_request, client_close) else {
+        return;
+    };
+    match parse_response(&head.forward_head, head_request, false) {
+        Ok(ParsedResponse::Final(again)) => {
+            assert_eq!(again.status, head.status);
+            assert_eq!(kind(&again.body), kind(&head.body), "framing changed on the way");
+            assert_eq!(again.head_len, head.forward_head.len());
+            assert!(!again.reusable || !head.close_downstream);
+        }
+        other => panic!("the forwarded head does not parse: {other:?}"),
+    }
+    let rest = &data[head.head_len..];
+    let whole = body_end(head.body.clone(), rest, rest.len());
+    let pieces = body_end(head.body, rest, usize::from(flags >> 2) + 1);
+    assert_eq!(whole, pieces, "where the body ends depends on the read split");
+});
