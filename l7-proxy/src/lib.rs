@@ -12,12 +12,14 @@
 //! ```text
 //!  accept ─> identities (src, dst) ─> L3/L4 decision ─deny─> RST
 //!                                        │allow
-//!  guard (HTTP/1 framing) ─> hyper (h1 / h2c) ─> per request: policy snapshot ─> judge
-//!        ─> 403 locally  |  pooled upstream client ─> response streamed back
+//!  HTTP/1 framing (guard) ─> plain HTTP/1.1: direct path  |  the rest: hyper (h1 / h2c)
+//!        ─> per request: policy snapshot ─> judge
+//!        ─> 403 locally  |  pooled upstream connection ─> response streamed back
 //! ```
 
 pub mod admin;
 pub mod agent_feed;
+mod direct;
 pub mod guard;
 pub mod kafka;
 pub mod policy;

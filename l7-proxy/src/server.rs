@@ -14,6 +14,7 @@ use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::direct::Exit;
 use crate::guard::{Guard, GuardState};
 use crate::kafka::KafkaConnection;
 use crate::policy::{ConnectionProtocol, Decision, canonical};
@@ -214,66 +215,93 @@ impl Proxy {
             decision,
         ));
         drop(snap);
-        let io = TokioIo::new(Guard::new(
-            stream,
-            shared.config.limits,
-            guard_state.clone(),
-        ));
         let builder = self.builder.clone();
         let open = self.open.clone();
         open.fetch_add(1, Ordering::AcqRel);
         shared.metrics.open_connections.inc();
-        let idle = shared.config.idle_timeout;
-        let header_timeout = shared.config.header_timeout;
+        // Upstream HTTP/2 needs hyper's client: the direct path speaks HTTP/1.1 upstream.
+        let direct = shared.config.http1_direct && !shared.config.upstream_http2;
         tokio::spawn(async move {
-            let svc_conn = conn.clone();
-            // hyper keeps a box the size of the service's future for the whole life of an
-            // HTTP/1 connection; the request future is ~3 KB, so boxing it here makes an idle
-            // keep-alive connection hold 8 bytes instead (one allocation per request instead).
-            let svc = service_fn(move |req| Box::pin(svc_conn.clone().handle(req)));
-            let served = builder.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(served);
-            let mut closing = false;
-            let mut last_activity = guard_state.activity();
-            let mut idle_since = Instant::now();
-            let tick = (idle.min(header_timeout) / 2)
-                .min(Duration::from_secs(1))
-                .max(Duration::from_millis(10));
-            // One timer for the connection's life, re-armed when it fires: a new one per
-            // wake-up (every request wakes this task) was a timer-wheel insert and removal
-            // per request.
-            let checks = tokio::time::sleep(tick);
-            tokio::pin!(checks);
-            loop {
-                tokio::select! {
-                    _ = served.as_mut() => break,
-                    _ = stopped(&mut shutdown), if !closing => {
-                        closing = true;
-                        served.as_mut().graceful_shutdown();
-                    }
-                    _ = checks.as_mut() => {
-                        checks.as_mut().reset(tokio::time::Instant::now() + tick);
-                        if guard_state.head_age().is_some_and(|age| age >= header_timeout) {
-                            // A head that does not complete in time: drop the connection.
-                            break;
-                        }
-                        if closing {
-                            continue;
-                        }
-                        let now = guard_state.activity();
-                        if now != last_activity || conn.busy() {
-                            last_activity = now;
-                            idle_since = Instant::now();
-                        } else if idle_since.elapsed() >= idle {
-                            closing = true;
-                            served.as_mut().graceful_shutdown();
-                        }
-                    }
+            let handed = if direct {
+                match crate::direct::serve(&conn, stream, &mut shutdown).await {
+                    Exit::Closed => None,
+                    Exit::Handoff {
+                        stream,
+                        framer,
+                        pending,
+                    } => Some(Guard::resume(stream, framer, pending, guard_state.clone())),
                 }
+            } else {
+                Some(Guard::new(
+                    stream,
+                    shared.config.limits,
+                    guard_state.clone(),
+                ))
+            };
+            if let Some(guard) = handed {
+                serve_hyper(builder, conn, guard, guard_state, shutdown).await;
             }
             shared.metrics.open_connections.dec();
             open.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+}
+
+/// Serves a connection with hyper (HTTP/2, and the HTTP/1 requests the direct path hands over):
+/// closes it when idle, when a head takes too long, or on shutdown once its requests are done.
+async fn serve_hyper(
+    builder: auto::Builder<TokioExecutor>,
+    conn: Arc<Connection>,
+    guard: Guard<TcpStream>,
+    guard_state: Arc<GuardState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = &conn.shared().config;
+    let (idle, header_timeout) = (cfg.idle_timeout, cfg.header_timeout);
+    let svc_conn = conn.clone();
+    // hyper keeps a box the size of the service's future for the whole life of an
+    // HTTP/1 connection; the request future is ~3 KB, so boxing it here makes an idle
+    // keep-alive connection hold 8 bytes instead (one allocation per request instead).
+    let svc = service_fn(move |req| Box::pin(svc_conn.clone().handle(req)));
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(guard), svc);
+    tokio::pin!(served);
+    let mut closing = false;
+    let mut last_activity = guard_state.activity();
+    let mut idle_since = Instant::now();
+    let tick = (idle.min(header_timeout) / 2)
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(10));
+    // One timer for the connection's life, re-armed when it fires: a new one per
+    // wake-up (every request wakes this task) was a timer-wheel insert and removal
+    // per request.
+    let checks = tokio::time::sleep(tick);
+    tokio::pin!(checks);
+    loop {
+        tokio::select! {
+            _ = served.as_mut() => break,
+            _ = stopped(&mut shutdown), if !closing => {
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+            _ = checks.as_mut() => {
+                checks.as_mut().reset(tokio::time::Instant::now() + tick);
+                if guard_state.head_age().is_some_and(|age| age >= header_timeout) {
+                    // A head that does not complete in time: drop the connection.
+                    break;
+                }
+                if closing {
+                    continue;
+                }
+                let now = guard_state.activity();
+                if now != last_activity || conn.busy() {
+                    last_activity = now;
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= idle {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+        }
     }
 }
 

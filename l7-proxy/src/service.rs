@@ -51,6 +51,9 @@ pub struct ProxyConfig {
     pub tcp_keepalive: Duration,
     /// Speak HTTP/2 (prior knowledge) to upstreams instead of HTTP/1.1.
     pub upstream_http2: bool,
+    /// Forward plain HTTP/1.1 requests on the direct path (`crate::direct`); the rest, and
+    /// everything when false, goes through hyper.
+    pub http1_direct: bool,
     /// Concurrent streams per downstream HTTP/2 connection.
     pub max_concurrent_streams: u32,
     /// The SO_MARK of upstream sockets for a source identity (the agent's datapath reads the
@@ -75,6 +78,7 @@ impl Default for ProxyConfig {
             upstream_timeout: Duration::from_secs(60),
             tcp_keepalive: Duration::from_secs(60),
             upstream_http2: false,
+            http1_direct: true,
             max_concurrent_streams: 256,
             upstream_mark: None,
             kafka_max_frame: membrane_codec::kafka::DEFAULT_MAX_REQUEST,
@@ -94,7 +98,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Flow records.
     pub flows: FlowSink,
-    upstreams: Upstreams,
+    pub(crate) upstreams: Upstreams,
 }
 
 impl Shared {
@@ -136,12 +140,12 @@ impl HeaderLookup for Headers<'_> {
 }
 
 /// Facts of one request for its flow record and metrics.
-struct Outcome {
-    verdict: &'static str,
-    direction: &'static str,
-    policy: Arc<str>,
-    status: StatusCode,
-    reason: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) verdict: &'static str,
+    pub(crate) direction: &'static str,
+    pub(crate) policy: Arc<str>,
+    pub(crate) status: StatusCode,
+    pub(crate) reason: Option<String>,
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -179,8 +183,28 @@ impl Connection {
     }
 
     /// The decision under the snapshot in force, recomputed only when the policy changed.
-    fn policy(&self, snap: &Snapshot) -> Arc<ConnPolicy> {
+    pub(crate) fn policy(&self, snap: &Snapshot) -> Arc<ConnPolicy> {
         self.decision.under(snap)
+    }
+
+    /// What the connection's proxy shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Where the connection goes.
+    pub(crate) fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// The arrival index the next request will get.
+    pub(crate) fn next_index(&self) -> u64 {
+        self.next_index.load(Ordering::Relaxed)
+    }
+
+    /// The arrival index of the next request (requests served by either HTTP/1 path count).
+    pub(crate) fn take_index(&self) -> u64 {
+        self.next_index.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Handles one request.
@@ -195,7 +219,7 @@ impl Connection {
     }
 
     async fn handle_inner(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let index = self.take_index();
         let started = Instant::now();
         let shared = &*self.shared;
         if req.version() < Version::HTTP_2
@@ -232,59 +256,35 @@ impl Connection {
         // whose upgrade does not happen must close.
         let wants_upgrade =
             req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
-        // Judge: every requirement (destination ingress, source egress) must allow.
-        let mut allowing: Option<(&'static str, Arc<str>)> = None;
-        match &cp.decision {
-            Decision::Deny { direction } => {
-                // Policy changed under an open connection: refuse and close.
-                let outcome = Outcome {
-                    verdict: "denied",
-                    direction: direction_name(*direction),
-                    policy: no_policy(),
-                    status: StatusCode::FORBIDDEN,
-                    reason: Some("L3/L4 policy denies this connection".into()),
-                };
+        let verdict = judge(
+            &cp,
+            &HttpRequest {
+                method: req.method().as_str(),
+                path: &target,
+                host: &host,
+                headers: &Headers(req.headers()),
+            },
+        );
+        let (direction, policy) = match verdict {
+            Verdict::Allow { direction, policy } => (direction, policy),
+            Verdict::Deny { direction, l34 } => {
                 let target = target.into_owned();
-                self.record(&req, &target, &host, &cp, started, outcome);
+                self.record(
+                    &req,
+                    &target,
+                    &host,
+                    &cp,
+                    started,
+                    denied_outcome(direction, l34),
+                );
                 let mut resp = self.deny_response();
-                close(&mut resp);
+                // After a refused upgrade request the guard would pass bytes through unchecked.
+                if l34 || wants_upgrade {
+                    close(&mut resp);
+                }
                 return resp;
             }
-            Decision::Allow(reqs) => {
-                let facts = HttpRequest {
-                    method: req.method().as_str(),
-                    path: &target,
-                    host: &host,
-                    headers: &Headers(req.headers()),
-                };
-                for r in reqs {
-                    match r.allowing_policy(&facts) {
-                        Some(p) => {
-                            if allowing.is_none() {
-                                allowing = Some((direction_name(r.direction), p.clone()));
-                            }
-                        }
-                        None => {
-                            let outcome = Outcome {
-                                verdict: "denied",
-                                direction: direction_name(r.direction),
-                                policy: no_policy(),
-                                status: StatusCode::FORBIDDEN,
-                                reason: None,
-                            };
-                            let target = target.into_owned();
-                            self.record(&req, &target, &host, &cp, started, outcome);
-                            let mut resp = self.deny_response();
-                            if wants_upgrade {
-                                close(&mut resp);
-                            }
-                            return resp;
-                        }
-                    }
-                }
-            }
-        }
-        let (direction, policy) = allowing.unwrap_or(("none", no_policy()));
+        };
         let host = host.into_owned();
         if req.method() == Method::CONNECT {
             let refusal = Refusal {
@@ -438,6 +438,24 @@ impl Connection {
         started: Instant,
         refusal: Refusal,
     ) -> Response<ResponseBody> {
+        let answer = self.answer_refusal(parts, target, cp, started, refusal);
+        let mut resp = text_response(answer.status, answer.body);
+        if answer.close {
+            close(&mut resp);
+        }
+        resp
+    }
+
+    /// What to answer for `refusal` (a malformed request, an upstream failure), logged and
+    /// recorded; both HTTP/1 paths serve it.
+    pub(crate) fn answer_refusal(
+        &self,
+        parts: RecordParts,
+        target: &str,
+        cp: &ConnPolicy,
+        started: Instant,
+        refusal: Refusal,
+    ) -> LocalAnswer {
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
         if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
             // The upstream failed: the operator needs to hear about it, not only the client.
@@ -450,10 +468,6 @@ impl Connection {
             "{}\r\n",
             status.canonical_reason().unwrap_or("Request refused")
         );
-        let mut resp = text_response(status, Bytes::from(body));
-        if status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED {
-            close(&mut resp);
-        }
         self.record_parts(
             parts,
             target,
@@ -467,7 +481,11 @@ impl Connection {
                 reason: Some(refusal.reason),
             },
         );
-        resp
+        LocalAnswer {
+            status,
+            body: Bytes::from(body),
+            close: status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED,
+        }
     }
 
     fn record(
@@ -486,7 +504,7 @@ impl Connection {
         self.record_parts(parts, target, cp, started, outcome);
     }
 
-    fn record_parts(
+    pub(crate) fn record_parts(
         &self,
         parts: RecordParts,
         target: &str,
@@ -531,10 +549,74 @@ impl Connection {
     }
 }
 
+/// The method and host of a flow record (empty unless somebody listens to flows).
 #[derive(Default)]
-struct RecordParts {
-    method: String,
-    host: String,
+pub(crate) struct RecordParts {
+    pub(crate) method: String,
+    pub(crate) host: String,
+}
+
+/// A locally built answer.
+pub(crate) struct LocalAnswer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Bytes,
+    /// The connection closes after it.
+    pub(crate) close: bool,
+}
+
+/// A request's verdict.
+pub(crate) enum Verdict {
+    /// Every requirement allows; the first allowing one names direction and policy.
+    Allow {
+        direction: &'static str,
+        policy: Arc<str>,
+    },
+    /// Denied in `direction`: by L3/L4 (the policy changed under an open connection: answer and
+    /// close) or by the L7 rules.
+    Deny { direction: &'static str, l34: bool },
+}
+
+/// Judges a request: every requirement (destination ingress, source egress) must allow. The one
+/// judgement both HTTP/1 paths and HTTP/2 use.
+pub(crate) fn judge(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verdict {
+    let reqs = match &cp.decision {
+        Decision::Deny { direction } => {
+            return Verdict::Deny {
+                direction: direction_name(*direction),
+                l34: true,
+            };
+        }
+        Decision::Allow(reqs) => reqs,
+    };
+    let mut allowing: Option<(&'static str, Arc<str>)> = None;
+    for r in reqs {
+        match r.allowing_policy(facts) {
+            Some(p) => {
+                if allowing.is_none() {
+                    allowing = Some((direction_name(r.direction), p.clone()));
+                }
+            }
+            None => {
+                return Verdict::Deny {
+                    direction: direction_name(r.direction),
+                    l34: false,
+                };
+            }
+        }
+    }
+    let (direction, policy) = allowing.unwrap_or(("none", no_policy()));
+    Verdict::Allow { direction, policy }
+}
+
+/// The record of a denied request.
+pub(crate) fn denied_outcome(direction: &'static str, l34: bool) -> Outcome {
+    Outcome {
+        verdict: "denied",
+        direction,
+        policy: no_policy(),
+        status: StatusCode::FORBIDDEN,
+        reason: l34.then(|| "L3/L4 policy denies this connection".into()),
+    }
 }
 
 /// The authority a request names: the absolute-form URI's (RFC 9112 §3.2.2: it wins over Host)

@@ -32,11 +32,19 @@ struct H1Conn {
     last_used: Instant,
 }
 
-/// Both pools.
+/// An idle HTTP/1.1 connection of the direct path (`crate::direct`), which speaks HTTP/1.1 on
+/// the socket itself.
+struct RawConn {
+    stream: TcpStream,
+    last_used: Instant,
+}
+
+/// The pools.
 pub struct Upstreams {
     connect_timeout: Duration,
     tcp_keepalive: Duration,
     h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
+    raw: Mutex<HashMap<Key, Vec<RawConn>>>,
     h2: Mutex<HashMap<Key, http2::SendRequest<Incoming>>>,
 }
 
@@ -57,8 +65,54 @@ impl Upstreams {
             connect_timeout: cfg.connect_timeout,
             tcp_keepalive: cfg.tcp_keepalive,
             h1: Mutex::default(),
+            raw: Mutex::default(),
             h2: Mutex::default(),
         }
+    }
+
+    /// An idle pooled connection to `dst` for the direct path, the most recently used first (its
+    /// lines are the likeliest to be in cache). Connections the upstream closed, or that sent
+    /// bytes nobody asked for, are dropped.
+    pub(crate) fn checkout_raw(&self, dst: SocketAddr, mark: Option<u32>) -> Option<TcpStream> {
+        let mut pool = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.get_mut(&(dst, mark))?;
+        let now = Instant::now();
+        while let Some(c) = conns.pop() {
+            if now.duration_since(c.last_used) >= H1_IDLE {
+                // Older ones lie below it: all are stale.
+                conns.clear();
+                return None;
+            }
+            let mut probe = [0u8; 1];
+            if let Err(e) = c.stream.try_read(&mut probe)
+                && e.kind() == std::io::ErrorKind::WouldBlock
+            {
+                return Some(c.stream);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response is complete to the pool (or closes it when the
+    /// pool is full).
+    pub(crate) fn checkin_raw(&self, dst: SocketAddr, mark: Option<u32>, stream: TcpStream) {
+        let mut pool = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.entry((dst, mark)).or_default();
+        if conns.len() < H1_MAX_POOLED {
+            conns.push(RawConn {
+                stream,
+                last_used: Instant::now(),
+            });
+        }
+    }
+
+    /// A new connection for the direct path.
+    pub(crate) async fn connect_raw(
+        &self,
+        dst: SocketAddr,
+        mark: Option<u32>,
+    ) -> Result<TcpStream, String> {
+        connect(dst, mark, self.connect_timeout, self.tcp_keepalive).await
     }
 
     async fn connect(

@@ -373,6 +373,15 @@ const CASES: &[Case] = &[
         upstream: &["POST /upload host=svc body=2"],
     },
     Case {
+        name: "Connection naming Content-Length cannot turn a body into a request",
+        send: req!(
+            "POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 36\r\nConnection: Content-Length, Host\r\n\r\nGET /private HTTP/1.1\r\nHost: svc\r\n\r\n"
+        ),
+        want: &[200],
+        closes: Some(false),
+        upstream: &["POST /upload host=svc body=36"],
+    },
+    Case {
         name: "denied POST with a body keeps the connection usable",
         send: req!(
             "POST /private HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhelloGET /public/next HTTP/1.1\r\nHost: svc\r\n\r\n"
@@ -426,8 +435,23 @@ const CASES: &[Case] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests() {
+    hostile_requests_through(ProxyConfig::default()).await;
+}
+
+/// The same corpus with every HTTP/1 request served by hyper (`--hyper-only`): both paths
+/// must refuse alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_hyper_only() {
+    hostile_requests_through(ProxyConfig {
+        http1_direct: false,
+        ..ProxyConfig::default()
+    })
+    .await;
+}
+
+async fn hostile_requests_through(config: ProxyConfig) {
     assert!(CASES.len() >= 40, "the suite promises at least 40 cases");
-    let h = start(ProxyConfig::default()).await;
+    let h = start(config).await;
     let mut failures = Vec::new();
     for case in CASES {
         let before = h.upstream_saw().len();

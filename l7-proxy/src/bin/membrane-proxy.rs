@@ -177,6 +177,10 @@ struct RunArgs {
     /// Speak HTTP/2 (prior knowledge) to upstreams.
     #[arg(long)]
     upstream_http2: bool,
+    /// Serve every HTTP/1.1 request through hyper, not only those the direct path hands over
+    /// (chunked or large bodies, upgrades, `Expect`, ...): for comparison and as a fallback.
+    #[arg(long)]
+    hyper_only: bool,
     /// Most bytes in one Kafka request (a larger one closes the connection, nothing forwarded).
     #[arg(long, default_value_t = membrane_codec::kafka::DEFAULT_MAX_REQUEST)]
     kafka_max_request_bytes: usize,
@@ -339,6 +343,7 @@ async fn serve(args: RunArgs, source: PolicySource, listen: SocketAddr, mode: Mo
         upstream_timeout: secs(args.upstream_timeout, "upstream-timeout")?,
         tcp_keepalive: secs(args.tcp_keepalive, "tcp-keepalive")?,
         upstream_http2: args.upstream_http2,
+        http1_direct: !args.hyper_only,
         kafka_max_frame: args.kafka_max_request_bytes,
         unruled_protocol: match args.protocol {
             UnruledProtocol::Http => ConnectionProtocol::Http,

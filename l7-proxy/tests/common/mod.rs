@@ -156,6 +156,16 @@ pub async fn start(config: ProxyConfig) -> Harness {
 
 pub async fn start_with(config: ProxyConfig, policy_text: &str) -> Harness {
     let (upstream, log) = start_upstream(config.upstream_http2).await;
+    start_at(config, policy_text, upstream, log).await
+}
+
+/// A proxy in front of an upstream the test runs itself.
+pub async fn start_at(
+    config: ProxyConfig,
+    policy_text: &str,
+    upstream: SocketAddr,
+    log: Log,
+) -> Harness {
     let mut builder = SnapshotBuilder::new(EnforcementMode::Default);
     let snap = snapshot(&mut builder, policy_text, upstream.port());
     let policy = Arc::new(PolicyHandle::new(snap));

@@ -1,0 +1,279 @@
+//! The direct HTTP/1.1 path against an upstream that answers byte for byte as scripted: every
+//! response framing passes through intact, upstream connections are reused only when the
+//! framing allows it, a response membrane cannot frame safely becomes a 502, and requests the
+//! direct path hands to hyper keep their place on a pipelined connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Log, POLICY, read_all, start, start_at, statuses};
+use membrane_l7_proxy::service::ProxyConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The scripted answer to a request for `target` (`HEAD` gets the head of the default answer).
+fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
+    let canned: &[u8] = match target {
+        "/public/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        "/public/until-close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        "/public/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninterim",
+        "/public/bye" => b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nX-Private: 1\r\nContent-Length: 3\r\n\r\nbye",
+        "/public/extra" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextraHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+        "/public/no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/public/smuggle" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "/public/bare-lf" => b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        "/public/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "/public/silent" => b"",
+        _ => {
+            let body = format!("saw {target}");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            let mut out = head.into_bytes();
+            if method != "HEAD" {
+                out.extend_from_slice(body.as_bytes());
+            }
+            return (out, false);
+        }
+    };
+    let closes = matches!(
+        target,
+        "/public/until-close" | "/public/bye" | "/public/extra" | "/public/silent"
+    );
+    (canned.to_vec(), closes)
+}
+
+/// An upstream that logs `connN METHOD TARGET body=LEN` and answers as scripted.
+async fn scripted_upstream() -> (SocketAddr, Log) {
+    let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let n = conns.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(serve_scripted(s, n, l.clone()));
+        }
+    });
+    (addr, log)
+}
+
+async fn serve_scripted(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut words = head.split_whitespace();
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + 4 + length {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let hop = if head.to_ascii_lowercase().contains("\r\nx-hop:") {
+            " x-hop"
+        } else {
+            ""
+        };
+        log.lock()
+            .unwrap()
+            .push(format!("conn{conn} {method} {target} body={length}{hop}"));
+        buf.drain(..end + 4 + length);
+        let (answer, closes) = script(method, target);
+        if s.write_all(&answer).await.is_err() || closes {
+            return;
+        }
+    }
+}
+
+/// Sends one request on an open connection and reads until `quiet` passes.
+async fn exchange(s: &mut TcpStream, req: &str) -> (String, bool) {
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_all(s, Duration::from_millis(300)).await
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_pass_through_as_framed_and_upstreams_are_reused_when_they_can_be() {
+    let (upstream, log) = scripted_upstream().await;
+    let policy = POLICY.replace(
+        r#"- {method: POST, path: "/upload"}"#,
+        r#"- {method: POST, path: "/upload"}
+        - {method: HEAD, path: "/public.*"}"#,
+    );
+    let h = start_at(ProxyConfig::default(), &policy, upstream, log).await;
+    let mut c = TcpStream::connect(h.proxy).await.unwrap();
+
+    let (t, closed) = exchange(&mut c, &get("/public/a")).await;
+    assert!(
+        t.starts_with("HTTP/1.1 200 OK\r\n") && t.ends_with("\r\n\r\nsaw /public/a"),
+        "{t}"
+    );
+    assert!(!closed);
+    let (t, _) = exchange(
+        &mut c,
+        "POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\nhello",
+    )
+    .await;
+    assert!(t.ends_with("saw /upload"), "{t}");
+    let (t, _) = exchange(&mut c, &get("/public/chunked")).await;
+    assert!(
+        t.contains("transfer-encoding: chunked\r\n")
+            || t.contains("Transfer-Encoding: chunked\r\n"),
+        "{t}"
+    );
+    assert!(
+        t.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"),
+        "{t}"
+    );
+    let (t, _) = exchange(&mut c, &get("/public/interim")).await;
+    assert_eq!(statuses(&t), [200], "interim responses stay behind: {t}");
+    assert!(t.ends_with("\r\n\r\ninterim"), "{t}");
+    let (t, _) = exchange(&mut c, &get("/public/no-content")).await;
+    assert_eq!(statuses(&t), [204], "{t}");
+    let (t, _) = exchange(&mut c, "HEAD /public/h HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+    assert!(
+        t.contains("Content-Length: 13\r\n") && t.ends_with("\r\n\r\n"),
+        "{t}"
+    );
+    let (t, closed) = exchange(&mut c, &get("/public/bye")).await;
+    assert!(t.ends_with("\r\n\r\nbye"), "{t}");
+    assert!(
+        !t.contains("X-Private") && !t.contains("Connection: close"),
+        "{t}"
+    );
+    assert!(!closed, "the upstream's Connection: close is its own hop");
+    let (t, closed) = exchange(&mut c, &get("/public/extra")).await;
+    assert!(t.ends_with("\r\n\r\nextra") && !t.contains("forged"), "{t}");
+    assert!(!closed);
+    let (t, _) = exchange(&mut c, &get("/public/b")).await;
+    assert!(t.ends_with("saw /public/b"), "{t}");
+    let (t, closed) = exchange(&mut c, &get("/public/until-close")).await;
+    assert!(
+        t.contains("connection: close\r\n") && t.ends_with("\r\n\r\nuntil the end"),
+        "{t}"
+    );
+    assert!(
+        closed,
+        "a body that ends with the upstream's close ends the client's connection"
+    );
+
+    let saw = h.upstream_saw();
+    assert_eq!(
+        saw,
+        [
+            "conn0 GET /public/a body=0",
+            "conn0 POST /upload body=5",
+            "conn0 GET /public/chunked body=0",
+            "conn0 GET /public/interim body=0",
+            "conn0 GET /public/no-content body=0",
+            "conn0 HEAD /public/h body=0",
+            "conn0 GET /public/bye body=0",
+            "conn1 GET /public/extra body=0",
+            "conn2 GET /public/b body=0",
+            "conn2 GET /public/until-close body=0",
+        ],
+        "one upstream connection until one closes or sends more than its response; \
+         Connection-named fields are not forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_that_cannot_be_framed_safely_are_502() {
+    let (upstream, log) = scripted_upstream().await;
+    let h = start_at(ProxyConfig::default(), POLICY, upstream, log).await;
+    for path in ["/public/smuggle", "/public/bare-lf", "/public/silent"] {
+        let mut c = TcpStream::connect(h.proxy).await.unwrap();
+        let (t, _) = exchange(&mut c, &get(path)).await;
+        assert_eq!(statuses(&t), [502], "{path}: {t}");
+        // The client connection is still good.
+        let (t, _) = exchange(&mut c, &get("/public/after")).await;
+        assert_eq!(statuses(&t), [200], "{path}: {t}");
+    }
+    // A chunked body that breaks its framing midway: the client sees the connection end
+    // without a complete response, never a forged one.
+    let mut c = TcpStream::connect(h.proxy).await.unwrap();
+    let (t, closed) = exchange(&mut c, &get("/public/bad-chunk")).await;
+    assert!(closed, "{t}");
+    assert!(!t.contains("hello"), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_handed_to_hyper_keep_their_place_in_the_pipeline() {
+    let h = start(ProxyConfig::default()).await;
+    // direct, hyper (chunked body), direct, denied on the direct path, hyper (Expect), direct.
+    let (t, closed) = h
+        .raw(
+            b"GET /public/1 HTTP/1.1\r\nHost: svc\r\n\r\n\
+              POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+              GET /public/2 HTTP/1.1\r\nHost: svc\r\n\r\n\
+              GET /private HTTP/1.1\r\nHost: svc\r\n\r\n\
+              GET /public/3 HTTP/1.1\r\nHost: svc\r\n\r\n",
+            Duration::from_millis(400),
+        )
+        .await;
+    assert_eq!(statuses(&t), [200, 200, 200, 403, 200], "{t}");
+    assert!(!closed);
+    let order: Vec<usize> = [
+        "saw /public/1",
+        "saw /upload",
+        "saw /public/2",
+        "Access denied",
+        "saw /public/3",
+    ]
+    .iter()
+    .map(|m| t.find(m).unwrap_or_else(|| panic!("{m} missing: {t}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {t}");
+    assert_eq!(
+        h.upstream_saw(),
+        [
+            "GET /public/1 host=svc body=0",
+            "POST /upload host=svc body=3",
+            "GET /public/2 host=svc body=0",
+            "GET /public/3 host=svc body=0",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_with_a_body_leaves_the_connection_in_step() {
+    let h = start(ProxyConfig::default()).await;
+    let (t, closed) = h
+        .raw(
+            b"POST /private HTTP/1.1\r\nHost: svc\r\nContent-Length: 29\r\n\r\n\
+              GET /public/hidden HTTP/1.1\r\n\
+              GET /public/next HTTP/1.1\r\nHost: svc\r\n\r\n\
+              HEAD /private HTTP/1.1\r\nHost: svc\r\n\r\n",
+            Duration::from_millis(400),
+        )
+        .await;
+    assert_eq!(statuses(&t), [403, 200, 403], "{t}");
+    assert!(!closed);
+    // The answer to HEAD has the deny body's length and no body.
+    assert!(t.ends_with("\r\n\r\n"), "{t}");
+    assert_eq!(h.upstream_saw(), ["GET /public/next host=svc body=0"]);
+}
