@@ -22,10 +22,13 @@ use crate::service::ProxyConfig;
 
 /// Idle pooled HTTP/1.1 connections older than this are closed.
 const H1_IDLE: Duration = Duration::from_secs(90);
-/// At most this many HTTP/1.1 connections per destination stay pooled; a burst beyond it opens
-/// connections that close once their response is done (memory stays bounded when thousands of
-/// downstream connections go idle).
+/// At most this many idle HTTP/1.1 connections per destination stay pooled (memory stays bounded
+/// when thousands of downstream connections go idle). Connections still streaming a response
+/// body do not count: under load the pool holds one per request in flight, or every request
+/// past the cap would open a connection and close it again.
 const H1_MAX_POOLED: usize = 64;
+/// How long a connection beyond [`H1_MAX_POOLED`] may sit unused before it is closed.
+const H1_SURPLUS_IDLE: Duration = Duration::from_secs(1);
 
 struct H1Conn {
     sender: http1::SendRequest<Incoming>,
@@ -141,10 +144,24 @@ impl Upstreams {
             // One clock read per checkout, not one per pooled connection.
             let now = Instant::now();
             conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE);
-            conns
+            let found = conns
                 .iter()
-                .position(|c| c.sender.is_ready())
-                .map(|i| conns.swap_remove(i).sender)
+                .rposition(|c| c.sender.is_ready())
+                .map(|i| conns.swap_remove(i).sender);
+            if conns.len() > H1_MAX_POOLED {
+                // After a burst: close connections beyond the cap that sat unused for a while
+                // (under load every pooled connection is reused within milliseconds).
+                let surplus = |c: &H1Conn| {
+                    now.duration_since(c.last_used) > H1_SURPLUS_IDLE && c.sender.is_ready()
+                };
+                let mut extra = conns.len() - H1_MAX_POOLED;
+                conns.retain(|c| {
+                    let drop = extra > 0 && surplus(c);
+                    extra -= usize::from(drop);
+                    !drop
+                });
+            }
+            found
         };
         let mut sender = match pooled {
             Some(s) => s,
@@ -164,14 +181,12 @@ impl Upstreams {
             .await
             .map_err(|e| error_chain(&e))?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            // Pooled while its body streams: it is reused once hyper reports it ready.
             let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            let conns = pool.entry(key).or_default();
-            if conns.len() < H1_MAX_POOLED {
-                conns.push(H1Conn {
-                    sender,
-                    last_used: Instant::now(),
-                });
-            }
+            pool.entry(key).or_default().push(H1Conn {
+                sender,
+                last_used: Instant::now(),
+            });
         }
         Ok(resp)
     }

@@ -277,3 +277,51 @@ async fn a_denied_request_with_a_body_leaves_the_connection_in_step() {
     assert!(t.ends_with("\r\n\r\n"), "{t}");
     assert_eq!(h.upstream_saw(), ["GET /public/next host=svc body=0"]);
 }
+
+/// HTTP/2 requests go upstream through hyper's HTTP/1.1 pool. A connection goes back to the pool
+/// with the response head and is reused once its body is done; with more requests in flight
+/// than the idle cap (64), the pool must still keep one connection per request in flight rather
+/// than open and close one for every request past the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_with_more_requests_in_flight_than_the_idle_cap() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let (upstream, log) = scripted_upstream().await;
+    let h = start_at(ProxyConfig::default(), POLICY, upstream, log).await;
+    let stream = TcpStream::connect(h.proxy).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    const IN_FLIGHT: usize = 100;
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..IN_FLIGHT {
+            let mut s = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::get(format!("http://svc/public/{round}/{i}"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = s.send_request(req).await.unwrap();
+                let status = resp.status();
+                resp.into_body().collect().await.unwrap();
+                status
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), http::StatusCode::OK);
+        }
+    }
+    let saw = h.upstream_saw();
+    assert_eq!(saw.len(), 3 * IN_FLIGHT);
+    let conns: std::collections::HashSet<&str> =
+        saw.iter().filter_map(|l| l.split(' ').next()).collect();
+    assert!(
+        conns.len() <= IN_FLIGHT,
+        "{} upstream connections for {IN_FLIGHT} requests in flight",
+        conns.len()
+    );
+}
