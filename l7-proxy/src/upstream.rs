@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -46,8 +47,10 @@ struct RawConn {
 pub struct Upstreams {
     connect_timeout: Duration,
     tcp_keepalive: Duration,
-    h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
+    h1: Arc<Mutex<HashMap<Key, Vec<H1Conn>>>>,
     raw: Mutex<HashMap<Key, Vec<RawConn>>>,
+    /// The task that closes hyper's surplus idle connections runs.
+    sweeping: AtomicBool,
     h2: Mutex<HashMap<Key, http2::SendRequest<Incoming>>>,
 }
 
@@ -67,8 +70,9 @@ impl Upstreams {
         Upstreams {
             connect_timeout: cfg.connect_timeout,
             tcp_keepalive: cfg.tcp_keepalive,
-            h1: Mutex::default(),
+            h1: Arc::default(),
             raw: Mutex::default(),
+            sweeping: AtomicBool::new(false),
             h2: Mutex::default(),
         }
     }
@@ -148,24 +152,13 @@ impl Upstreams {
                 .iter()
                 .rposition(|c| c.sender.is_ready())
                 .map(|i| conns.swap_remove(i).sender);
-            if conns.len() > H1_MAX_POOLED {
-                // After a burst: close connections beyond the cap that sat unused for a while
-                // (under load every pooled connection is reused within milliseconds).
-                let surplus = |c: &H1Conn| {
-                    now.duration_since(c.last_used) > H1_SURPLUS_IDLE && c.sender.is_ready()
-                };
-                let mut extra = conns.len() - H1_MAX_POOLED;
-                conns.retain(|c| {
-                    let drop = extra > 0 && surplus(c);
-                    extra -= usize::from(drop);
-                    !drop
-                });
-            }
+            trim_h1(conns, now);
             found
         };
         let mut sender = match pooled {
             Some(s) => s,
             None => {
+                self.start_sweeping();
                 let io = self.connect(dst, mark).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(io)
@@ -189,6 +182,32 @@ impl Upstreams {
             });
         }
         Ok(resp)
+    }
+
+    /// Starts, once, the task that closes surplus idle connections of hyper's pool when no
+    /// request comes to do it (after a burst, a second apart; it ends with the pools).
+    fn start_sweeping(&self) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(&self.h1);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(H1_SURPLUS_IDLE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                pool.retain(|_, conns| {
+                    conns.retain(|c| {
+                        !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE
+                    });
+                    trim_h1(conns, now);
+                    !conns.is_empty()
+                });
+            }
+        });
     }
 
     /// Sends an HTTP/2 request (absolute URI: its authority becomes `:authority`) to `dst` on the
@@ -223,6 +242,20 @@ impl Upstreams {
         };
         sender.send_request(req).await.map_err(|e| error_chain(&e))
     }
+}
+
+/// Closes pooled connections beyond [`H1_MAX_POOLED`] that sat unused for a while (under load
+/// every pooled connection is reused within milliseconds).
+fn trim_h1(conns: &mut Vec<H1Conn>, now: Instant) {
+    let Some(mut extra) = conns.len().checked_sub(H1_MAX_POOLED) else {
+        return;
+    };
+    conns.retain(|c| {
+        let drop =
+            extra > 0 && now.duration_since(c.last_used) > H1_SURPLUS_IDLE && c.sender.is_ready();
+        extra -= usize::from(drop);
+        !drop
+    });
 }
 
 /// An error with its causes, `a: b: c`.
