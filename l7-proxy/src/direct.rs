@@ -178,6 +178,9 @@ struct Forward {
     upstream_head: Vec<u8>,
     /// A HEAD request: its response has no body whatever its headers say.
     head_method: bool,
+    /// An idempotent method (RFC 9110 §9.2.2): resent once on a new connection when a pooled
+    /// one turns out closed before any answer.
+    idempotent: bool,
     /// The client asked to close after this response.
     client_close: bool,
     cp: Arc<ConnPolicy>,
@@ -347,6 +350,10 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
         body,
         upstream_head: up,
         head_method,
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
         client_close,
         cp,
         record,
@@ -511,16 +518,16 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
     head.extend_from_slice(&down.pending()[..here]);
     down.consume(here);
     let rest = fwd.body - here as u64;
-    let exchange = exchange(
-        conn,
-        down,
+    let request = UpstreamRequest {
         dst,
         mark,
-        &head,
-        rest,
-        fwd.head_method,
-        fwd.client_close,
-    );
+        head: &head,
+        body_rest: rest,
+        head_method: fwd.head_method,
+        resendable: fwd.idempotent && rest == 0,
+        client_close: fwd.client_close,
+    };
+    let exchange = exchange(conn, down, request);
     let result = if cfg.upstream_timeout.is_zero() {
         Ok(exchange.await)
     } else {
@@ -598,46 +605,104 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
     }
 }
 
+/// A request on its way upstream.
+struct UpstreamRequest<'a> {
+    dst: std::net::SocketAddr,
+    mark: Option<u32>,
+    /// The head and the body bytes that came with it.
+    head: &'a [u8],
+    /// Body bytes still to read from the client.
+    body_rest: u64,
+    head_method: bool,
+    /// All of it is in `head` and its method is idempotent: it may be sent again.
+    resendable: bool,
+    client_close: bool,
+}
+
+/// Why a pooled connection gave no answer.
+enum Attempt {
+    /// It was closed before any byte of an answer: the request may not have been seen.
+    Stale(String),
+    Failed(ExchangeError),
+}
+
 /// Sends the request to the upstream (a pooled connection, or a new one) and reads the response
-/// head, skipping interim responses.
-#[allow(clippy::too_many_arguments)]
+/// head, skipping interim responses. A pooled connection the upstream closed while it sat idle
+/// is only noticed by using it: a resendable request then goes again on a new connection, and
+/// for any other one the pooled connection is checked (one extra read) before it is used.
 async fn exchange(
     conn: &Connection,
     down: &mut Down,
-    dst: std::net::SocketAddr,
-    mark: Option<u32>,
-    head: &[u8],
-    body_rest: u64,
-    head_method: bool,
-    client_close: bool,
+    req: UpstreamRequest<'_>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), ExchangeError> {
     let upstreams = &conn.shared().upstreams;
-    let mut upstream = match upstreams.checkout_raw(dst, mark) {
-        Some(s) => s,
-        None => upstreams
-            .connect_raw(dst, mark)
-            .await
-            .map_err(ExchangeError::Upstream)?,
-    };
-    (&mut upstream).put(head).await?;
-    down.body(body_rest, &mut upstream).await?;
+    let mut pooled = upstreams.checkout_raw(req.dst, req.mark, !req.resendable);
+    loop {
+        let reused = pooled.is_some();
+        let upstream = match pooled.take() {
+            Some(s) => s,
+            None => upstreams
+                .connect_raw(req.dst, req.mark)
+                .await
+                .map_err(ExchangeError::Upstream)?,
+        };
+        match attempt(down, upstream, &req, reused && req.resendable).await {
+            Ok(r) => return Ok(r),
+            Err(Attempt::Stale(_)) if reused && req.resendable => continue,
+            Err(Attempt::Stale(e)) => return Err(ExchangeError::Upstream(e)),
+            Err(Attempt::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+/// One try on `upstream`; `may_resend`: a stale connection's answer is not taken for the
+/// request's.
+async fn attempt(
+    down: &mut Down,
+    mut upstream: TcpStream,
+    req: &UpstreamRequest<'_>,
+    may_resend: bool,
+) -> Result<(TcpStream, Vec<u8>, ResponseHead), Attempt> {
+    if let Err(e) = upstream.write_all(req.head).await {
+        return Err(Attempt::Stale(format!("write: {e}")));
+    }
+    down.body(req.body_rest, &mut upstream)
+        .await
+        .map_err(Attempt::Failed)?;
     let mut rbuf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
         if rbuf.capacity() - rbuf.len() < 1024 {
             rbuf.reserve(8 * 1024);
         }
+        // Only the first read can show a connection closed while it sat in the pool.
+        let nothing_yet = rbuf.is_empty();
         match upstream.read_buf(&mut rbuf).await {
-            Ok(0) => return Err(ExchangeError::Upstream("closed before its response".into())),
-            Err(e) => return Err(ExchangeError::Upstream(format!("read: {e}"))),
+            Ok(0) if nothing_yet => {
+                return Err(Attempt::Stale("closed before its response".into()));
+            }
+            Err(e) if nothing_yet => return Err(Attempt::Stale(format!("read: {e}"))),
+            Ok(0) => {
+                let e = "closed in the middle of its response head".into();
+                return Err(Attempt::Failed(ExchangeError::Upstream(e)));
+            }
+            Err(e) => {
+                let e = format!("read: {e}");
+                return Err(Attempt::Failed(ExchangeError::Upstream(e)));
+            }
             Ok(_) => {}
         }
         loop {
-            match parse_response(&rbuf, head_method, client_close)
-                .map_err(ExchangeError::Upstream)?
+            match parse_response(&rbuf, req.head_method, req.client_close)
+                .map_err(|e| Attempt::Failed(ExchangeError::Upstream(e)))?
             {
                 ParsedResponse::Incomplete => break,
                 ParsedResponse::Interim(len) => {
                     rbuf.drain(..len);
+                }
+                // What servers send on a keep-alive connection they time out (and then close),
+                // read here as if it answered the request: the request was never seen.
+                ParsedResponse::Final(resp) if resp.status == 408 && nothing_yet && may_resend => {
+                    return Err(Attempt::Stale("408 on an idle connection".into()));
                 }
                 ParsedResponse::Final(resp) => return Ok((upstream, rbuf, resp)),
             }

@@ -78,9 +78,15 @@ impl Upstreams {
     }
 
     /// An idle pooled connection to `dst` for the direct path, the most recently used first (its
-    /// lines are the likeliest to be in cache). Connections the upstream closed, or that sent
-    /// bytes nobody asked for, are dropped.
-    pub(crate) fn checkout_raw(&self, dst: SocketAddr, mark: Option<u32>) -> Option<TcpStream> {
+    /// lines are the likeliest to be in cache). With `probe`, connections the upstream closed, or
+    /// that sent bytes nobody asked for, are found (one read each) and dropped; without, the
+    /// caller must be able to send its request again should the connection be closed.
+    pub(crate) fn checkout_raw(
+        &self,
+        dst: SocketAddr,
+        mark: Option<u32>,
+        probe: bool,
+    ) -> Option<TcpStream> {
         let mut pool = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         let conns = pool.get_mut(&(dst, mark))?;
         let now = Instant::now();
@@ -90,8 +96,11 @@ impl Upstreams {
                 conns.clear();
                 return None;
             }
-            let mut probe = [0u8; 1];
-            if let Err(e) = c.stream.try_read(&mut probe)
+            if !probe {
+                return Some(c.stream);
+            }
+            let mut byte = [0u8; 1];
+            if let Err(e) = c.stream.try_read(&mut byte)
                 && e.kind() == std::io::ErrorKind::WouldBlock
             {
                 return Some(c.stream);

@@ -28,6 +28,8 @@ fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
         "/public/bare-lf" => b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
         "/public/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
         "/public/silent" => b"",
+        // Look reusable, then close (after an unsolicited 408 for the second).
+        "/public/then-close" | "/public/then-408" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         _ => {
             let body = format!("saw {target}");
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
@@ -40,7 +42,12 @@ fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
     };
     let closes = matches!(
         target,
-        "/public/until-close" | "/public/bye" | "/public/extra" | "/public/silent"
+        "/public/until-close"
+            | "/public/bye"
+            | "/public/extra"
+            | "/public/silent"
+            | "/public/then-close"
+            | "/public/then-408"
     );
     (canned.to_vec(), closes)
 }
@@ -113,6 +120,12 @@ async fn serve_scripted(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<String
         buf.drain(..end + 4 + length);
         let (answer, closes) = script(method, target);
         if s.write_all(&answer).await.is_err() || closes {
+            if target == "/public/then-408" {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
             return;
         }
     }
@@ -350,5 +363,48 @@ async fn upstream_connections_are_reused_with_more_requests_in_flight_than_the_i
     assert!(
         left <= 64,
         "{left} idle upstream connections 5 s after the burst"
+    );
+}
+
+/// A pooled connection the upstream closed (or timed out with a 408) while it sat idle is only
+/// found out by using it: an idempotent request goes again on a new connection, any other is
+/// sent only on a connection checked first. The client never sees the stale connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_while_pooled_never_reach_the_client() {
+    let (upstream, log) = scripted_upstream().await;
+    let h = start_at(ProxyConfig::default(), POLICY, upstream, log).await;
+    let mut c = TcpStream::connect(h.proxy).await.unwrap();
+    for (first, then) in [
+        ("/public/then-close", get("/public/retried")),
+        (
+            "/public/then-close",
+            "POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi".to_string(),
+        ),
+        ("/public/then-408", get("/public/after-408")),
+    ] {
+        let (t, _) = exchange(&mut c, &get(first)).await;
+        assert!(t.ends_with("\r\n\r\nok"), "{first}: {t}");
+        // The upstream's FIN (and 408) arrive while the connection sits in the pool.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (t, closed) = exchange(&mut c, &then).await;
+        assert_eq!(statuses(&t), [200], "after {first}: {t}");
+        assert!(t.contains("saw /"), "after {first}: {t}");
+        assert!(!closed);
+    }
+    let saw = h.upstream_saw();
+    let last_words: Vec<String> = saw
+        .iter()
+        .map(|l| l.split(' ').skip(1).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        last_words,
+        [
+            "GET /public/then-close body=0",
+            "GET /public/retried body=0",
+            "GET /public/then-close body=0",
+            "POST /upload body=2",
+            "GET /public/then-408 body=0",
+            "GET /public/after-408 body=0",
+        ]
     );
 }
