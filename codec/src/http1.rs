@@ -625,6 +625,20 @@ pub fn is_forwarded(name: &str, named: &[&[u8]]) -> bool {
             .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// Appends the fields a proxy forwards (see [`is_forwarded`]), one `name: value` line each.
+pub fn append_forwarded_fields(
+    out: &mut Vec<u8>,
+    headers: &[httparse::Header<'_>],
+    named: &[&[u8]],
+) {
+    for h in headers.iter().filter(|h| is_forwarded(h.name, named)) {
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// How a response's body is framed (RFC 9112 §6.3).
 #[derive(Clone, Debug)]
 pub enum ResponseBody {
@@ -768,12 +782,7 @@ pub fn parse_response(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
-    for h in headers.iter().filter(|h| is_forwarded(h.name, &named)) {
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
+    append_forwarded_fields(&mut out, headers, &named);
     if close_downstream {
         out.extend_from_slice(b"connection: close\r\n");
     }

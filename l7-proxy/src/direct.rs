@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use membrane_codec::http1::{
-    Framer, ParsedResponse, ResponseHead, connection_tokens, is_forwarded, parse_response,
+    Framer, ParsedResponse, ResponseHead, append_forwarded_fields, connection_tokens,
+    parse_response,
 };
 use membrane_codec::path::normalize_target;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
@@ -273,23 +274,23 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
             (RecordParts::default(), String::new())
         }
     };
+    let bad_request = |target: &str, reason: String| {
+        let (parts, target) = record(target);
+        let refusal = Refusal {
+            status: 400,
+            reason,
+        };
+        Prepared::Answer {
+            head_len,
+            body,
+            answer: conn.answer_refusal(parts, &target, &cp, started, refusal),
+            head_method,
+        }
+    };
     let target = if cfg.normalize_paths {
         match normalize_target(raw_target) {
             Ok(t) => t,
-            Err(e) => {
-                let (parts, target) = record(raw_target);
-                let refusal = Refusal {
-                    status: 400,
-                    reason: e.to_string(),
-                };
-                let answer = conn.answer_refusal(parts, &target, &cp, started, refusal);
-                return Prepared::Answer {
-                    head_len,
-                    body,
-                    answer,
-                    head_method,
-                };
-            }
+            Err(e) => return bad_request(raw_target, e.to_string()),
         }
     } else {
         std::borrow::Cow::Borrowed(raw_target)
@@ -318,18 +319,7 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
         }
     };
     if target.parse::<http::uri::PathAndQuery>().is_err() {
-        let (parts, target) = record(&target);
-        let refusal = Refusal {
-            status: 400,
-            reason: "request target cannot be forwarded".into(),
-        };
-        let answer = conn.answer_refusal(parts, &target, &cp, started, refusal);
-        return Prepared::Answer {
-            head_len,
-            body,
-            answer,
-            head_method,
-        };
+        return bad_request(&target, "request target cannot be forwarded".into());
     }
     let (client_close, named) = connection_tokens(headers);
     let mut up = Vec::with_capacity(head_len + 32 + body.min(MAX_DIRECT_BODY) as usize);
@@ -337,12 +327,7 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
     up.push(b' ');
     up.extend_from_slice(target.as_bytes());
     up.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in headers.iter().filter(|h| is_forwarded(h.name, &named)) {
-        up.extend_from_slice(h.name.as_bytes());
-        up.extend_from_slice(b": ");
-        up.extend_from_slice(h.value);
-        up.extend_from_slice(b"\r\n");
-    }
+    append_forwarded_fields(&mut up, headers, &named);
     up.extend_from_slice(b"\r\n");
     let (record, target) = record(&target);
     Prepared::Forward(Box::new(Forward {
