@@ -18,7 +18,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::StatusCode;
 use membrane_codec::http1::{
@@ -393,9 +393,7 @@ pub(crate) async fn serve(
         pos: 0,
     };
     // One timer for the connection's life, re-armed when it fires (see server.rs).
-    let tick = (idle.min(header_timeout) / 2)
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(10));
+    let tick = cfg.timeout_check_interval();
     let checks = tokio::time::sleep(tick);
     tokio::pin!(checks);
     let mut idle_since = Instant::now();

@@ -268,9 +268,7 @@ async fn serve_hyper(
     let mut closing = false;
     let mut last_activity = guard_state.activity();
     let mut idle_since = Instant::now();
-    let tick = (idle.min(header_timeout) / 2)
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(10));
+    let tick = cfg.timeout_check_interval();
     // One timer for the connection's life, re-armed when it fires: a new one per
     // wake-up (every request wakes this task) was a timer-wheel insert and removal
     // per request.

@@ -87,6 +87,17 @@ impl Default for ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// How often a connection's task checks its idle and header timeouts: half the shorter
+    /// one, so neither overshoots by more than half, but at most once a second and at least
+    /// every 10 ms.
+    pub fn timeout_check_interval(&self) -> Duration {
+        (self.idle_timeout.min(self.header_timeout) / 2)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(10))
+    }
+}
+
 /// What every connection of a proxy shares.
 #[derive(Debug)]
 pub struct Shared {

@@ -48,8 +48,8 @@ pub struct Upstreams {
     connect_timeout: Duration,
     tcp_keepalive: Duration,
     h1: Arc<Mutex<HashMap<Key, Vec<H1Conn>>>>,
-    raw: Mutex<HashMap<Key, Vec<RawConn>>>,
-    /// The task that closes hyper's surplus idle connections runs.
+    raw: Arc<Mutex<HashMap<Key, Vec<RawConn>>>>,
+    /// The task that closes stale and surplus idle connections runs.
     sweeping: AtomicBool,
     h2: Mutex<HashMap<Key, http2::SendRequest<Incoming>>>,
 }
@@ -71,7 +71,7 @@ impl Upstreams {
             connect_timeout: cfg.connect_timeout,
             tcp_keepalive: cfg.tcp_keepalive,
             h1: Arc::default(),
-            raw: Mutex::default(),
+            raw: Arc::default(),
             sweeping: AtomicBool::new(false),
             h2: Mutex::default(),
         }
@@ -96,13 +96,7 @@ impl Upstreams {
                 conns.clear();
                 return None;
             }
-            if !probe {
-                return Some(c.stream);
-            }
-            let mut byte = [0u8; 1];
-            if let Err(e) = c.stream.try_read(&mut byte)
-                && e.kind() == std::io::ErrorKind::WouldBlock
-            {
+            if !probe || quiet(&c.stream) {
                 return Some(c.stream);
             }
         }
@@ -128,6 +122,7 @@ impl Upstreams {
         dst: SocketAddr,
         mark: Option<u32>,
     ) -> Result<TcpStream, String> {
+        self.start_sweeping();
         connect(dst, mark, self.connect_timeout, self.tcp_keepalive).await
     }
 
@@ -193,28 +188,23 @@ impl Upstreams {
         Ok(resp)
     }
 
-    /// Starts, once, the task that closes surplus idle connections of hyper's pool when no
-    /// request comes to do it (after a burst, a second apart; it ends with the pools).
+    /// Starts, once, the task that closes idle connections when no request comes to do it: hyper's
+    /// surplus after a burst, and the direct path's stale ones (a second apart; it ends with the
+    /// pools).
     fn start_sweeping(&self) {
         if self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
-        let pool = Arc::downgrade(&self.h1);
+        let (h1, raw) = (Arc::downgrade(&self.h1), Arc::downgrade(&self.raw));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(H1_SURPLUS_IDLE);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(pool) = pool.upgrade() else { break };
-                let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                pool.retain(|_, conns| {
-                    conns.retain(|c| {
-                        !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE
-                    });
-                    trim_h1(conns, now);
-                    !conns.is_empty()
-                });
+                let (Some(h1), Some(raw)) = (h1.upgrade(), raw.upgrade()) else {
+                    break;
+                };
+                sweep(&h1, &raw, Instant::now());
             }
         });
     }
@@ -251,6 +241,37 @@ impl Upstreams {
         };
         sender.send_request(req).await.map_err(|e| error_chain(&e))
     }
+}
+
+/// One sweep of both HTTP/1.1 pools at `now`: closes what the upstream closed (or sent unasked
+/// bytes on), what sat idle longer than [`H1_IDLE`], and hyper's surplus. Without it a direct-path
+/// connection the upstream closed would hold its socket (in CLOSE_WAIT) until the next request
+/// to that destination.
+fn sweep(
+    h1: &Mutex<HashMap<Key, Vec<H1Conn>>>,
+    raw: &Mutex<HashMap<Key, Vec<RawConn>>>,
+    now: Instant,
+) {
+    h1.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|_, conns| {
+            conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE);
+            trim_h1(conns, now);
+            !conns.is_empty()
+        });
+    raw.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|_, conns| {
+            conns.retain(|c| now.duration_since(c.last_used) < H1_IDLE && quiet(&c.stream));
+            !conns.is_empty()
+        });
+}
+
+/// Whether an idle connection is still open with nothing unread (one non-blocking read; a byte
+/// read here is lost, but a connection that sent one unasked is dropped anyway).
+fn quiet(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Closes pooled connections beyond [`H1_MAX_POOLED`] that sat unused for a while (under load
@@ -309,4 +330,51 @@ pub async fn connect(
             .with_interval(Duration::from_secs(10)),
     );
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    fn raw_count(up: &Upstreams) -> usize {
+        up.raw.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    /// Direct-path connections the upstream closed, or that sent bytes unasked, or that idled
+    /// past `H1_IDLE`, leave the pool at the next sweep without a request to that destination.
+    #[tokio::test]
+    async fn sweep_closes_stale_raw_connections() {
+        let up = Upstreams::new(&ProxyConfig::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let mut peers = Vec::new();
+        for _ in 0..4 {
+            let conn = up.connect_raw(dst, None).await.unwrap();
+            peers.push(listener.accept().await.unwrap().0);
+            up.checkin_raw(dst, None, conn);
+        }
+        let never_used_again = Instant::now();
+        let (h1, raw) = (up.h1.clone(), up.raw.clone());
+        sweep(&h1, &raw, Instant::now());
+        assert_eq!(raw_count(&up), 4, "quiet, fresh connections stay");
+
+        drop(peers.remove(0)); // closed by the upstream
+        peers[0].write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap(); // unasked bytes
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sweep(&h1, &raw, Instant::now());
+        assert_eq!(
+            raw_count(&up),
+            2,
+            "closed and chatty connections are dropped"
+        );
+
+        sweep(&h1, &raw, never_used_again + H1_IDLE);
+        assert_eq!(
+            raw_count(&up),
+            0,
+            "connections idle past H1_IDLE are dropped"
+        );
+    }
 }
