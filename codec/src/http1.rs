@@ -329,24 +329,52 @@ impl ChunkedBody {
     /// when all of `data` belongs to it and more is to come, `Err((n, why))` when `data[n]` breaks
     /// the framing (`data[..n]` was valid).
     pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, (usize, String)> {
+        let mut at = 0;
+        while at < data.len() {
+            let step = self.decode(&data[at..]).map_err(|(i, e)| (at + i, e))?;
+            at += step.consumed;
+            if step.finished {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Decodes the next bytes of the body up to the end of its first run of chunk data (or the
+    /// body's end): how many bytes of `data` that took, where the payload lies in them, and
+    /// whether the body ended. `Err((n, why))` as for [`ChunkedBody::scan`].
+    pub fn decode(&mut self, data: &[u8]) -> Result<Decoded, (usize, String)> {
         let mut i = 0;
         while i < data.len() {
             if self.state == Chunk::Data {
                 let take = (self.remaining.min((data.len() - i) as u64)) as usize;
-                i += take;
                 self.remaining -= take as u64;
                 if self.remaining == 0 {
                     self.state = Chunk::DataCr;
                 }
-                continue;
+                return Ok(Decoded {
+                    consumed: i + take,
+                    payload: i..i + take,
+                    finished: false,
+                });
             }
             match self.step(data[i]) {
-                Ok(true) => return Ok(Some(i + 1)),
+                Ok(true) => {
+                    return Ok(Decoded {
+                        consumed: i + 1,
+                        payload: i + 1..i + 1,
+                        finished: true,
+                    });
+                }
                 Ok(false) => i += 1,
                 Err(e) => return Err((i, e)),
             }
         }
-        Ok(None)
+        Ok(Decoded {
+            consumed: i,
+            payload: i..i,
+            finished: false,
+        })
     }
 
     /// One framing byte; `Ok(true)` when it ends the body.
@@ -639,6 +667,17 @@ pub fn append_forwarded_fields(
     }
 }
 
+/// One step of decoding a body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes of the input this step used (framing and payload).
+    pub consumed: usize,
+    /// Where the payload lies in the input (empty when there was none).
+    pub payload: std::ops::Range<usize>,
+    /// The body ended within `consumed`.
+    pub finished: bool,
+}
+
 /// How a response's body is framed (RFC 9112 §6.3).
 #[derive(Clone, Debug)]
 pub enum ResponseBody {
@@ -669,6 +708,22 @@ impl ResponseBody {
                 Err((_, e)) => return Err(e),
             },
             ResponseBody::UntilClose => (data.len(), false),
+        })
+    }
+
+    /// Decodes the next bytes from the upstream (for a client that gets the payload without
+    /// HTTP/1.1's framing, over HTTP/2): up to the end of the first run of payload.
+    pub fn decode(&mut self, data: &[u8]) -> Result<Decoded, String> {
+        Ok(match self {
+            ResponseBody::Chunked(c) => c.decode(data).map_err(|(_, e)| e)?,
+            _ => {
+                let (used, finished) = self.take(data)?;
+                Decoded {
+                    consumed: used,
+                    payload: 0..used,
+                    finished,
+                }
+            }
         })
     }
 }
@@ -1076,5 +1131,51 @@ mod tests {
         assert_eq!(body.take(b"cdef"), Ok((2, true)));
         assert_eq!(ResponseBody::None.take(b"x"), Ok((0, true)));
         assert_eq!(ResponseBody::UntilClose.take(b"xyz"), Ok((3, false)));
+    }
+
+    /// Decodes `wire` in reads of `split` bytes: the payload, and where the body ended.
+    fn decode_all(mut body: ResponseBody, wire: &[u8], split: usize) -> (Vec<u8>, Option<usize>) {
+        let (mut payload, mut at) = (Vec::new(), 0);
+        for piece in wire.chunks(split) {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let d = body.decode(rest).unwrap();
+                payload.extend_from_slice(&rest[d.payload]);
+                at += d.consumed;
+                if d.finished {
+                    return (payload, Some(at));
+                }
+                rest = &rest[d.consumed..];
+            }
+        }
+        (payload, None)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_to_their_payload_however_they_are_read() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        for split in 1..wire.len() {
+            let chunked = ResponseBody::Chunked(ChunkedBody::new(1024));
+            assert_eq!(
+                decode_all(chunked, wire, split),
+                (b"hello world".to_vec(), Some(wire.len() - 4)),
+                "split {split}"
+            );
+        }
+        assert_eq!(
+            decode_all(ResponseBody::Length(3), b"abcdef", 2),
+            (b"abc".to_vec(), Some(3))
+        );
+        assert_eq!(
+            decode_all(ResponseBody::UntilClose, b"abcdef", 4),
+            (b"abcdef".to_vec(), None)
+        );
+        let mut broken = ResponseBody::Chunked(ChunkedBody::new(1024));
+        assert!(
+            broken
+                .decode(b"2\r\nabc\r\n")
+                .is_ok_and(|d| d.payload == (3..5))
+        );
+        assert!(broken.decode(b"c").is_err(), "data longer than its size");
     }
 }

@@ -1,7 +1,7 @@
 //! The upstream response parser of the proxy's direct path must never panic, the head it
 //! forwards must frame the body exactly as the head it read (or the client and the proxy would
 //! disagree on where the response ends), and where a chunked body ends must not depend on how
-//! the bytes were split into reads.
+//! the bytes were split into reads; nor may the payload decoded for an HTTP/2 client.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +30,26 @@ fn body_end(mut body: ResponseBody, data: &[u8], split: usize) -> Result<Option<
     Ok(None)
 }
 
+/// Decodes `data` in pieces of `split`: the payload and where the body ended, or whether it failed.
+fn decode(mut body: ResponseBody, data: &[u8], split: usize) -> Result<(Vec<u8>, Option<usize>), ()> {
+    let (mut payload, mut at) = (Vec::new(), 0);
+    for piece in data.chunks(split.max(1)) {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let d = body.decode(rest).map_err(|_| ())?;
+            assert!(d.consumed <= rest.len() && d.payload.end <= d.consumed);
+            assert!(d.consumed > 0 || d.finished, "no progress");
+            payload.extend_from_slice(&rest[d.payload]);
+            at += d.consumed;
+            if d.finished {
+                return Ok((payload, Some(at)));
+            }
+            rest = &rest[d.consumed..];
+        }
+    }
+    Ok((payload, None))
+}
+
 fuzz_target!(|input: &[u8]| {
     let Some((&flags, data)) = input.split_first() else {
         return;
@@ -51,6 +71,10 @@ fuzz_target!(|input: &[u8]| {
     }
     let rest = &data[head.head_len..];
     let whole = body_end(head.body.clone(), rest, rest.len());
-    let pieces = body_end(head.body, rest, usize::from(flags >> 2) + 1);
+    let split = usize::from(flags >> 2) + 1;
+    let pieces = body_end(head.body.clone(), rest, split);
     assert_eq!(whole, pieces, "where the body ends depends on the read split");
+    let decoded = decode(head.body.clone(), rest, rest.len());
+    assert_eq!(decoded, decode(head.body, rest, split), "the payload depends on the read split");
+    assert_eq!(decoded.as_ref().map(|d| d.1).map_err(|_| ()), whole, "decoding and passing through disagree on the end");
 });
