@@ -36,6 +36,7 @@ use crate::policy::ConnPolicy;
 use crate::service::{
     Connection, LocalAnswer, Outcome, RecordParts, Verdict, denied_outcome, judge,
 };
+use crate::upstream::Upstreams;
 
 /// Largest request body the direct path forwards. It sends a body whole before it reads the
 /// response, which an upstream that answers early could stall if the body outgrew the socket
@@ -58,7 +59,7 @@ pub(crate) enum Exit {
 }
 
 /// The downstream side: the socket, its framer, and the validated bytes not consumed yet.
-struct Down {
+pub(crate) struct Down {
     stream: TcpStream,
     framer: Framer,
     buf: Vec<u8>,
@@ -150,7 +151,7 @@ impl AsyncSink for &mut TcpStream {
 }
 
 /// Why an exchange with the upstream ended without a response head.
-enum ExchangeError {
+pub(crate) enum ExchangeError {
     /// The upstream failed (502).
     Upstream(String),
     /// The client went away or broke the framing: close.
@@ -510,7 +511,7 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
         resendable: fwd.idempotent && rest == 0,
         client_close: fwd.client_close,
     };
-    let exchange = exchange(conn, down, request);
+    let exchange = exchange(&shared.upstreams, Some(&mut *down), request);
     let result = if cfg.upstream_timeout.is_zero() {
         Ok(exchange.await)
     } else {
@@ -589,17 +590,17 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
 }
 
 /// A request on its way upstream.
-struct UpstreamRequest<'a> {
-    dst: std::net::SocketAddr,
-    mark: Option<u32>,
+pub(crate) struct UpstreamRequest<'a> {
+    pub dst: std::net::SocketAddr,
+    pub mark: Option<u32>,
     /// The head and the body bytes that came with it.
-    head: &'a [u8],
-    /// Body bytes still to read from the client.
-    body_rest: u64,
-    head_method: bool,
+    pub head: &'a [u8],
+    /// Body bytes still to read from the client (who is then the `down` of [`exchange`]).
+    pub body_rest: u64,
+    pub head_method: bool,
     /// All of it is in `head` and its method is idempotent: it may be sent again.
-    resendable: bool,
-    client_close: bool,
+    pub resendable: bool,
+    pub client_close: bool,
 }
 
 /// Why a pooled connection gave no answer.
@@ -613,12 +614,11 @@ enum Attempt {
 /// head, skipping interim responses. A pooled connection the upstream closed while it sat idle
 /// is only noticed by using it: a resendable request then goes again on a new connection, and
 /// for any other one the pooled connection is checked (one extra read) before it is used.
-async fn exchange(
-    conn: &Connection,
-    down: &mut Down,
+pub(crate) async fn exchange(
+    upstreams: &Upstreams,
+    mut down: Option<&mut Down>,
     req: UpstreamRequest<'_>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), ExchangeError> {
-    let upstreams = &conn.shared().upstreams;
     let mut pooled = upstreams.checkout_raw(req.dst, req.mark, !req.resendable);
     loop {
         let reused = pooled.is_some();
@@ -629,7 +629,14 @@ async fn exchange(
                 .await
                 .map_err(ExchangeError::Upstream)?,
         };
-        match attempt(down, upstream, &req, reused && req.resendable).await {
+        match attempt(
+            down.as_deref_mut(),
+            upstream,
+            &req,
+            reused && req.resendable,
+        )
+        .await
+        {
             Ok(r) => return Ok(r),
             Err(Attempt::Stale(_)) if reused && req.resendable => continue,
             Err(Attempt::Stale(e)) => return Err(ExchangeError::Upstream(e)),
@@ -641,7 +648,7 @@ async fn exchange(
 /// One try on `upstream`; `may_resend`: a stale connection's answer is not taken for the
 /// request's.
 async fn attempt(
-    down: &mut Down,
+    down: Option<&mut Down>,
     mut upstream: TcpStream,
     req: &UpstreamRequest<'_>,
     may_resend: bool,
@@ -649,9 +656,11 @@ async fn attempt(
     if let Err(e) = upstream.write_all(req.head).await {
         return Err(Attempt::Stale(format!("write: {e}")));
     }
-    down.body(req.body_rest, &mut upstream)
-        .await
-        .map_err(Attempt::Failed)?;
+    if let Some(down) = down {
+        down.body(req.body_rest, &mut upstream)
+            .await
+            .map_err(Attempt::Failed)?;
+    }
     let mut rbuf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
         if rbuf.capacity() - rbuf.len() < 1024 {

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod agent_feed;
 mod direct;
 pub mod guard;
+mod h1_upstream;
 pub mod kafka;
 pub mod policy;
 pub mod redirect;

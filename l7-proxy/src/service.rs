@@ -4,22 +4,25 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::Either as EitherFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::MapErr;
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
 
 use crate::guard::{GuardState, Limits, Refusal};
+use crate::h1_upstream::{self, UpstreamBody};
 use crate::policy::{ConnDecision, ConnPolicy, Decision, Peers, PolicyHandle, Snapshot};
 use crate::telemetry::{
     DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, no_policy, rfc3339,
@@ -27,8 +30,52 @@ use crate::telemetry::{
 use crate::upstream::Upstreams;
 use membrane_codec::path::normalize_target;
 
-/// The body of a response: a local answer or the upstream's stream.
-pub type ResponseBody = Either<MapErr<Full<Bytes>, fn(Infallible) -> hyper::Error>, Incoming>;
+/// The body of a response.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// A local answer.
+    Local(Full<Bytes>),
+    /// An upstream's, through hyper's client (HTTP/2 upstreams, request bodies, upgrades).
+    Hyper(Incoming),
+    /// An upstream's, decoded from a pooled HTTP/1.1 socket (see `crate::h1_upstream`).
+    Upstream(UpstreamBody),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Local(b) => b.is_end_stream(),
+            ResponseBody::Hyper(b) => b.is_end_stream(),
+            ResponseBody::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Local(b) => b.size_hint(),
+            ResponseBody::Hyper(b) => b.size_hint(),
+            ResponseBody::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+fn hyper_response(r: Result<Response<Incoming>, String>) -> Result<Response<ResponseBody>, String> {
+    r.map(|resp| resp.map(ResponseBody::Hyper))
+}
 
 /// Settings of the HTTP proxy.
 #[derive(Clone, Debug)]
@@ -334,11 +381,23 @@ impl Connection {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            EitherFuture::Left(shared.upstreams.send_h2(
-                self.dst,
-                mark,
-                Request::from_parts(parts, body),
-            ))
+            EitherFuture::Left(
+                shared
+                    .upstreams
+                    .send_h2(self.dst, mark, Request::from_parts(parts, body))
+                    .map(hyper_response),
+            )
+        } else if let Some(head) = (!wants_upgrade && body.is_end_stream())
+            .then(|| h1_upstream::request_head(&parts.method, &target, &authority, &parts.headers))
+            .flatten()
+        {
+            // Most requests: no body, no upgrade. No hyper client task in between.
+            let (shared, dst, method) = (&self.shared, self.dst, parts.method);
+            EitherFuture::Right(EitherFuture::Left(async move {
+                h1_upstream::send(shared, dst, mark, &head, &method)
+                    .await
+                    .map(|resp| resp.map(ResponseBody::Upstream))
+            }))
         } else {
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 parts.headers.insert(header::HOST, v);
@@ -348,10 +407,11 @@ impl Connection {
                 Ok(u) => u,
                 Err(_) => return self.unforwardable(record_parts, &target, &cp, started),
             };
-            EitherFuture::Right(shared.upstreams.send_h1(
-                self.dst,
-                mark,
-                Request::from_parts(parts, body),
+            EitherFuture::Right(EitherFuture::Right(
+                shared
+                    .upstreams
+                    .send_h1(self.dst, mark, Request::from_parts(parts, body))
+                    .map(hyper_response),
             ))
         };
         let result = if shared.config.upstream_timeout.is_zero() {
@@ -404,7 +464,7 @@ impl Connection {
                 reason: None,
             },
         );
-        resp.map(Either::Right)
+        resp
     }
 
     fn unforwardable(
@@ -643,9 +703,7 @@ fn authority(req: &Request<Incoming>) -> Cow<'_, str> {
 }
 
 fn text_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
-    let mut resp = Response::new(Either::Left(
-        Full::new(body).map_err((|never| match never {}) as fn(Infallible) -> hyper::Error),
-    ));
+    let mut resp = Response::new(ResponseBody::Local(Full::new(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

@@ -103,17 +103,15 @@ impl Upstreams {
         None
     }
 
-    /// Returns a connection whose last response is complete to the pool (or closes it when the
-    /// pool is full).
+    /// Returns a connection whose last response is complete to the pool. Under load the pool
+    /// holds one per request in flight; the sweep closes those beyond [`H1_MAX_POOLED`] once
+    /// they go unused.
     pub(crate) fn checkin_raw(&self, dst: SocketAddr, mark: Option<u32>, stream: TcpStream) {
         let mut pool = self.raw.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = pool.entry((dst, mark)).or_default();
-        if conns.len() < H1_MAX_POOLED {
-            conns.push(RawConn {
-                stream,
-                last_used: Instant::now(),
-            });
-        }
+        pool.entry((dst, mark)).or_default().push(RawConn {
+            stream,
+            last_used: Instant::now(),
+        });
     }
 
     /// A new connection for the direct path.
@@ -156,7 +154,7 @@ impl Upstreams {
                 .iter()
                 .rposition(|c| c.sender.is_ready())
                 .map(|i| conns.swap_remove(i).sender);
-            trim_h1(conns, now);
+            trim(conns, now, |c| c.last_used, |c| c.sender.is_ready());
             found
         };
         let mut sender = match pooled {
@@ -244,7 +242,7 @@ impl Upstreams {
 }
 
 /// One sweep of both HTTP/1.1 pools at `now`: closes what the upstream closed (or sent unasked
-/// bytes on), what sat idle longer than [`H1_IDLE`], and hyper's surplus. Without it a direct-path
+/// bytes on), what sat idle longer than [`H1_IDLE`], and the surplus after a burst. Without it a direct-path
 /// connection the upstream closed would hold its socket (in CLOSE_WAIT) until the next request
 /// to that destination.
 fn sweep(
@@ -256,13 +254,14 @@ fn sweep(
         .unwrap_or_else(|e| e.into_inner())
         .retain(|_, conns| {
             conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.last_used) < H1_IDLE);
-            trim_h1(conns, now);
+            trim(conns, now, |c| c.last_used, |c| c.sender.is_ready());
             !conns.is_empty()
         });
     raw.lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|_, conns| {
             conns.retain(|c| now.duration_since(c.last_used) < H1_IDLE && quiet(&c.stream));
+            trim(conns, now, |c| c.last_used, |_| true);
             !conns.is_empty()
         });
 }
@@ -275,14 +274,18 @@ fn quiet(stream: &TcpStream) -> bool {
 }
 
 /// Closes pooled connections beyond [`H1_MAX_POOLED`] that sat unused for a while (under load
-/// every pooled connection is reused within milliseconds).
-fn trim_h1(conns: &mut Vec<H1Conn>, now: Instant) {
+/// every pooled connection is reused within milliseconds); `idle`: not busy with a response.
+fn trim<C>(
+    conns: &mut Vec<C>,
+    now: Instant,
+    last_used: impl Fn(&C) -> Instant,
+    idle: impl Fn(&C) -> bool,
+) {
     let Some(mut extra) = conns.len().checked_sub(H1_MAX_POOLED) else {
         return;
     };
     conns.retain(|c| {
-        let drop =
-            extra > 0 && now.duration_since(c.last_used) > H1_SURPLUS_IDLE && c.sender.is_ready();
+        let drop = extra > 0 && now.duration_since(last_used(c)) > H1_SURPLUS_IDLE && idle(c);
         extra -= usize::from(drop);
         !drop
     });

@@ -246,6 +246,123 @@ async fn responses_that_cannot_be_framed_safely_are_502() {
     assert!(!t.contains("hello"), "{t}");
 }
 
+/// What an HTTP/2 client got: status, fields, and the body or the error that ended it.
+type H2Answer = (u16, http::HeaderMap, Result<Vec<u8>, String>);
+
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+) -> H2Answer {
+    use http_body_util::BodyExt;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://svc{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    // A stream reset right after its head may come out as either error.
+    let resp = match sender.send_request(req).await {
+        Ok(resp) => resp,
+        Err(e) => return (0, http::HeaderMap::new(), Err(e.to_string())),
+    };
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .map_err(|e| e.to_string());
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+/// Bodyless HTTP/2 requests (and HTTP/1.0 ones, which hyper serves) go upstream on the direct
+/// path's sockets: every response framing reaches the client as a plain payload, hop-by-hop
+/// and framing fields stay behind, connections are reused exactly when the framing allows, and
+/// a response that cannot be framed safely is a 502 (or, past its head, a broken stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let (upstream, log) = scripted_upstream().await;
+    let policy = POLICY.replace(
+        r#"- {method: POST, path: "/upload"}"#,
+        r#"- {method: POST, path: "/upload"}
+        - {method: HEAD, path: "/public.*"}"#,
+    );
+    let h = start_at(ProxyConfig::default(), &policy, upstream, log).await;
+    let stream = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut s, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let ok = |a: &H2Answer, body: &[u8]| {
+        assert_eq!((a.0, a.2.as_deref()), (200, Ok(body)), "{a:?}");
+        for f in ["transfer-encoding", "connection", "x-private", "keep-alive"] {
+            assert!(!a.1.contains_key(f), "{f} reached the client: {a:?}");
+        }
+    };
+    ok(&h2_send(&mut s, "GET", "/public/a").await, b"saw /public/a");
+    ok(
+        &h2_send(&mut s, "GET", "/public/chunked").await,
+        b"hello world",
+    );
+    ok(&h2_send(&mut s, "GET", "/public/interim").await, b"interim");
+    let a = h2_send(&mut s, "GET", "/public/no-content").await;
+    assert_eq!((a.0, a.2.as_deref()), (204, Ok(&b""[..])), "{a:?}");
+    let a = h2_send(&mut s, "HEAD", "/public/h").await;
+    assert_eq!((a.0, a.2.as_deref()), (200, Ok(&b""[..])), "{a:?}");
+    assert_eq!(a.1.get("content-length").unwrap(), "13");
+    ok(&h2_send(&mut s, "GET", "/public/bye").await, b"bye");
+    ok(&h2_send(&mut s, "GET", "/public/extra").await, b"extra");
+    ok(&h2_send(&mut s, "GET", "/public/b").await, b"saw /public/b");
+    ok(
+        &h2_send(&mut s, "GET", "/public/until-close").await,
+        b"until the end",
+    );
+    for path in ["/public/smuggle", "/public/bare-lf", "/public/silent"] {
+        let a = h2_send(&mut s, "GET", path).await;
+        assert_eq!(a.0, 502, "{path}: {a:?}");
+    }
+    let a = h2_send(&mut s, "GET", "/public/bad-chunk").await;
+    assert!(
+        a.2.is_err(),
+        "a broken chunked body must not end cleanly: {a:?}"
+    );
+    ok(&h2_send(&mut s, "GET", "/public/c").await, b"saw /public/c");
+
+    // HTTP/1.0: hyper frames the decoded payload for its client and closes.
+    let mut c = TcpStream::connect(h.proxy).await.unwrap();
+    let (t, closed) = exchange(&mut c, "GET /public/chunked HTTP/1.0\r\nHost: svc\r\n\r\n").await;
+    assert!(
+        t.starts_with("HTTP/1.0 200 OK\r\n") && t.ends_with("\r\n\r\nhello world"),
+        "{t}"
+    );
+    assert!(closed, "{t}");
+    assert!(!t.to_ascii_lowercase().contains("transfer-encoding"), "{t}");
+
+    assert_eq!(
+        h.upstream_saw(),
+        [
+            "conn0 GET /public/a body=0",
+            "conn0 GET /public/chunked body=0",
+            "conn0 GET /public/interim body=0",
+            "conn0 GET /public/no-content body=0",
+            "conn0 HEAD /public/h body=0",
+            "conn0 GET /public/bye body=0",
+            "conn1 GET /public/extra body=0",
+            "conn2 GET /public/b body=0",
+            "conn2 GET /public/until-close body=0",
+            "conn3 GET /public/smuggle body=0",
+            "conn4 GET /public/bare-lf body=0",
+            "conn5 GET /public/silent body=0",
+            "conn6 GET /public/bad-chunk body=0",
+            "conn7 GET /public/c body=0",
+            "conn7 GET /public/chunked body=0",
+        ],
+        "one upstream connection until one closes, sends more than its response, or fails"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_handed_to_hyper_keep_their_place_in_the_pipeline() {
     let h = start(ProxyConfig::default()).await;
@@ -303,15 +420,23 @@ async fn a_denied_request_with_a_body_leaves_the_connection_in_step() {
     assert_eq!(h.upstream_saw(), ["GET /public/next host=svc body=0"]);
 }
 
-/// HTTP/2 requests go upstream through hyper's HTTP/1.1 pool. A connection goes back to the pool
-/// with the response head and is reused once its body is done; with more requests in flight
-/// than the idle cap (64), the pool must still keep one connection per request in flight rather
-/// than open and close one for every request past the cap, and close the surplus once the burst
-/// is over.
+/// HTTP/2 requests go upstream on the direct path's sockets when they have no body, through
+/// hyper's HTTP/1.1 pool when they have one. With more requests in flight than the idle cap (64),
+/// either pool must keep one connection per request in flight rather than open and close one
+/// for every request past the cap, and close the surplus once the burst is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_with_more_requests_in_flight_than_the_idle_cap() {
+    burst_reuses_upstream_connections(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_of_requests_with_bodies_are_reused_the_same_way() {
+    burst_reuses_upstream_connections(true).await;
+}
+
+async fn burst_reuses_upstream_connections(with_body: bool) {
     use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let (upstream, log, open) = scripted_upstream_counting().await;
@@ -328,9 +453,13 @@ async fn upstream_connections_are_reused_with_more_requests_in_flight_than_the_i
         for i in 0..IN_FLIGHT {
             let mut s = sender.clone();
             tasks.push(tokio::spawn(async move {
-                let req = http::Request::get(format!("http://svc/public/{round}/{i}"))
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
+                let req = if with_body {
+                    http::Request::post("http://svc/upload").body(Full::new(Bytes::from("x")))
+                } else {
+                    http::Request::get(format!("http://svc/public/{round}/{i}"))
+                        .body(Full::new(Bytes::new()))
+                }
+                .unwrap();
                 let resp = s.send_request(req).await.unwrap();
                 let status = resp.status();
                 resp.into_body().collect().await.unwrap();
