@@ -98,8 +98,9 @@ pub struct ProxyConfig {
     pub tcp_keepalive: Duration,
     /// Speak HTTP/2 (prior knowledge) to upstreams instead of HTTP/1.1.
     pub upstream_http2: bool,
-    /// Forward plain HTTP/1.1 requests on the direct path (`crate::direct`); the rest, and
-    /// everything when false, goes through hyper.
+    /// Forward plain HTTP/1.1 requests on the direct path (`crate::direct`), and bodyless
+    /// requests hyper serves on its upstream sockets (`crate::h1_upstream`); when false, every
+    /// request goes through hyper's server and client.
     pub http1_direct: bool,
     /// Concurrent streams per downstream HTTP/2 connection.
     pub max_concurrent_streams: u32,
@@ -387,7 +388,9 @@ impl Connection {
                     .send_h2(self.dst, mark, Request::from_parts(parts, body))
                     .map(hyper_response),
             )
-        } else if let Some(head) = (!wants_upgrade && body.is_end_stream())
+        } else if let Some(head) = (shared.config.http1_direct
+            && !wants_upgrade
+            && body.is_end_stream())
             .then(|| h1_upstream::request_head(&parts.method, &target, &authority, &parts.headers))
             .flatten()
         {

@@ -177,8 +177,9 @@ struct RunArgs {
     /// Speak HTTP/2 (prior knowledge) to upstreams.
     #[arg(long)]
     upstream_http2: bool,
-    /// Serve every HTTP/1.1 request through hyper, not only those the direct path hands over
-    /// (chunked or large bodies, upgrades, `Expect`, ...): for comparison and as a fallback.
+    /// Serve every request through hyper's server and client, not only those the direct path
+    /// hands over (chunked or large bodies, upgrades, `Expect`, ...): for comparison and as a
+    /// fallback.
     #[arg(long)]
     hyper_only: bool,
     /// Most bytes in one Kafka request (a larger one closes the connection, nothing forwarded).
