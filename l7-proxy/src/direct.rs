@@ -263,17 +263,12 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
     let cp = conn.policy(&snap);
     let wanted = shared.flows.wanted();
     let record = |target: &str| {
-        if wanted {
-            (
-                RecordParts {
-                    method: method.to_string(),
-                    host: host.to_string(),
-                },
-                target.to_string(),
-            )
+        let target = if wanted {
+            target.to_string()
         } else {
-            (RecordParts::default(), String::new())
-        }
+            String::new()
+        };
+        (RecordParts::new(&shared.flows, method, host), target)
     };
     let bad_request = |target: &str, reason: String| {
         let (parts, target) = record(target);

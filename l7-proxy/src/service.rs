@@ -285,10 +285,7 @@ impl Connection {
             && let Some(refusal) = self.guard.refusal_for(index)
         {
             // The request hyper parsed is the guard's stand-in: record only the refusal.
-            let parts = RecordParts {
-                method: String::new(),
-                host: String::new(),
-            };
+            let parts = RecordParts::default();
             let cp = self.policy(&self.shared.policy.load());
             return self.local_answer(parts, "", &cp, started, refusal.clone());
         }
@@ -355,15 +352,7 @@ impl Connection {
         let target = target.into_owned();
         let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // Flow-record strings are only built when somebody listens (the forwarding hot path).
-        let record_parts = if shared.flows.wanted() {
-            RecordParts {
-                method: parts.method.to_string(),
-                host: host.clone(),
-            }
-        } else {
-            RecordParts::default()
-        };
+        let record_parts = RecordParts::new(&shared.flows, parts.method.as_str(), &host);
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
         // The upstream must see the authority that was judged (an absolute-form URI's wins over
         // Host; HTTP/2 has only :authority; HTTP/1.0 may have none, and then gets the address).
@@ -391,8 +380,8 @@ impl Connection {
         } else if let Some(head) = (shared.config.http1_direct
             && !wants_upgrade
             && body.is_end_stream())
-            .then(|| h1_upstream::request_head(&parts.method, &target, &authority, &parts.headers))
-            .flatten()
+        .then(|| h1_upstream::request_head(&parts.method, &target, &authority, &parts.headers))
+        .flatten()
         {
             // Most requests: no body, no upgrade. No hyper client task in between.
             let (shared, dst, method) = (&self.shared, self.dst, parts.method);
@@ -496,10 +485,7 @@ impl Connection {
         refusal: Refusal,
         cp: &ConnPolicy,
     ) -> Response<ResponseBody> {
-        let parts = RecordParts {
-            method: req.method().to_string(),
-            host: authority(req).into_owned(),
-        };
+        let parts = RecordParts::new(&self.shared.flows, req.method().as_str(), &authority(req));
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
         self.local_answer(parts, target, cp, started, refusal)
     }
@@ -571,10 +557,7 @@ impl Connection {
         started: Instant,
         outcome: Outcome,
     ) {
-        let parts = RecordParts {
-            method: req.method().to_string(),
-            host: host.to_string(),
-        };
+        let parts = RecordParts::new(&self.shared.flows, req.method().as_str(), host);
         self.record_parts(parts, target, cp, started, outcome);
     }
 
@@ -628,6 +611,21 @@ impl Connection {
 pub(crate) struct RecordParts {
     pub(crate) method: String,
     pub(crate) host: String,
+}
+
+impl RecordParts {
+    /// The parts, or empty ones when nobody listens to flows: no strings are built per request
+    /// then.
+    pub(crate) fn new(flows: &FlowSink, method: &str, host: &str) -> RecordParts {
+        if flows.wanted() {
+            RecordParts {
+                method: method.to_string(),
+                host: host.to_string(),
+            }
+        } else {
+            RecordParts::default()
+        }
+    }
 }
 
 /// A locally built answer.
