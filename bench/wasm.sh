@@ -22,6 +22,9 @@
 # Target (issue 6): membrane's added CPU per request over `none` at most 1.5x the noop filter's.
 # The fetch floor's own ratio is printed beside it: what no judging code can go below.
 # Knobs: DUR=6 REPS=3 CONNS=16 PIN=1 LG_CPU=0 SRV_CPU=1
+#   PROFILE=DIR  after the measured runs, perf-record the server Envoy under the allowed load of
+#                each configuration into DIR/NAME.data and print where its CPU went, split into
+#                JIT-compiled wasm (V8 code has no symbols), Envoy, and the kernel
 # Ports: 127.0.0.1:18470-18474 (client), 18480-18484 (server), 18489 (xDS), 18490-18491 (admin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -242,6 +245,20 @@ for rep in $(seq 1 "$REPS"); do
   for i in "${!NAMES[@]}"; do run_wrk deny "$i" "$rep" $DENY_PATH; done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+if [ -n "${PROFILE:-}" ]; then
+  command -v perf >/dev/null || { echo "PROFILE needs perf (linux-perf)" >&2; exit 1; }
+  mkdir -p "$PROFILE"
+  for i in "${!NAMES[@]}"; do
+    n=${NAMES[$i]}
+    perf record -q -F 4999 -g -p "$SRV_PID" -o "$PROFILE/$n.data" -- sleep "$DUR" >/dev/null 2>&1 &
+    prof=$!
+    pin "$LG_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" "http://127.0.0.1:$((18470 + i))$ALLOW_PATH" >"$PROFILE/$n.wrk" 2>&1 || true
+    wait "$prof" || true
+    perf report -i "$PROFILE/$n.data" --no-children --sort dso -g none 2>/dev/null |
+      awk -v n="$n" '/%/ { sub(/%/, "", $1); d = $2; if (d ~ /^\[unknown\]|^\/\/anon|^\[JIT\]/) w += $1; else if (d ~ /kernel/) k += $1; else e += $1 }
+        END { printf "PROFILE %-9s wasm/JIT %5.1f%%  envoy+libs %5.1f%%  kernel %5.1f%%\n", n, w, e, k }'
+  done
+fi
 curl -s "http://127.0.0.1:$A_SRV/stats?filter=wasmcustom" >"$WORK/res/filter-stats.txt" || true
 
 python3 - "$RES" "$LOAD_BEFORE" "$LOAD_AFTER" "$REPS" "$DUR" "$CONNS" "$(stat -c %s "$WASM")" <<'PY' | tee "$WORK/res/summary.txt"
