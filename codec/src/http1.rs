@@ -345,6 +345,8 @@ impl ChunkedBody {
     /// whether the body ended. `Err((n, why))` as for [`ChunkedBody::scan`].
     pub fn decode(&mut self, data: &[u8]) -> Result<Decoded, (usize, String)> {
         let mut i = 0;
+        // Trailer bytes come after the last chunk, so those of one call are contiguous.
+        let mut trailer_from = None;
         while i < data.len() {
             if self.state == Chunk::Data {
                 let take = (self.remaining.min((data.len() - i) as u64)) as usize;
@@ -356,7 +358,16 @@ impl ChunkedBody {
                     consumed: i + take,
                     payload: i..i + take,
                     finished: false,
+                    trailer: i..i,
                 });
+            }
+            if trailer_from.is_none()
+                && matches!(
+                    self.state,
+                    Chunk::TrailerLineStart | Chunk::TrailerLine | Chunk::TrailerLf { .. }
+                )
+            {
+                trailer_from = Some(i);
             }
             match self.step(data[i]) {
                 Ok(true) => {
@@ -364,6 +375,7 @@ impl ChunkedBody {
                         consumed: i + 1,
                         payload: i + 1..i + 1,
                         finished: true,
+                        trailer: trailer_from.unwrap_or(i + 1)..i + 1,
                     });
                 }
                 Ok(false) => i += 1,
@@ -374,6 +386,7 @@ impl ChunkedBody {
             consumed: i,
             payload: i..i,
             finished: false,
+            trailer: trailer_from.unwrap_or(i)..i,
         })
     }
 
@@ -676,6 +689,9 @@ pub struct Decoded {
     pub payload: std::ops::Range<usize>,
     /// The body ended within `consumed`.
     pub finished: bool,
+    /// Where bytes of a chunked body's trailer section lie in the input (its field lines and
+    /// the empty line that ends it; empty when there were none).
+    pub trailer: std::ops::Range<usize>,
 }
 
 /// How a response's body is framed (RFC 9112 §6.3).
@@ -722,6 +738,7 @@ impl ResponseBody {
                     consumed: used,
                     payload: 0..used,
                     finished,
+                    trailer: used..used,
                 }
             }
         })
@@ -1133,22 +1150,28 @@ mod tests {
         assert_eq!(ResponseBody::UntilClose.take(b"xyz"), Ok((3, false)));
     }
 
-    /// Decodes `wire` in reads of `split` bytes: the payload, and where the body ended.
-    fn decode_all(mut body: ResponseBody, wire: &[u8], split: usize) -> (Vec<u8>, Option<usize>) {
-        let (mut payload, mut at) = (Vec::new(), 0);
+    /// Decodes `wire` in reads of `split` bytes: the payload, the trailer section, and where the
+    /// body ended.
+    fn decode_all(
+        mut body: ResponseBody,
+        wire: &[u8],
+        split: usize,
+    ) -> (Vec<u8>, Vec<u8>, Option<usize>) {
+        let (mut payload, mut trailer, mut at) = (Vec::new(), Vec::new(), 0);
         for piece in wire.chunks(split) {
             let mut rest = piece;
             while !rest.is_empty() {
                 let d = body.decode(rest).unwrap();
                 payload.extend_from_slice(&rest[d.payload]);
+                trailer.extend_from_slice(&rest[d.trailer]);
                 at += d.consumed;
                 if d.finished {
-                    return (payload, Some(at));
+                    return (payload, trailer, Some(at));
                 }
                 rest = &rest[d.consumed..];
             }
         }
-        (payload, None)
+        (payload, trailer, None)
     }
 
     #[test]
@@ -1158,17 +1181,26 @@ mod tests {
             let chunked = ResponseBody::Chunked(ChunkedBody::new(1024));
             assert_eq!(
                 decode_all(chunked, wire, split),
-                (b"hello world".to_vec(), Some(wire.len() - 4)),
+                (
+                    b"hello world".to_vec(),
+                    b"X-Trailer: t\r\n\r\n".to_vec(),
+                    Some(wire.len() - 4)
+                ),
                 "split {split}"
             );
         }
+        let no_trailer = ResponseBody::Chunked(ChunkedBody::new(1024));
+        assert_eq!(
+            decode_all(no_trailer, b"1\r\na\r\n0\r\n\r\n", 3),
+            (b"a".to_vec(), b"\r\n".to_vec(), Some(11))
+        );
         assert_eq!(
             decode_all(ResponseBody::Length(3), b"abcdef", 2),
-            (b"abc".to_vec(), Some(3))
+            (b"abc".to_vec(), vec![], Some(3))
         );
         assert_eq!(
             decode_all(ResponseBody::UntilClose, b"abcdef", 4),
-            (b"abcdef".to_vec(), None)
+            (b"abcdef".to_vec(), vec![], None)
         );
         let mut broken = ResponseBody::Chunked(ChunkedBody::new(1024));
         assert!(

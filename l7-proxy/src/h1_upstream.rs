@@ -104,6 +104,8 @@ pub(crate) async fn send(
         framing: resp.body,
         reusable: resp.reusable,
         done: false,
+        trailer: Vec::new(),
+        trailers: None,
     };
     body.settle_known_length();
     let mut out = Response::new(body);
@@ -153,6 +155,10 @@ pub struct UpstreamBody {
     framing: Framing,
     reusable: bool,
     done: bool,
+    /// A chunked body's trailer section as read so far.
+    trailer: Vec<u8>,
+    /// Its fields, to send once the payload is out.
+    trailers: Option<HeaderMap>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -196,6 +202,35 @@ impl UpstreamBody {
         }
     }
 
+    /// The trailer section's fields, minus those that may not be trailers; an error for a
+    /// section that does not parse.
+    fn parse_trailer(&self) -> Result<Option<HeaderMap>, String> {
+        if self.trailer.len() <= 2 {
+            return Ok(None);
+        }
+        let mut storage = [httparse::EMPTY_HEADER; 64];
+        let fields = match httparse::parse_headers(&self.trailer, &mut storage) {
+            Ok(httparse::Status::Complete((_, fields))) => fields,
+            Ok(httparse::Status::Partial) => return Err("incomplete trailer section".into()),
+            Err(e) => return Err(format!("trailer section: {e}")),
+        };
+        let mut map = HeaderMap::new();
+        for f in fields {
+            let Ok(name) = HeaderName::from_bytes(f.name.as_bytes()) else {
+                return Err(format!("invalid trailer field name {:?}", f.name));
+            };
+            if membrane_codec::http1::is_hop_by_hop(name.as_str())
+                || [header::CONTENT_LENGTH, header::HOST, header::TRAILER].contains(&name)
+            {
+                continue;
+            }
+            let value = HeaderValue::from_bytes(f.value)
+                .map_err(|_| format!("invalid value of trailer field {name}"))?;
+            map.append(name, value);
+        }
+        Ok((!map.is_empty()).then_some(map))
+    }
+
     fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.done = true;
         self.upstream = None;
@@ -214,19 +249,28 @@ impl Body for UpstreamBody {
         let this = self.get_mut();
         loop {
             if this.done {
-                return Poll::Ready(None);
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             if !this.buf.is_empty() {
                 let step = match this.framing.decode(&this.buf) {
                     Ok(step) => step,
                     Err(e) => return this.fail(format!("upstream response body: {e}")),
                 };
+                let trailer = &this.buf[step.trailer.clone()];
+                // Only a section with fields is kept (most are just the final CRLF).
+                if !(this.trailer.is_empty() && step.finished && trailer == b"\r\n") {
+                    this.trailer.extend_from_slice(trailer);
+                }
                 let payload = this
                     .buf
                     .split_to(step.consumed)
                     .freeze()
                     .slice(step.payload);
                 if step.finished {
+                    match this.parse_trailer() {
+                        Ok(t) => this.trailers = t,
+                        Err(e) => return this.fail(format!("upstream response: {e}")),
+                    }
                     this.done = true;
                     this.reusable &= this.buf.is_empty();
                     this.release();

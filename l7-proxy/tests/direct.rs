@@ -246,8 +246,13 @@ async fn responses_that_cannot_be_framed_safely_are_502() {
     assert!(!t.contains("hello"), "{t}");
 }
 
-/// What an HTTP/2 client got: status, fields, and the body or the error that ended it.
-type H2Answer = (u16, http::HeaderMap, Result<Vec<u8>, String>);
+/// What an HTTP/2 client got: status, fields, the body or the error that ended it, trailers.
+type H2Answer = (
+    u16,
+    http::HeaderMap,
+    Result<Vec<u8>, String>,
+    Option<http::HeaderMap>,
+);
 
 async fn h2_send(
     sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
@@ -263,15 +268,17 @@ async fn h2_send(
     // A stream reset right after its head may come out as either error.
     let resp = match sender.send_request(req).await {
         Ok(resp) => resp,
-        Err(e) => return (0, http::HeaderMap::new(), Err(e.to_string())),
+        Err(e) => return (0, http::HeaderMap::new(), Err(e.to_string()), None),
     };
     let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .map_err(|e| e.to_string());
-    (parts.status.as_u16(), parts.headers, body)
+    let (body, trailers) = match body.collect().await {
+        Ok(b) => {
+            let trailers = b.trailers().cloned();
+            (Ok(b.to_bytes().to_vec()), trailers)
+        }
+        Err(e) => (Err(e.to_string()), None),
+    };
+    (parts.status.as_u16(), parts.headers, body, trailers)
 }
 
 /// Bodyless HTTP/2 requests (and HTTP/1.0 ones, which hyper serves) go upstream on the direct
@@ -301,11 +308,14 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
             assert!(!a.1.contains_key(f), "{f} reached the client: {a:?}");
         }
     };
-    ok(&h2_send(&mut s, "GET", "/public/a").await, b"saw /public/a");
-    ok(
-        &h2_send(&mut s, "GET", "/public/chunked").await,
-        b"hello world",
-    );
+    let a = h2_send(&mut s, "GET", "/public/a").await;
+    ok(&a, b"saw /public/a");
+    assert!(a.3.is_none(), "{a:?}");
+    let a = h2_send(&mut s, "GET", "/public/chunked").await;
+    ok(&a, b"hello world");
+    let trailers =
+        a.3.expect("the chunked body's trailer reaches an HTTP/2 client");
+    assert_eq!(trailers.get("x-trailer").unwrap(), "t");
     ok(&h2_send(&mut s, "GET", "/public/interim").await, b"interim");
     let a = h2_send(&mut s, "GET", "/public/no-content").await;
     assert_eq!((a.0, a.2.as_deref()), (204, Ok(&b""[..])), "{a:?}");

@@ -30,24 +30,29 @@ fn body_end(mut body: ResponseBody, data: &[u8], split: usize) -> Result<Option<
     Ok(None)
 }
 
-/// Decodes `data` in pieces of `split`: the payload and where the body ended, or whether it failed.
-fn decode(mut body: ResponseBody, data: &[u8], split: usize) -> Result<(Vec<u8>, Option<usize>), ()> {
-    let (mut payload, mut at) = (Vec::new(), 0);
+/// The payload, the trailer section and where the body ended.
+type Decoding = (Vec<u8>, Vec<u8>, Option<usize>);
+
+/// Decodes `data` in pieces of `split`, or fails.
+fn decode(mut body: ResponseBody, data: &[u8], split: usize) -> Result<Decoding, ()> {
+    let (mut payload, mut trailer, mut at) = (Vec::new(), Vec::new(), 0);
     for piece in data.chunks(split.max(1)) {
         let mut rest = piece;
         while !rest.is_empty() {
             let d = body.decode(rest).map_err(|_| ())?;
             assert!(d.consumed <= rest.len() && d.payload.end <= d.consumed);
+            assert!(d.trailer.end <= d.consumed && (d.trailer.is_empty() || d.payload.is_empty()));
             assert!(d.consumed > 0 || d.finished, "no progress");
             payload.extend_from_slice(&rest[d.payload]);
+            trailer.extend_from_slice(&rest[d.trailer]);
             at += d.consumed;
             if d.finished {
-                return Ok((payload, Some(at)));
+                return Ok((payload, trailer, Some(at)));
             }
             rest = &rest[d.consumed..];
         }
     }
-    Ok((payload, None))
+    Ok((payload, trailer, None))
 }
 
 fuzz_target!(|input: &[u8]| {
@@ -76,5 +81,5 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(whole, pieces, "where the body ends depends on the read split");
     let decoded = decode(head.body.clone(), rest, rest.len());
     assert_eq!(decoded, decode(head.body, rest, split), "the payload depends on the read split");
-    assert_eq!(decoded.as_ref().map(|d| d.1).map_err(|_| ()), whole, "decoding and passing through disagree on the end");
+    assert_eq!(decoded.as_ref().map(|d| d.2).map_err(|_| ()), whole, "decoding and passing through disagree on the end");
 });
