@@ -7,10 +7,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{POLICY, read_all, start, statuses};
+use common::{POLICY, h2_client, read_all, start, statuses};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use membrane_l7_proxy::service::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -127,12 +126,7 @@ async fn h2_get(
 
 async fn h2_through(config: ProxyConfig) {
     let h = start(config).await;
-    let stream = TcpStream::connect(h.proxy).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(h.proxy).await;
     let (st, body) = h2_get(&mut sender, "/public/h2").await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(body, "upstream saw /public/h2\n");

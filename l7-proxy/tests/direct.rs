@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Log, POLICY, read_all, start, start_at, statuses};
+use common::{Harness, Log, POLICY, h2_client, read_all, start, start_at, statuses};
 use membrane_l7_proxy::service::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -141,15 +141,20 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn responses_pass_through_as_framed_and_upstreams_are_reused_when_they_can_be() {
+/// The proxy in front of the scripted upstream, with HEAD allowed on /public too.
+async fn start_scripted_with_head() -> Harness {
     let (upstream, log) = scripted_upstream().await;
     let policy = POLICY.replace(
         r#"- {method: POST, path: "/upload"}"#,
         r#"- {method: POST, path: "/upload"}
         - {method: HEAD, path: "/public.*"}"#,
     );
-    let h = start_at(ProxyConfig::default(), &policy, upstream, log).await;
+    start_at(ProxyConfig::default(), &policy, upstream, log).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_pass_through_as_framed_and_upstreams_are_reused_when_they_can_be() {
+    let h = start_scripted_with_head().await;
     let mut c = TcpStream::connect(h.proxy).await.unwrap();
 
     let (t, closed) = exchange(&mut c, &get("/public/a")).await;
@@ -287,21 +292,8 @@ async fn h2_send(
 /// a response that cannot be framed safely is a 502 (or, past its head, a broken stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
-    let (upstream, log) = scripted_upstream().await;
-    let policy = POLICY.replace(
-        r#"- {method: POST, path: "/upload"}"#,
-        r#"- {method: POST, path: "/upload"}
-        - {method: HEAD, path: "/public.*"}"#,
-    );
-    let h = start_at(ProxyConfig::default(), &policy, upstream, log).await;
-    let stream = TcpStream::connect(h.proxy).await.unwrap();
-    let (mut s, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let h = start_scripted_with_head().await;
+    let mut s = h2_client(h.proxy).await;
     let ok = |a: &H2Answer, body: &[u8]| {
         assert_eq!((a.0, a.2.as_deref()), (200, Ok(body)), "{a:?}");
         for f in ["transfer-encoding", "connection", "x-private", "keep-alive"] {
@@ -447,16 +439,10 @@ async fn upstream_connections_of_requests_with_bodies_are_reused_the_same_way() 
 async fn burst_reuses_upstream_connections(with_body: bool) {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let (upstream, log, open) = scripted_upstream_counting().await;
     let h = start_at(ProxyConfig::default(), POLICY, upstream, log).await;
-    let stream = TcpStream::connect(h.proxy).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let sender = h2_client(h.proxy).await;
     const IN_FLIGHT: usize = 100;
     for round in 0..3 {
         let mut tasks = Vec::new();
