@@ -331,10 +331,7 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
         body,
         upstream_head: up,
         head_method,
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
+        idempotent: idempotent(method),
         client_close,
         cp,
         record,
@@ -582,6 +579,15 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
     } else {
         Step::Continue
     }
+}
+
+/// Whether a request with this method may be sent again when its connection turns out closed
+/// (RFC 9110 §9.2.2).
+pub(crate) fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
 }
 
 /// A request on its way upstream.

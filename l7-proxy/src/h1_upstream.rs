@@ -18,7 +18,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use membrane_codec::http1::{ResponseBody as Framing, ResponseHead};
 use tokio::net::TcpStream;
 
-use crate::direct::{ExchangeError, UpstreamRequest, exchange};
+use crate::direct::{ExchangeError, UpstreamRequest, exchange, idempotent};
 use crate::service::Shared;
 
 /// The HTTP/1.1 head of a bodyless request, or `None` when a field cannot be written as one
@@ -74,15 +74,7 @@ pub(crate) async fn send(
         head,
         body_rest: 0,
         head_method: method == Method::HEAD,
-        resendable: matches!(
-            *method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        ),
+        resendable: idempotent(method.as_str()),
         client_close: false,
     };
     let (stream, rbuf, resp) = match exchange(&shared.upstreams, None, request).await {
