@@ -305,7 +305,8 @@ impl Framer {
 /// The framing of one chunked body (RFC 9112 §7.1), checked byte by byte: sizes in hex (at most
 /// 15 digits), extensions and trailer lines without bare CR or LF or control bytes, CRLF after
 /// each chunk's data, and a bounded trailer section. Used for request bodies by [`Framer`] and for
-/// response bodies by the proxy, which passes chunked bodies through as they are.
+/// response bodies by the proxy, which passes them through as they are to HTTP/1.1 clients and
+/// decodes them ([`ChunkedBody::decode`]) for hyper to frame anew.
 #[derive(Clone, Debug)]
 pub struct ChunkedBody {
     state: Chunk,
