@@ -786,6 +786,18 @@ pub fn parse_response(
     head_request: bool,
     client_close: bool,
 ) -> Result<ParsedResponse, String> {
+    parse_response_with(buf, head_request, client_close, |_, _| {})
+}
+
+/// [`parse_response`], also handing each field of a final head that is forwarded (the fields
+/// of `forward_head`, minus the `connection: close` it may add) to `on_field`: a proxy that
+/// rebuilds the head in another form (HTTP/2) needs no second parse.
+pub fn parse_response_with(
+    buf: &[u8],
+    head_request: bool,
+    client_close: bool,
+    mut on_field: impl FnMut(&str, &[u8]),
+) -> Result<ParsedResponse, String> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut storage);
     let head_len = match resp.parse(buf) {
@@ -856,6 +868,9 @@ pub fn parse_response(
     out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     append_forwarded_fields(&mut out, headers, &named);
+    for h in headers.iter().filter(|h| is_forwarded(h.name, &named)) {
+        on_field(h.name, h.value);
+    }
     if close_downstream {
         out.extend_from_slice(b"connection: close\r\n");
     }

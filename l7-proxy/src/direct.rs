@@ -23,7 +23,7 @@ use std::time::Instant;
 use http::StatusCode;
 use membrane_codec::http1::{
     Framer, ParsedResponse, ResponseHead, append_forwarded_fields, connection_tokens,
-    parse_response,
+    parse_response, parse_response_with,
 };
 use membrane_codec::path::normalize_target;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::guard::Refusal;
+use crate::h1_upstream::ResponseFields;
 use crate::policy::ConnPolicy;
 use crate::service::{
     Connection, LocalAnswer, Outcome, RecordParts, Verdict, denied_outcome, judge,
@@ -503,7 +504,7 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
         resendable: fwd.idempotent && rest == 0,
         client_close: fwd.client_close,
     };
-    let exchange = exchange(&shared.upstreams, Some(&mut *down), request);
+    let exchange = exchange(&shared.upstreams, Some(&mut *down), request, None);
     let result = if cfg.upstream_timeout.is_zero() {
         Ok(exchange.await)
     } else {
@@ -619,6 +620,7 @@ pub(crate) async fn exchange(
     upstreams: &Upstreams,
     mut down: Option<&mut Down>,
     req: UpstreamRequest<'_>,
+    mut fields: Option<&mut ResponseFields>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), ExchangeError> {
     let mut pooled = upstreams.checkout_raw(req.dst, req.mark, !req.resendable);
     loop {
@@ -635,6 +637,7 @@ pub(crate) async fn exchange(
             upstream,
             &req,
             reused && req.resendable,
+            fields.as_deref_mut(),
         )
         .await
         {
@@ -653,6 +656,7 @@ async fn attempt(
     mut upstream: TcpStream,
     req: &UpstreamRequest<'_>,
     may_resend: bool,
+    mut fields: Option<&mut ResponseFields>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), Attempt> {
     if let Err(e) = upstream.write_all(req.head).await {
         return Err(Attempt::Stale(format!("write: {e}")));
@@ -685,9 +689,17 @@ async fn attempt(
             Ok(_) => {}
         }
         loop {
-            match parse_response(&rbuf, req.head_method, req.client_close)
-                .map_err(|e| Attempt::Failed(ExchangeError::Upstream(e)))?
-            {
+            let parsed = match fields.as_deref_mut() {
+                Some(f) => {
+                    // Only a final head reports fields, and only the last one parsed counts.
+                    f.clear();
+                    parse_response_with(&rbuf, req.head_method, req.client_close, |n, v| {
+                        f.add(n, v)
+                    })
+                }
+                None => parse_response(&rbuf, req.head_method, req.client_close),
+            };
+            match parsed.map_err(|e| Attempt::Failed(ExchangeError::Upstream(e)))? {
                 ParsedResponse::Incomplete => break,
                 ParsedResponse::Interim(len) => {
                     rbuf.drain(..len);

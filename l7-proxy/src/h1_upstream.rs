@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
-use membrane_codec::http1::{ResponseBody as Framing, ResponseHead};
+use membrane_codec::http1::ResponseBody as Framing;
 use tokio::net::TcpStream;
 
 use crate::direct::{ExchangeError, UpstreamRequest, exchange, idempotent};
@@ -77,12 +77,17 @@ pub(crate) async fn send(
         resendable: idempotent(method.as_str()),
         client_close: false,
     };
-    let (stream, rbuf, resp) = match exchange(&shared.upstreams, None, request).await {
-        Ok(r) => r,
-        Err(ExchangeError::Upstream(e)) => return Err(e),
-        Err(ExchangeError::Down) => return Err("client went away".into()),
-    };
-    let (status, headers) = response_fields(&resp)?;
+    let mut fields = ResponseFields::default();
+    let (stream, rbuf, resp) =
+        match exchange(&shared.upstreams, None, request, Some(&mut fields)).await {
+            Ok(r) => r,
+            Err(ExchangeError::Upstream(e)) => return Err(e),
+            Err(ExchangeError::Down) => return Err("client went away".into()),
+        };
+    if let Some(e) = fields.invalid {
+        return Err(e);
+    }
+    let status = StatusCode::from_u16(resp.status).map_err(|e| format!("status: {e}"))?;
     let mut buf = BytesMut::from(&rbuf[..]);
     let _ = buf.split_to(resp.head_len);
     let mut body = UpstreamBody {
@@ -102,31 +107,42 @@ pub(crate) async fn send(
     body.settle_known_length();
     let mut out = Response::new(body);
     *out.status_mut() = status;
-    *out.headers_mut() = headers;
+    *out.headers_mut() = fields.map;
     Ok(out)
 }
 
-/// The status and fields of a forwarded head (hop-by-hop fields already gone). The framing
-/// fields other than `Content-Length` go too: hyper frames the decoded body for its client.
-fn response_fields(resp: &ResponseHead) -> Result<(StatusCode, HeaderMap), String> {
-    let mut storage = [httparse::EMPTY_HEADER; 128];
-    let mut parsed = httparse::Response::new(&mut storage);
-    parsed
-        .parse(&resp.forward_head)
-        .map_err(|e| format!("response head: {e}"))?;
-    let status = StatusCode::from_u16(resp.status).map_err(|e| format!("status: {e}"))?;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("invalid response field name {:?}", h.name))?;
-        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
-            continue;
-        }
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| format!("invalid value of response field {name}"))?;
-        headers.append(name, value);
+/// The fields of a response head, as `membrane_codec::http1::parse_response_with` reports them, for hyper to send on.
+/// The framing fields other than `Content-Length` stay behind: hyper frames the decoded body for
+/// its client.
+#[derive(Default)]
+pub(crate) struct ResponseFields {
+    map: HeaderMap,
+    /// The first field that is no valid HTTP field.
+    invalid: Option<String>,
+}
+
+impl ResponseFields {
+    pub(crate) fn clear(&mut self) {
+        self.map.clear();
+        self.invalid = None;
     }
-    Ok((status, headers))
+
+    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
+        if self.invalid.is_some() {
+            return;
+        }
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                if n != header::TRANSFER_ENCODING && n != header::CONNECTION {
+                    self.map.append(n, v);
+                }
+            }
+            _ => self.invalid = Some(format!("invalid response field {name:?}")),
+        }
+    }
 }
 
 /// A pooled connection on loan to a response body.

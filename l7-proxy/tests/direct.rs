@@ -342,6 +342,14 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
     assert!(closed, "{t}");
     assert!(!t.to_ascii_lowercase().contains("transfer-encoding"), "{t}");
 
+    // A pooled connection that answers 408 to a resent request leaves none of that answer's
+    // fields behind.
+    ok(&h2_send(&mut s, "GET", "/public/then-408").await, b"ok");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let a = h2_send(&mut s, "GET", "/public/after-408").await;
+    ok(&a, b"saw /public/after-408");
+    assert_eq!(a.1.get_all("content-length").iter().count(), 1, "{a:?}");
+
     assert_eq!(
         h.upstream_saw(),
         [
@@ -360,6 +368,8 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
             "conn6 GET /public/bad-chunk body=0",
             "conn7 GET /public/c body=0",
             "conn7 GET /public/chunked body=0",
+            "conn7 GET /public/then-408 body=0",
+            "conn8 GET /public/after-408 body=0",
         ],
         "one upstream connection until one closes, sends more than its response, or fails"
     );
