@@ -111,9 +111,9 @@ pub(crate) async fn send(
     Ok(out)
 }
 
-/// The fields of a response head, as `membrane_codec::http1::parse_response_with` reports them, for hyper to send on.
-/// The framing fields other than `Content-Length` stay behind: hyper frames the decoded body for
-/// its client.
+/// The fields of a response head, as `membrane_codec::http1::parse_response_with` reports them,
+/// for hyper to send on. The framing fields other than `Content-Length` stay behind: hyper frames
+/// the decoded body for its client.
 #[derive(Default)]
 pub(crate) struct ResponseFields {
     map: HeaderMap,
