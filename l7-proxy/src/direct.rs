@@ -37,7 +37,7 @@ use crate::policy::ConnPolicy;
 use crate::service::{
     Connection, LocalAnswer, Outcome, RecordParts, Verdict, denied_outcome, judge,
 };
-use crate::upstream::Upstreams;
+use crate::upstream::{Upstreams, drained};
 
 /// Largest request body the direct path forwards. It sends a body whole before it reads the
 /// response, which an upstream that answers early could stall if the body outgrew the socket
@@ -556,6 +556,10 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
         };
         out.extend_from_slice(&data[..used]);
         reusable &= used == data.len();
+        if finished && reusable {
+            // No `.await` since the read that brought the last byte.
+            drained(&upstream);
+        }
         if down.stream.write_all(&out).await.is_err() {
             return Step::Close;
         }
@@ -613,9 +617,10 @@ enum Attempt {
 }
 
 /// Sends the request to the upstream (a pooled connection, or a new one) and reads the response
-/// head, skipping interim responses. A pooled connection the upstream closed while it sat idle
-/// is only noticed by using it: a resendable request then goes again on a new connection, and
-/// for any other one the pooled connection is checked (one extra read) before it is used.
+/// head, skipping interim responses. The pool drops connections the upstream closed or wrote to
+/// while they sat idle once the runtime has seen it; one closed a moment ago is only noticed by
+/// using it: a resendable request then goes again on a new connection, and any other one is
+/// sent only on a connection the kernel has nothing on (one extra read).
 pub(crate) async fn exchange(
     upstreams: &Upstreams,
     mut down: Option<&mut Down>,

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::direct::{ExchangeError, UpstreamRequest, exchange, idempotent};
 use crate::service::Shared;
+use crate::upstream::drained;
 
 /// The HTTP/1.1 head of a bodyless request, or `None` when a field cannot be written as one
 /// (hyper's parsers refuse such bytes already; this keeps the serializer safe on its own).
@@ -196,16 +197,22 @@ impl UpstreamBody {
                 self.reusable &= self.buf.is_empty();
                 self.buf.clear();
             }
-            self.release();
+            // `send` calls this with no `.await` since the read that brought the last byte.
+            self.release(true);
             self.framing = Framing::UntilClose;
         }
     }
 
     /// Returns the connection to the pool if it may carry another request, else closes it.
-    fn release(&mut self) {
+    /// `just_read`: the read that brought the body's last byte happened with no `.await` since,
+    /// so the socket may be marked [`drained`]; else the pool's check reads it once more.
+    fn release(&mut self, just_read: bool) {
         if let Some(up) = self.upstream.take()
             && self.reusable
         {
+            if just_read {
+                drained(&up.stream);
+            }
             up.shared.upstreams.checkin_raw(up.dst, up.mark, up.stream);
         }
     }
@@ -255,6 +262,8 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        // Whether this poll read from the socket (nothing awaits between reads in here).
+        let mut read_now = false;
         loop {
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
@@ -281,7 +290,7 @@ impl Body for UpstreamBody {
                     }
                     this.done = true;
                     this.reusable &= this.buf.is_empty();
-                    this.release();
+                    this.release(read_now);
                 }
                 if !payload.is_empty() {
                     return Poll::Ready(Some(Ok(Frame::data(payload))));
@@ -304,7 +313,7 @@ impl Body for UpstreamBody {
                 Ok(0) => {
                     return this.fail("upstream closed in the middle of its response body".into());
                 }
-                Ok(_) => {}
+                Ok(_) => read_now = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = ready!(up.stream.poll_read_ready(cx)) {
                         return this.fail(format!("upstream read: {e}"));

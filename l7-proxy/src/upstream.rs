@@ -7,6 +7,8 @@
 //! authority and costs more per request.
 
 use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::service::ProxyConfig;
@@ -78,14 +81,15 @@ impl Upstreams {
     }
 
     /// An idle pooled connection to `dst` for the direct path, the most recently used first (its
-    /// lines are the likeliest to be in cache). With `probe`, connections the upstream closed, or
-    /// that sent bytes nobody asked for, are found (one read each) and dropped; without, the
-    /// caller must be able to send its request again should the connection be closed.
+    /// lines are the likeliest to be in cache). Connections the upstream closed, or that sent
+    /// bytes nobody asked for, are dropped as far as the runtime has seen it happen (no syscall
+    /// unless it has: see [`drained`]). `ask_kernel` reads each socket as well, for a request
+    /// that cannot be sent again should the connection turn out closed (one syscall).
     pub(crate) fn checkout_raw(
         &self,
         dst: SocketAddr,
         mark: Option<u32>,
-        probe: bool,
+        ask_kernel: bool,
     ) -> Option<TcpStream> {
         let mut pool = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         let conns = pool.get_mut(&(dst, mark))?;
@@ -96,7 +100,7 @@ impl Upstreams {
                 conns.clear();
                 return None;
             }
-            if !probe || quiet(&c.stream) {
+            if quiet(&c.stream) && (!ask_kernel || kernel_quiet(&c.stream)) {
                 return Some(c.stream);
             }
         }
@@ -266,11 +270,31 @@ fn sweep(
         });
 }
 
-/// Whether an idle connection is still open with nothing unread (one non-blocking read; a byte
-/// read here is lost, but a connection that sent one unasked is dropped anyway).
+/// Whether an idle connection is still open with nothing unread, as far as the runtime knows:
+/// a non-blocking read only if an event said the socket became readable since it was
+/// [`drained`] (a byte read here is lost, but a connection that sent one unasked is dropped
+/// anyway).
 fn quiet(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
-    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Whether the kernel holds nothing to read on the socket and no FIN (one `recv` with
+/// `MSG_PEEK`, whatever the runtime has seen): a FIN that arrived a moment ago may not have
+/// reached the runtime's event loop yet.
+fn kernel_quiet(stream: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    matches!(SockRef::from(stream).peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Marks a connection whose response was read to its exact end as having nothing more to read,
+/// without a syscall, so that [`quiet`] reads it again only once the upstream sends something
+/// (or closes). Call it right after the read that brought the response's last byte, with no
+/// `.await` in between: an event the runtime handles in between is forgotten with the rest.
+pub(crate) fn drained(stream: &TcpStream) {
+    let _ = stream.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
 }
 
 /// Closes pooled connections beyond [`H1_MAX_POOLED`] that sat unused for a while (under load

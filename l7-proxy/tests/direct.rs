@@ -28,8 +28,13 @@ fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
         "/public/bare-lf" => b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
         "/public/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
         "/public/silent" => b"",
-        // Look reusable, then close (after an unsolicited 408 for the second).
-        "/public/then-close" | "/public/then-408" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        // Look reusable, then close (after an unsolicited 408 for the second); answer the next
+        // request with a 408 and close (a timeout crossing that request); send a forged answer
+        // unasked and go on serving.
+        "/public/then-close"
+        | "/public/then-408"
+        | "/public/then-408-crossing"
+        | "/public/then-forged" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         _ => {
             let body = format!("saw {target}");
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
@@ -82,6 +87,7 @@ async fn scripted_upstream_counting() -> (SocketAddr, Log, Arc<AtomicUsize>) {
 
 async fn serve_scripted(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
+    let mut timed_out = false;
     loop {
         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
             let mut chunk = [0u8; 4096];
@@ -118,6 +124,15 @@ async fn serve_scripted(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<String
             .unwrap()
             .push(format!("conn{conn} {method} {target} body={length}{hop}"));
         buf.drain(..end + 4 + length);
+        if timed_out {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nX-Stale: 1\r\n\r\n",
+                )
+                .await;
+            return;
+        }
+        timed_out = target == "/public/then-408-crossing";
         let (answer, closes) = script(method, target);
         if s.write_all(&answer).await.is_err() || closes {
             if target == "/public/then-408" {
@@ -127,6 +142,13 @@ async fn serve_scripted(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<String
                     .await;
             }
             return;
+        }
+        if target == "/public/then-forged" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged";
+            if s.write_all(forged).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -342,13 +364,23 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
     assert!(closed, "{t}");
     assert!(!t.to_ascii_lowercase().contains("transfer-encoding"), "{t}");
 
-    // A pooled connection that answers 408 to a resent request leaves none of that answer's
-    // fields behind.
-    ok(&h2_send(&mut s, "GET", "/public/then-408").await, b"ok");
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // A pooled connection that answers 408 to a request it timed out on leaves none of that
+    // answer's fields behind when the request goes again.
+    ok(
+        &h2_send(&mut s, "GET", "/public/then-408-crossing").await,
+        b"ok",
+    );
     let a = h2_send(&mut s, "GET", "/public/after-408").await;
     ok(&a, b"saw /public/after-408");
     assert_eq!(a.1.get_all("content-length").iter().count(), 1, "{a:?}");
+    assert!(!a.1.contains_key("x-stale"), "{a:?}");
+    // An answer the upstream sent unasked while its connection sat in the pool is nobody's.
+    ok(&h2_send(&mut s, "GET", "/public/then-forged").await, b"ok");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    ok(
+        &h2_send(&mut s, "GET", "/public/after-forged").await,
+        b"saw /public/after-forged",
+    );
 
     assert_eq!(
         h.upstream_saw(),
@@ -368,8 +400,11 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
             "conn6 GET /public/bad-chunk body=0",
             "conn7 GET /public/c body=0",
             "conn7 GET /public/chunked body=0",
-            "conn7 GET /public/then-408 body=0",
+            "conn7 GET /public/then-408-crossing body=0",
+            "conn7 GET /public/after-408 body=0",
             "conn8 GET /public/after-408 body=0",
+            "conn8 GET /public/then-forged body=0",
+            "conn9 GET /public/after-forged body=0",
         ],
         "one upstream connection until one closes, sends more than its response, or fails"
     );
@@ -501,11 +536,13 @@ async fn burst_reuses_upstream_connections(with_body: bool) {
     );
 }
 
-/// A pooled connection the upstream closed (or timed out with a 408) while it sat idle is only
-/// found out by using it: an idempotent request goes again on a new connection, any other is
-/// sent only on a connection checked first. The client never sees the stale connection.
+/// A pooled connection the upstream closed, timed out with a 408, or sent an answer nobody asked
+/// for while it sat idle carries no further request. One the upstream times out just as a
+/// request crosses it (its 408 answers that request) makes an idempotent request go again on a
+/// new connection; any other request is sent only on a connection the kernel has nothing on.
+/// The client never sees the stale connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_closed_while_pooled_never_reach_the_client() {
+async fn stale_pooled_connections_never_reach_the_client() {
     let (upstream, log) = scripted_upstream().await;
     let h = start_at(ProxyConfig::default(), POLICY, upstream, log).await;
     let mut c = TcpStream::connect(h.proxy).await.unwrap();
@@ -516,6 +553,8 @@ async fn connections_closed_while_pooled_never_reach_the_client() {
             "POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi".to_string(),
         ),
         ("/public/then-408", get("/public/after-408")),
+        ("/public/then-408-crossing", get("/public/after-crossing")),
+        ("/public/then-forged", get("/public/after-forged")),
     ] {
         let (t, _) = exchange(&mut c, &get(first)).await;
         assert!(t.ends_with("\r\n\r\nok"), "{first}: {t}");
@@ -526,20 +565,20 @@ async fn connections_closed_while_pooled_never_reach_the_client() {
         assert!(t.contains("saw /"), "after {first}: {t}");
         assert!(!closed);
     }
-    let saw = h.upstream_saw();
-    let last_words: Vec<String> = saw
-        .iter()
-        .map(|l| l.split(' ').skip(1).collect::<Vec<_>>().join(" "))
-        .collect();
     assert_eq!(
-        last_words,
+        h.upstream_saw(),
         [
-            "GET /public/then-close body=0",
-            "GET /public/retried body=0",
-            "GET /public/then-close body=0",
-            "POST /upload body=2",
-            "GET /public/then-408 body=0",
-            "GET /public/after-408 body=0",
+            "conn0 GET /public/then-close body=0",
+            "conn1 GET /public/retried body=0",
+            "conn1 GET /public/then-close body=0",
+            "conn2 POST /upload body=2",
+            "conn2 GET /public/then-408 body=0",
+            "conn3 GET /public/after-408 body=0",
+            "conn3 GET /public/then-408-crossing body=0",
+            "conn3 GET /public/after-crossing body=0",
+            "conn4 GET /public/after-crossing body=0",
+            "conn4 GET /public/then-forged body=0",
+            "conn5 GET /public/after-forged body=0",
         ]
     );
 }
