@@ -110,3 +110,23 @@ kafka_clients() {
   export KAFKA_PYTHON="$venv/bin/python"
   export KCAT_LD_LIBRARY_PATH="$venv/rdkafka"
 }
+
+# istio_schemas: prints a node_modules directory with validators generated from Istio 1.29.2's
+# CRDs and Kubernetes' OpenAPI (istio/schema-check, pinned with integrity hashes by its
+# package-lock.json), installed once per lock file from the npm registry.
+istio_schemas() {
+  local src lock dir
+  src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/istio/schema-check"
+  lock=$(sha256sum "$src/package-lock.json" | cut -c1-16)
+  dir="$MEMBRANE_PEERS/istio-schemas-$lock"
+  if [ ! -f "$dir/.installed" ]; then
+    apt_need node nodejs
+    apt_need npm npm
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp "$src/package.json" "$src/package-lock.json" "$dir/"
+    (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2)
+    touch "$dir/.installed"
+  fi
+  echo "$dir/node_modules"
+}

