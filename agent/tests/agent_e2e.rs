@@ -843,7 +843,14 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
         .spawn()
         .unwrap();
     env.servers.push(app);
-    let filter = envoy::membrane_filter(&wasm, r#"{"xds_cluster":"membrane_xds"}"#);
+    // The sidecar is configured as istiod would configure it from `membrane istio manifests`:
+    // the WasmPlugin's filter and the EnvoyFilter's cluster, so those manifests are what runs.
+    let istio = membrane_istio::Settings {
+        wasm_url: format!("file://{wasm}"),
+        xds_socket: env.xds_socket().display().to_string(),
+        ..Default::default()
+    };
+    let filter = envoy::istio_wasm_filter(&membrane_istio::wasm_plugin(&istio));
     let inbound = envoy::Listener {
         name: "inbound_80",
         address: &mesh_ip,
@@ -853,13 +860,12 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
         route: "route: {cluster: app}",
         filters: &filter,
     };
-    let agent_xds = format!("{{pipe: {{path: \"{}\"}}}}", env.xds_socket().display());
     let config = format!(
         "node: {{id: sidecar-mesh, cluster: mesh, metadata: {{INSTANCE_IPS: \"{mesh_ip}\"}}}}\nadmin: {{address: {}}}\nstatic_resources:\n  listeners:\n{}  clusters:\n{}{}",
         envoy::socket("127.0.0.1", 15000),
         inbound.yaml(),
         envoy::cluster("app", &envoy::socket("127.0.0.1", 8080), false, ""),
-        envoy::cluster("membrane_xds", &agent_xds, true, ""),
+        envoy::istio_added_cluster(&membrane_istio::envoy_filter(&istio)),
     );
     fs::write(env.dir.join("mesh-envoy.yaml"), config).unwrap();
     let log_path = env.dir.join("mesh-envoy.log");

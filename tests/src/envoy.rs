@@ -18,6 +18,56 @@ pub fn membrane_filter(wasm: &str, configuration: &str) -> String {
     )
 }
 
+/// What istiod makes of a `WasmPlugin` for a sidecar (an `http_filters` entry, as
+/// [`membrane_filter`]): Envoy's Wasm filter named `NAMESPACE.NAME`, the plugin's `pluginConfig`
+/// as its configuration string, `pluginName` as root id, `failStrategy` as failure policy, no
+/// `vm_id`, and the module its `file://` URL names (istio-agent fetches other URLs to a local
+/// file first).
+pub fn istio_wasm_filter(plugin: &serde_json::Value) -> String {
+    let spec = &plugin["spec"];
+    let filename = spec["url"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("a file:// module URL");
+    let failure_policy = match spec["failStrategy"].as_str() {
+        Some("FAIL_CLOSE") | None => "FAIL_CLOSED",
+        Some(other) => other,
+    };
+    let entry = serde_json::json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": format!(
+                    "{}.{}",
+                    plugin["metadata"]["namespace"].as_str().unwrap(),
+                    plugin["metadata"]["name"].as_str().unwrap()
+                ),
+                "root_id": spec["pluginName"],
+                "failure_policy": failure_policy,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": spec["pluginConfig"].to_string(),
+                },
+                "vm_config": {
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": filename}},
+                },
+            },
+        },
+    });
+    format!("          - {entry}\n")
+}
+
+/// The cluster an `EnvoyFilter` adds (a `clusters` entry, as [`cluster`]): its one patch's
+/// value, as istiod passes it to Envoy.
+pub fn istio_added_cluster(filter: &serde_json::Value) -> String {
+    let patch = &filter["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "CLUSTER", "{filter}");
+    assert_eq!(patch["patch"]["operation"], "ADD", "{filter}");
+    format!("  - {}\n", patch["patch"]["value"])
+}
+
 /// An HTTP listener (a `listeners` entry): one filter chain with an HTTP connection manager
 /// whose single route does `route` (`route: {cluster: app}`, `direct_response: ...`), running
 /// `filters` (entries such as [`membrane_filter`]) and then the router.
