@@ -556,8 +556,9 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
         };
         out.extend_from_slice(&data[..used]);
         reusable &= used == data.len();
-        if finished && reusable {
-            // No `.await` since the read that brought the last byte.
+        // No `.await` since the read that brought the last byte; a read that filled the buffer
+        // may have left bytes in the kernel, which the pool's check must still find.
+        if finished && reusable && rbuf.len() < rbuf.capacity() {
             drained(&upstream);
         }
         if down.stream.write_all(&out).await.is_err() {

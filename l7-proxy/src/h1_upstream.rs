@@ -89,6 +89,8 @@ pub(crate) async fn send(
         return Err(e);
     }
     let status = StatusCode::from_u16(resp.status).map_err(|e| format!("status: {e}"))?;
+    // The last read left nothing in the kernel unless it filled the buffer.
+    let short_read = rbuf.len() < rbuf.capacity();
     let mut buf = BytesMut::from(&rbuf[..]);
     let _ = buf.split_to(resp.head_len);
     let mut body = UpstreamBody {
@@ -105,7 +107,7 @@ pub(crate) async fn send(
         trailer: Vec::new(),
         trailers: None,
     };
-    body.settle_known_length();
+    body.settle_known_length(short_read);
     let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = fields.map;
@@ -181,8 +183,9 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl UpstreamBody {
     /// A body with nothing left to read (the common small response came whole with its head)
-    /// frees its connection now, not when hyper gets to the body.
-    fn settle_known_length(&mut self) {
+    /// frees its connection now, not when hyper gets to the body. `short_read`: the read that
+    /// brought it did not fill its buffer.
+    fn settle_known_length(&mut self, short_read: bool) {
         let whole = match self.framing {
             Framing::None => true,
             Framing::Length(n) => self.buf.len() as u64 >= n,
@@ -198,19 +201,20 @@ impl UpstreamBody {
                 self.buf.clear();
             }
             // `send` calls this with no `.await` since the read that brought the last byte.
-            self.release(true);
+            self.release(short_read);
             self.framing = Framing::UntilClose;
         }
     }
 
     /// Returns the connection to the pool if it may carry another request, else closes it.
-    /// `just_read`: the read that brought the body's last byte happened with no `.await` since,
-    /// so the socket may be marked [`drained`]; else the pool's check reads it once more.
-    fn release(&mut self, just_read: bool) {
+    /// `drained_now`: the read that brought the body's last byte happened with no `.await` since
+    /// and did not fill its buffer, so the socket may be marked [`drained`]; else the pool's
+    /// check reads it once more.
+    fn release(&mut self, drained_now: bool) {
         if let Some(up) = self.upstream.take()
             && self.reusable
         {
-            if just_read {
+            if drained_now {
                 drained(&up.stream);
             }
             up.shared.upstreams.checkin_raw(up.dst, up.mark, up.stream);
@@ -262,8 +266,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        // Whether this poll read from the socket (nothing awaits between reads in here).
-        let mut read_now = false;
+        // Whether this poll's last read from the socket (nothing awaits in here) was short: it
+        // left nothing in the kernel.
+        let mut short_read_now = false;
         loop {
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
@@ -290,7 +295,7 @@ impl Body for UpstreamBody {
                     }
                     this.done = true;
                     this.reusable &= this.buf.is_empty();
-                    this.release(read_now);
+                    this.release(short_read_now);
                 }
                 if !payload.is_empty() {
                     return Poll::Ready(Some(Ok(Frame::data(payload))));
@@ -313,7 +318,7 @@ impl Body for UpstreamBody {
                 Ok(0) => {
                     return this.fail("upstream closed in the middle of its response body".into());
                 }
-                Ok(_) => read_now = true,
+                Ok(_) => short_read_now = this.buf.len() < this.buf.capacity(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = ready!(up.stream.poll_read_ready(cx)) {
                         return this.fail(format!("upstream read: {e}"));

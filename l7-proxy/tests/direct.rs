@@ -17,6 +17,16 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The scripted answer to a request for `target` (`HEAD` gets the head of the default answer).
 fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
+    if target == "/public/exact-then-forged" {
+        // Fills the proxy's first 8 KiB read of the answer exactly, with a forged answer behind
+        // it in the same write: those bytes are still in the kernel after that read.
+        let head = |n: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+        let n = 8192 - head(8000).len();
+        let mut out = head(n).into_bytes();
+        out.resize(8192, b'x');
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged");
+        return (out, false);
+    }
     let canned: &[u8] = match target {
         "/public/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
         "/public/until-close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
@@ -381,6 +391,16 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
         &h2_send(&mut s, "GET", "/public/after-forged").await,
         b"saw /public/after-forged",
     );
+    let a = h2_send(&mut s, "GET", "/public/exact-then-forged").await;
+    assert_eq!(
+        (a.0, a.2.as_ref().map(Vec::len)),
+        (200, Ok(8192 - 41)),
+        "{a:?}"
+    );
+    ok(
+        &h2_send(&mut s, "GET", "/public/after-exact").await,
+        b"saw /public/after-exact",
+    );
 
     assert_eq!(
         h.upstream_saw(),
@@ -405,6 +425,8 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
             "conn8 GET /public/after-408 body=0",
             "conn8 GET /public/then-forged body=0",
             "conn9 GET /public/after-forged body=0",
+            "conn9 GET /public/exact-then-forged body=0",
+            "conn10 GET /public/after-exact body=0",
         ],
         "one upstream connection until one closes, sends more than its response, or fails"
     );
@@ -555,9 +577,11 @@ async fn stale_pooled_connections_never_reach_the_client() {
         ("/public/then-408", get("/public/after-408")),
         ("/public/then-408-crossing", get("/public/after-crossing")),
         ("/public/then-forged", get("/public/after-forged")),
+        ("/public/exact-then-forged", get("/public/after-exact")),
     ] {
         let (t, _) = exchange(&mut c, &get(first)).await;
-        assert!(t.ends_with("\r\n\r\nok"), "{first}: {t}");
+        assert_eq!(statuses(&t), [200], "{first}: {t}");
+        assert!(!t.contains("forged"), "{first}: {t}");
         // The upstream's FIN (and 408) arrive while the connection sits in the pool.
         tokio::time::sleep(Duration::from_millis(150)).await;
         let (t, closed) = exchange(&mut c, &then).await;
@@ -579,6 +603,8 @@ async fn stale_pooled_connections_never_reach_the_client() {
             "conn4 GET /public/after-crossing body=0",
             "conn4 GET /public/then-forged body=0",
             "conn5 GET /public/after-forged body=0",
+            "conn5 GET /public/exact-then-forged body=0",
+            "conn6 GET /public/after-exact body=0",
         ]
     );
 }
