@@ -289,8 +289,9 @@ fn kernel_quiet(stream: &TcpStream) -> bool {
 
 /// Marks a connection whose response was read to its exact end as having nothing more to read,
 /// without a syscall, so that [`quiet`] reads it again only once the upstream sends something
-/// (or closes). Call it right after the read that brought the response's last byte, with no
-/// `.await` in between: an event the runtime handles in between is forgotten with the rest.
+/// (or closes). Call it right after the read that brought the response's last byte, only if
+/// that read did not fill its buffer (bytes left in the kernel would get no new event), and with
+/// no `.await` in between: an event the runtime handles in between is forgotten with the rest.
 pub(crate) fn drained(stream: &TcpStream) {
     let _ = stream.try_io(Interest::READABLE, || {
         Err::<(), _>(io::ErrorKind::WouldBlock.into())
