@@ -17,13 +17,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The scripted answer to a request for `target` (`HEAD` gets the head of the default answer).
 fn script(method: &str, target: &str) -> (Vec<u8>, bool) {
-    if target == "/public/exact-then-forged" {
-        // Fills the proxy's first 8 KiB read of the answer exactly, with a forged answer behind
-        // it in the same write: those bytes are still in the kernel after that read.
+    // Answers that end exactly where one of the proxy's reads fills its buffer, with a forged
+    // answer behind them in the same write: those bytes are still in the kernel after that
+    // read. `exact` fills the first 8 KiB read of the answer; `spanning` also fills the 16 KiB
+    // read of the body that follows it (the direct path's body loop, and the decoded body an
+    // HTTP/2 stream reads).
+    let exact_size = match target {
+        "/public/exact-then-forged" => Some(8192),
+        "/public/spanning-exact-then-forged" => Some(8192 + 16384),
+        _ => None,
+    };
+    if let Some(size) = exact_size {
         let head = |n: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
-        let n = 8192 - head(8000).len();
+        let n = size - head(size).len();
         let mut out = head(n).into_bytes();
-        out.resize(8192, b'x');
+        out.resize(size, b'x');
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged");
         return (out, false);
     }
@@ -401,6 +409,16 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
         &h2_send(&mut s, "GET", "/public/after-exact").await,
         b"saw /public/after-exact",
     );
+    let a = h2_send(&mut s, "GET", "/public/spanning-exact-then-forged").await;
+    assert_eq!(
+        (a.0, a.2.as_ref().map(Vec::len)),
+        (200, Ok(8192 + 16384 - 42)),
+        "{a:?}"
+    );
+    ok(
+        &h2_send(&mut s, "GET", "/public/after-spanning").await,
+        b"saw /public/after-spanning",
+    );
 
     assert_eq!(
         h.upstream_saw(),
@@ -427,6 +445,8 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
             "conn9 GET /public/after-forged body=0",
             "conn9 GET /public/exact-then-forged body=0",
             "conn10 GET /public/after-exact body=0",
+            "conn10 GET /public/spanning-exact-then-forged body=0",
+            "conn11 GET /public/after-spanning body=0",
         ],
         "one upstream connection until one closes, sends more than its response, or fails"
     );
@@ -578,6 +598,10 @@ async fn stale_pooled_connections_never_reach_the_client() {
         ("/public/then-408-crossing", get("/public/after-crossing")),
         ("/public/then-forged", get("/public/after-forged")),
         ("/public/exact-then-forged", get("/public/after-exact")),
+        (
+            "/public/spanning-exact-then-forged",
+            get("/public/after-spanning"),
+        ),
     ] {
         let (t, _) = exchange(&mut c, &get(first)).await;
         assert_eq!(statuses(&t), [200], "{first}: {t}");
@@ -605,6 +629,8 @@ async fn stale_pooled_connections_never_reach_the_client() {
             "conn5 GET /public/after-forged body=0",
             "conn5 GET /public/exact-then-forged body=0",
             "conn6 GET /public/after-exact body=0",
+            "conn6 GET /public/spanning-exact-then-forged body=0",
+            "conn7 GET /public/after-spanning body=0",
         ]
     );
 }
