@@ -92,6 +92,49 @@ pub fn normalize_target(target: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
+/// The target as a more lenient server reads it, when that differs from `target` (a normalized
+/// target): `%2F`, `%5C` and `\` taken for separators (nginx decodes `%2F` before it resolves dot
+/// segments; Windows servers and Envoy's path normalization take a backslash for a slash), and
+/// `;parameters` cut from each segment (Tomcat reads `..;x` as `..`); then slashes merged and
+/// dot segments removed. The query is left alone. A request must be allowed under this reading
+/// too, so that `/public/..%2Fprivate` cannot reach an nginx upstream's `/private` through a rule
+/// for `/public.*`, while `/public/a%2Fb` still passes that rule.
+pub fn lenient_reading(target: &str) -> Option<String> {
+    let (path, query) = match target.find('?') {
+        Some(q) => (&target[..q], &target[q..]),
+        None => (target, ""),
+    };
+    if !path.starts_with('/') || !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) {
+        return None;
+    }
+    let b = path.as_bytes();
+    let mut read = Vec::with_capacity(b.len());
+    let mut in_parameters = false;
+    let mut i = 0;
+    while i < b.len() {
+        let escaped_separator = b[i] == b'%'
+            && b.get(i + 1..i + 3)
+                .is_some_and(|h| h.eq_ignore_ascii_case(b"2f") || h.eq_ignore_ascii_case(b"5c"));
+        if escaped_separator || matches!(b[i], b'/' | b'\\') {
+            read.push(b'/');
+            in_parameters = false;
+            i += if escaped_separator { 3 } else { 1 };
+            continue;
+        }
+        in_parameters |= b[i] == b';';
+        if !in_parameters {
+            read.push(b[i]);
+        }
+        i += 1;
+    }
+    // Only whole runs of ASCII were cut or replaced, so this is still UTF-8.
+    let read = String::from_utf8(read)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    let mut read = remove_dot_segments(&merge_slashes(&read));
+    read.push_str(query);
+    (read != target).then_some(read)
+}
+
 fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let b = path.as_bytes();
     let mut out = String::with_capacity(b.len());
@@ -194,6 +237,34 @@ mod tests {
     }
 
     #[test]
+    fn lenient_readings_of_escaped_separators_and_segment_parameters() {
+        let r = |s: &str| lenient_reading(&n(s));
+        assert_eq!(r("/public/..%2Fprivate").as_deref(), Some("/private"));
+        assert_eq!(r("/public/..%2fprivate").as_deref(), Some("/private"));
+        assert_eq!(r("/public/%2e%2e%2Fprivate").as_deref(), Some("/private"));
+        assert_eq!(r("/public/..%5Cprivate").as_deref(), Some("/private"));
+        assert_eq!(r("/public\\..\\private").as_deref(), Some("/private"));
+        assert_eq!(r("/public/..;/private").as_deref(), Some("/private"));
+        assert_eq!(
+            r("/public/..;x=1/private?a=..%2F").as_deref(),
+            Some("/private?a=..%2F")
+        );
+        assert_eq!(r("/public/a%2Fb").as_deref(), Some("/public/a/b"));
+        assert_eq!(r("/app/page;jsessionid=1").as_deref(), Some("/app/page"));
+        assert_eq!(r("/caf\u{e9};x/..%2F\u{e9}").as_deref(), Some("/\u{e9}"));
+        // Nothing a lenient server reads differently: no second reading.
+        for p in [
+            "/public/a",
+            "/a%20b",
+            "/a/b?x=%2F;..\\",
+            "*",
+            "/a%252F..%252Fb",
+        ] {
+            assert_eq!(r(p), None, "{p}");
+        }
+    }
+
+    #[test]
     fn normal_paths_are_borrowed() {
         for p in ["/", "/public/index.html", "/a/b/?q=%zz", "/a..b"] {
             assert!(matches!(normalize_target(p), Ok(Cow::Borrowed(_))), "{p}");
@@ -225,6 +296,24 @@ mod tests {
                 prop_assert!(seg != "." && seg != "..", "{}", path);
             }
             prop_assert!(!path.to_ascii_lowercase().contains("%2e"), "{}", path);
+        }
+
+        #[test]
+        fn lenient_reading_is_final_and_dot_free(raw in "(/(\\.|\\.\\.|%2[fF]|%5[cC]|\\\\|;[a-c=]*|[a-c]{1,3}|))*(\\?[a-z./%;]*)?") {
+            let target = if raw.starts_with('/') { raw.clone() } else { format!("/{raw}") };
+            let once = n(&target);
+            if let Some(read) = lenient_reading(&once) {
+                let path = read.split('?').next().unwrap();
+                prop_assert!(path.starts_with('/') && !path.contains("//"), "{}", path);
+                prop_assert!(!path.contains(['\\', ';']), "{}", path);
+                prop_assert!(!path.to_ascii_lowercase().contains("%2f"), "{}", path);
+                prop_assert!(!path.to_ascii_lowercase().contains("%5c"), "{}", path);
+                for seg in path.split('/') {
+                    prop_assert!(seg != "." && seg != "..", "{}", path);
+                }
+                prop_assert_eq!(lenient_reading(&read), None);
+                prop_assert_eq!(read.split_once('?').map(|q| q.1), once.split_once('?').map(|q| q.1));
+            }
         }
     }
 }
