@@ -35,7 +35,7 @@ use crate::guard::Refusal;
 use crate::h1_upstream::ResponseFields;
 use crate::policy::ConnPolicy;
 use crate::service::{
-    Connection, LocalAnswer, Outcome, RecordParts, Verdict, denied_outcome, judge,
+    Connection, LocalAnswer, Outcome, RecordParts, Verdict, denied_outcome, judge, judge_normalized,
 };
 use crate::upstream::{Upstreams, drained};
 
@@ -298,7 +298,12 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
         host,
         headers: &RawHeaders(headers),
     };
-    let (direction, policy) = match judge(&cp, &facts) {
+    let verdict = if cfg.normalize_paths {
+        judge_normalized(&cp, &facts)
+    } else {
+        judge(&cp, &facts)
+    };
+    let (direction, policy) = match verdict {
         Verdict::Allow { direction, policy } => (direction, policy),
         Verdict::Deny { direction, l34 } => {
             let (parts, target) = record(&target);

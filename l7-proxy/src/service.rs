@@ -28,7 +28,7 @@ use crate::telemetry::{
     DirectionLabel, FlowRecord, FlowSink, Metrics, RequestLabels, no_policy, rfc3339,
 };
 use crate::upstream::Upstreams;
-use membrane_codec::path::normalize_target;
+use membrane_codec::path::{lenient_reading, normalize_target};
 
 /// The body of a response.
 #[derive(Debug)]
@@ -312,15 +312,19 @@ impl Connection {
         // whose upgrade does not happen must close.
         let wants_upgrade =
             req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
-        let verdict = judge(
-            &cp,
-            &HttpRequest {
+        let verdict = {
+            let facts = HttpRequest {
                 method: req.method().as_str(),
                 path: &target,
                 host: &host,
                 headers: &Headers(req.headers()),
-            },
-        );
+            };
+            if shared.config.normalize_paths && req.method() != Method::CONNECT {
+                judge_normalized(&cp, &facts)
+            } else {
+                judge(&cp, &facts)
+            }
+        };
         let (direction, policy) = match verdict {
             Verdict::Allow { direction, policy } => (direction, policy),
             Verdict::Deny { direction, l34 } => {
@@ -678,6 +682,29 @@ pub(crate) fn judge(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verdict {
     }
     let (direction, policy) = allowing.unwrap_or(("none", no_policy()));
     Verdict::Allow { direction, policy }
+}
+
+/// Judges a request whose path was normalized: it must also be allowed as a lenient upstream
+/// would read that path ([`lenient_reading`]: escaped slashes and backslashes as separators,
+/// segment parameters cut), so no upstream resolves it to a resource the rules deny.
+pub(crate) fn judge_normalized(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verdict {
+    let verdict = judge(cp, facts);
+    if !matches!(verdict, Verdict::Allow { .. }) {
+        return verdict;
+    }
+    let Some(read) = lenient_reading(facts.path) else {
+        return verdict;
+    };
+    let lenient = HttpRequest {
+        method: facts.method,
+        path: &read,
+        host: facts.host,
+        headers: facts.headers,
+    };
+    match judge(cp, &lenient) {
+        Verdict::Allow { .. } => verdict,
+        deny => deny,
+    }
 }
 
 /// The record of a denied request.

@@ -295,12 +295,64 @@ const CASES: &[Case] = &[
         closes: Some(false),
         upstream: &["GET /public/~x host=svc"],
     },
+    // Escaped slashes stay encoded in what is forwarded, but a request must also be allowed as
+    // an upstream that decodes them (nginx does), takes backslashes for slashes or cuts
+    // `;parameters` from segments (Tomcat) would read it.
     Case {
-        name: "encoded slash stays encoded",
-        send: req!("GET /public%2F..%2Fprivate HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        name: "encoded slash inside a segment stays encoded",
+        send: req!("GET /public/a%2fb HTTP/1.1\r\nHost: svc\r\n\r\n"),
         want: &[200],
         closes: Some(false),
-        upstream: &["GET /public%2F..%2Fprivate host=svc"],
+        upstream: &["GET /public/a%2Fb host=svc"],
+    },
+    Case {
+        name: "encoded slashes around dot-dot",
+        send: req!("GET /public%2F..%2Fprivate HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "dot-dot then encoded slash",
+        send: req!("GET /public/..%2fprivate HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "encoded dot-dot and encoded slash",
+        send: req!("GET /public/%2e%2e%2fprivate HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "dot-dot then encoded backslash",
+        send: req!("GET /public/..%5Cprivate HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "backslash dot-dot",
+        send: req!("GET /public\\..\\private HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "dot-dot with a segment parameter",
+        send: req!("GET /public/..;x=1/private HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "segment parameter on an allowed path",
+        send: req!("GET /public/x;v=1 HTTP/1.1\r\nHost: svc\r\n\r\n"),
+        want: &[200],
+        closes: Some(false),
+        upstream: &["GET /public/x;v=1 host=svc"],
     },
     Case {
         name: "absolute-form names a denied path",

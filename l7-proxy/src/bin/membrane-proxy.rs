@@ -147,7 +147,8 @@ struct RunArgs {
     #[arg(long, default_value = "Access denied\r\n")]
     deny_body: String,
     /// Normalize request paths (dot segments, duplicate slashes, percent-encoded unreserved
-    /// characters) before matching and forwarding.
+    /// characters) before matching and forwarding; a request must then also be allowed as a
+    /// lenient upstream reads its path (%2F, %5C and \ as slashes, ;parameters cut).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     normalize_path: bool,
     /// Most header fields in a request.
