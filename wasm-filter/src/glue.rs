@@ -28,10 +28,11 @@ use membrane_codec::kafka::session::{
     placeholder_request,
 };
 use membrane_codec::kafka::{LENGTH_PREFIX, frame_len};
+use membrane_codec::path::PathError;
 
 use crate::state::{
     ConnFacts, Direction, KafkaPolicy, L4Verdict, Parties, PolicyState, StreamMode, Verdict,
-    compile_hosts, compile_policies, compile_spiffe, judge_http_fetching_host,
+    compile_hosts, compile_policies, compile_spiffe, judge_http_fetching_host, judge_http_path,
 };
 
 proxy_wasm::main! {{
@@ -58,9 +59,17 @@ struct Config {
     /// FAIL_RELOAD recovering it without a policy gap. Never set it in production.
     #[serde(default)]
     crash_on_header: Option<String>,
+    /// Judge (and forward) request paths normalized, as `membrane-proxy --normalize-path` does
+    /// (the default); `false` judges `:path` exactly as Envoy passes it on.
+    #[serde(default = "default_true")]
+    normalize_path: bool,
     /// Kafka mode: the largest request frame accepted (bytes); larger ones close the connection.
     #[serde(default = "default_max_frame")]
     kafka_max_frame: usize,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_frame() -> usize {
@@ -462,6 +471,7 @@ impl RootContext for Root {
             conns: self.conns.clone(),
             tally: self.tally.clone(),
             crash_on_header: self.config.crash_on_header.clone(),
+            normalize_path: self.config.normalize_path,
         }))
     }
 }
@@ -492,6 +502,7 @@ struct Http {
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
     tally: Rc<Tally>,
     crash_on_header: Option<String>,
+    normalize_path: bool,
 }
 
 impl Context for Http {}
@@ -612,6 +623,24 @@ impl Http {
         Action::Pause
     }
 
+    /// Answers 400 to a request whose path cannot be normalized (as the proxy does).
+    fn refuse_path(&self, conn: &ConnFacts, method: &str, path: &str, e: PathError) -> Action {
+        Tally::count(&self.tally.denied[conn.direction as usize]);
+        log(
+            LogLevel::Info,
+            &format!(
+                "membrane: refused {} {method} {path:?}: {e}",
+                conn.direction.name()
+            ),
+        );
+        self.send_http_response(
+            400,
+            vec![("content-type", "text/plain")],
+            Some(b"Bad Request\r\n"),
+        );
+        Action::Pause
+    }
+
     fn log_deny(
         &self,
         facts: Option<(&ConnFacts, &Parties<'_>)>,
@@ -672,10 +701,26 @@ impl HttpContext for Http {
         // Only the pseudo-headers the rules read; other headers are fetched one by one if a
         // rule asks for them, the authority only if it can change the verdict.
         let (method, path) = (self.header(":method"), self.header(":path"));
-        let verdict =
-            judge_http_fetching_host(sets, &method, &path, &Headers, || self.header(":authority"));
+        let host = || self.header(":authority");
+        let (verdict, normalized) = if !self.normalize_path {
+            (
+                judge_http_fetching_host(sets, &method, &path, &Headers, host),
+                None,
+            )
+        } else {
+            match judge_http_path(sets, &method, &path, &Headers, host) {
+                Ok(judged) => judged,
+                Err(e) => return self.refuse_path(&conn, &method, &path, e),
+            }
+        };
         match verdict {
-            Verdict::Allow(_) => self.allow(&conn),
+            Verdict::Allow(_) => {
+                // The upstream gets the path that was judged (the proxy forwards it too).
+                if let Some(p) = normalized {
+                    self.set_http_request_header(":path", Some(&p));
+                }
+                self.allow(&conn)
+            }
             Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why, Some((method, path))),
         }
     }

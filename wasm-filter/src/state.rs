@@ -1,6 +1,7 @@
 //! The filter's policy state and its judgment of a request. Pure (no proxy-wasm calls), so it is
 //! tested natively; the VM glue in `glue.rs` only feeds it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -10,6 +11,7 @@ use ipnet::IpNet;
 use membrane_api::discovery::Any;
 use membrane_api::{DirectionRules, EntryVerdict, v1};
 use membrane_codec::kafka::session::{Judged, KafkaJudge};
+use membrane_codec::path::{PathError, lenient_reading, normalize_target};
 use membrane_policy::identity::NumericIdentity;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::l7::kafka::{KafkaRequest, KafkaVerdict};
@@ -391,6 +393,40 @@ pub fn judge_http_fetching_host<'s>(
     )
 }
 
+/// Judges a request the way the proxy does with path normalization on: by its normalized target
+/// (`membrane_codec::path`), which must also be allowed as a lenient upstream reads it (escaped
+/// slashes and backslashes as separators, segment parameters cut). Returns the verdict and the
+/// normalized target when it differs from `raw` (the filter forwards that, so the upstream gets
+/// the path that was judged); a malformed path is an error. The authority is fetched at most once.
+pub fn judge_http_path<'s>(
+    sets: &'s [(Arc<str>, L7Rules)],
+    method: &str,
+    raw: &str,
+    headers: &dyn HeaderLookup,
+    host: impl FnOnce() -> String,
+) -> Result<(Verdict<'s>, Option<String>), PathError> {
+    let target = normalize_target(raw)?;
+    let fetched = std::cell::OnceCell::new();
+    let mut host = Some(host);
+    let mut host_once = || {
+        fetched
+            .get_or_init(|| host.take().map(|f| f()).unwrap_or_default())
+            .clone()
+    };
+    let mut verdict = judge_http_fetching_host(sets, method, &target, headers, &mut host_once);
+    if let (Verdict::Allow(_), Some(read)) = (&verdict, lenient_reading(&target))
+        && let deny @ Verdict::Deny(_) =
+            judge_http_fetching_host(sets, method, &read, headers, &mut host_once)
+    {
+        verdict = deny;
+    }
+    let rewritten = match target {
+        Cow::Owned(t) => Some(t),
+        Cow::Borrowed(_) => None,
+    };
+    Ok((verdict, rewritten))
+}
+
 /// Whether any rule of these sets looks at the authority (so it must be fetched).
 pub fn rules_use_host(sets: &[(Arc<str>, L7Rules)]) -> bool {
     sets.iter().any(|(_, r)| match r {
@@ -503,6 +539,61 @@ mod tests {
         assert_eq!(judge("/admin", "admin.local"), Verdict::Allow("p"));
         assert!(matches!(judge("/other", "admin.local"), Verdict::Deny(_)));
         assert_eq!(fetched.get(), 3);
+    }
+
+    #[test]
+    fn paths_are_judged_normalized_and_as_lenient_upstreams_read_them() {
+        use membrane_policy::l7::http::{HttpRule, HttpRules, Pattern};
+        let rule = |index, path: &str, host: Option<&str>| HttpRule {
+            index,
+            method: None,
+            path: Some(Pattern::new(path).unwrap()),
+            host: host.map(|h| Pattern::new(h).unwrap()),
+            headers: vec![],
+        };
+        let rules = HttpRules::new(vec![
+            rule(0, "/public/.*", None),
+            rule(1, "/api/.*", Some("api[.]local")),
+        ])
+        .unwrap();
+        let sets = [(Arc::from("p"), L7Rules::Http(rules))];
+        let fetched = std::cell::Cell::new(0);
+        let judge = |path| {
+            judge_http_path(&sets, "GET", path, &NoHeaders, || {
+                fetched.set(fetched.get() + 1);
+                "api.local".to_string()
+            })
+        };
+        let allowed = |path| match judge(path) {
+            Ok((Verdict::Allow(_), rewritten)) => Some(rewritten),
+            Ok((Verdict::Deny(_), _)) => None,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        assert_eq!(allowed("/public/a"), Some(None), "normal: forwarded as is");
+        assert_eq!(allowed("/public/./b//c"), Some(Some("/public/b/c".into())));
+        assert_eq!(allowed("/public/a%2Fb"), Some(Some("/public/a%2Fb".into())));
+        assert_eq!(allowed("/public/x;v=1"), Some(None));
+        assert_eq!(
+            fetched.get(),
+            0,
+            "no rule that allowed needed the authority"
+        );
+        for bypass in [
+            "/public/../private",
+            "/public/%2e%2e/private",
+            "/public/..%2Fprivate",
+            "/public%2F..%2Fprivate",
+            "/public/..%5Cprivate",
+            "/public\\..\\private",
+            "/public/..;/private",
+        ] {
+            assert_eq!(allowed(bypass), None, "{bypass}");
+        }
+        // Both readings need the authority: it is fetched once.
+        fetched.set(0);
+        assert_eq!(allowed("/api/a%2Fb"), Some(Some("/api/a%2Fb".into())));
+        assert_eq!(fetched.get(), 1);
+        assert_eq!(judge("/a%zz").unwrap_err(), PathError::BadPercentEncoding);
     }
 
     #[test]

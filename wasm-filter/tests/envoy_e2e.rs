@@ -556,6 +556,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     std::fs::create_dir_all(dir.path().join("www/public")).unwrap();
     std::fs::write(dir.path().join("www/public/a"), "public\n").unwrap();
     std::fs::write(dir.path().join("www/private"), "private\n").unwrap();
+    std::fs::write(dir.path().join("www/public/n"), "normalized\n").unwrap();
+    let app_log = dir.path().join("app.log");
     let _app = Proc(
         Command::new("python3")
             .args([
@@ -567,7 +569,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
             ])
             .current_dir(dir.path().join("www"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&app_log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -660,6 +662,37 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     tokio::task::spawn_blocking(move || checks(403))
         .await
         .unwrap();
+
+    // Paths are judged as the proxy judges them: normalized, and as a lenient upstream reads
+    // them. Python's http.server is one: it decodes %2F and resolves the dot segments, so each
+    // of these would fetch /private past a rule for /public/.* if only the bytes were judged.
+    let app_log_at = app_log.clone();
+    tokio::task::spawn_blocking(move || {
+        let seen_before = std::fs::read_to_string(&app_log_at).unwrap().len();
+        let as_is = |path: &str| {
+            let url = format!("http://127.0.0.1:{LISTEN}{path}");
+            status("127.0.0.2", &["--path-as-is"], &url)
+        };
+        for bypass in [
+            "/public/../private",
+            "/public/..%2Fprivate",
+            "/public%2F..%2Fprivate",
+            "/public/..;/private",
+        ] {
+            assert_eq!(as_is(bypass), 403, "301: GET {bypass}");
+        }
+        assert_eq!(as_is("/public/x%2F..%2F..%2Fprivate"), 403);
+        assert_eq!(as_is("/public/%2e%2e/private"), 403);
+        assert_eq!(as_is("/a%zz"), 400, "malformed percent-encoding");
+        // An allowed path that is not in normal form reaches the app normalized.
+        assert_eq!(as_is("/public/./x/..//n"), 200);
+        let log = std::fs::read_to_string(&app_log_at).unwrap()[seen_before..].to_string();
+        assert!(log.contains("\"GET /public/n HTTP/1.1\" 200"), "{log}");
+        assert!(!log.contains("/public/./x"), "{log}");
+        assert!(!log.contains("private"), "{log}");
+    })
+    .await
+    .unwrap();
 
     // mTLS: the verified SPIFFE ID is the identity (luke is 301 whatever its address); a peer
     // whose SPIFFE ID maps to nothing is judged by its address; a forged
