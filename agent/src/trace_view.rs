@@ -4,10 +4,60 @@
 use std::fmt::Write as _;
 
 use anyhow::{Result, anyhow, bail};
+use membrane_codec::path::{lenient_reading, normalize_target};
 use membrane_policy::l7::kafka::api_key_from_name;
 use membrane_policy::rule::Proto;
-use membrane_policy::trace::{L7Facts, Trace, TraceVerdict};
+use membrane_policy::trace::{Flow, L7Facts, Trace, TraceVerdict};
 use serde::{Deserialize, Serialize};
+
+/// Traces a flow as the L7 proxy judges it (path normalization on, its default): an HTTP path
+/// is normalized first (`membrane_codec::path`), and a request the rules allow must also be
+/// allowed as a lenient upstream reads its path, or the trace of that reading is the answer.
+/// Returns the trace and the request as judged.
+pub fn trace_as_proxy(
+    rules: &[std::sync::Arc<membrane_policy::rule::Rule>],
+    mode: membrane_policy::rule::EnforcementMode,
+    flow: &Flow<'_>,
+) -> Result<(Trace, L7Facts)> {
+    let mut l7 = flow.l7.clone();
+    if let L7Facts::Http { path, .. } = &mut l7 {
+        *path = normalize_target(path)
+            .map_err(|e| anyhow!("HTTP path {path:?}: {e} (the proxy answers 400)"))?
+            .into_owned();
+    }
+    let judged = Flow { l7, ..*flow };
+    let t = membrane_policy::trace::trace(rules, mode, &judged);
+    let read = match &judged.l7 {
+        L7Facts::Http { path, .. } if t.verdict == TraceVerdict::Allowed => lenient_reading(path),
+        _ => None,
+    };
+    let Some(read) = read else {
+        return Ok((t, judged.l7));
+    };
+    let mut lenient_l7 = judged.l7.clone();
+    if let L7Facts::Http { path, .. } = &mut lenient_l7 {
+        *path = read.clone();
+    }
+    let lenient = Flow {
+        l7: lenient_l7,
+        ..*flow
+    };
+    let mut t2 = membrane_policy::trace::trace(rules, mode, &lenient);
+    if t2.verdict == TraceVerdict::Allowed {
+        return Ok((t, judged.l7));
+    }
+    let note = format!(
+        " ({read} is how a lenient upstream reads the path: %2F, %5C and \\ as slashes, \
+         ;parameters cut; it is allowed only if the rules allow that reading too)"
+    );
+    for d in &mut t2.directions {
+        if d.verdict == TraceVerdict::Denied {
+            d.reason.push_str(&note);
+        }
+    }
+    t2.reason.push_str(&note);
+    Ok((t2, judged.l7))
+}
 
 /// `POST /v1/trace`: endpoints by name (or labels, or addresses), and the flow.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -163,6 +163,65 @@ fn trace_allows_and_denies_with_reasons() {
     );
 }
 
+/// The trace judges a request as the proxy does: its path normalized, and allowed only if the
+/// rules allow it as a lenient upstream reads it too; a path the proxy refuses is an error.
+#[test]
+fn trace_judges_paths_as_the_proxy_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(example().join("policy/deathstar.yaml"))
+        .unwrap()
+        .replace(
+            "path: /v1/request-landing",
+            "path: \"/v1/request-landing.*\"",
+        );
+    std::fs::write(dir.path().join("deathstar.yaml"), policy).unwrap();
+    let pd = dir.path().display().to_string();
+    let trace = |path: &str| {
+        membrane(&[
+            "policy",
+            "trace",
+            "--policy-dir",
+            &pd,
+            "--src",
+            "org=empire,class=tiefighter",
+            "--src-namespace",
+            "empire",
+            "--dst",
+            "org=empire,class=deathstar",
+            "--dst-namespace",
+            "empire",
+            "--dport",
+            "80",
+            "--http-method",
+            "POST",
+            "--http-path",
+            path,
+            "-o",
+            "json",
+        ])
+    };
+    let verdict = |path: &str| json(&trace(path))["verdict"].as_str().unwrap().to_string();
+    assert_eq!(verdict("/v1/request-landing/x"), "allowed");
+    assert_eq!(verdict("/v1/./request-landing//x"), "allowed");
+    assert_eq!(verdict("/v1/request-landing/a%2Fb"), "allowed");
+    assert_eq!(verdict("/v1/request-landing/../exhaust-port"), "denied");
+    let v = json(&trace("/v1/request-landing/..%2F..%2Fexhaust-port"));
+    assert_eq!(v["verdict"], "denied", "{v}");
+    let why = v["directions"][1]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("POST /exhaust-port") && why.contains("lenient upstream"),
+        "{why}"
+    );
+    assert_eq!(
+        verdict("/v1/request-landing/..;/..;/exhaust-port"),
+        "denied"
+    );
+    let out = trace("/v1/%zz");
+    assert_eq!(out.status.code(), Some(2), "bad input");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("malformed percent-encoding"), "{err}");
+}
+
 #[test]
 fn trace_by_address() {
     let pd = policy_dir();

@@ -12,7 +12,7 @@ use membrane_policy::l7::kafka::api_key_from_name;
 use membrane_policy::labels::{LabelSet, Source};
 use membrane_policy::resolve::{DirectionTable, Verdict};
 use membrane_policy::rule::{EnforcementMode, L7Rules, Proto};
-use membrane_policy::trace::{self, Flow, L7Facts};
+use membrane_policy::trace::{Flow, L7Facts};
 use membrane_policy::{Diagnostic, PolicySet};
 use serde_json::json;
 
@@ -344,7 +344,8 @@ fn trace_cmd(a: &TraceArgs) -> Result<()> {
         proto,
         l7,
     };
-    let result = trace::trace(&offline.set.rules, a.enable_policy, &flow);
+    let (result, judged) =
+        crate::trace_view::trace_as_proxy(&offline.set.rules, a.enable_policy, &flow)?;
     match a.output {
         Output::Json => {
             let mut v = serde_json::to_value(&result)?;
@@ -352,7 +353,7 @@ fn trace_cmd(a: &TraceArgs) -> Result<()> {
             v["dst"]["endpoint"] = json!(dst_name);
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        Output::Text => print!("{}", crate::trace_view::render(&result, &flow.l7)),
+        Output::Text => print!("{}", crate::trace_view::render(&result, &judged)),
     }
     Ok(())
 }

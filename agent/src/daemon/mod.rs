@@ -832,11 +832,15 @@ impl Agent {
             proto,
             l7: facts.clone(),
         };
-        let t = membrane_policy::trace::trace(&self.policy.rules, self.config.enable_policy, &flow);
+        let (t, judged) = crate::trace_view::trace_as_proxy(
+            &self.policy.rules,
+            self.config.enable_policy,
+            &flow,
+        )?;
         let mut v = serde_json::to_value(&t)?;
         v["src"]["endpoint"] = serde_json::json!(src.1);
         v["dst"]["endpoint"] = serde_json::json!(dst.1);
-        Ok(serde_json::json!({ "trace": v, "text": crate::trace_view::render(&t, &facts) }))
+        Ok(serde_json::json!({ "trace": v, "text": crate::trace_view::render(&t, &judged) }))
     }
 
     fn party(&self, text: &str, namespace: Option<&str>) -> Result<(Identity, Option<String>)> {
