@@ -305,9 +305,14 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
     };
     let (direction, policy) = match verdict {
         Verdict::Allow { direction, policy } => (direction, policy),
-        Verdict::Deny { direction, l34 } => {
+        Verdict::Deny {
+            direction,
+            l34,
+            read_as,
+        } => {
             let (parts, target) = record(&target);
-            conn.record_parts(parts, &target, &cp, started, denied_outcome(direction, l34));
+            let outcome = denied_outcome(direction, l34, read_as);
+            conn.record_parts(parts, &target, &cp, started, outcome);
             return Prepared::Answer {
                 head_len,
                 body,

@@ -327,7 +327,11 @@ impl Connection {
         };
         let (direction, policy) = match verdict {
             Verdict::Allow { direction, policy } => (direction, policy),
-            Verdict::Deny { direction, l34 } => {
+            Verdict::Deny {
+                direction,
+                l34,
+                read_as,
+            } => {
                 let target = target.into_owned();
                 self.record(
                     &req,
@@ -335,7 +339,7 @@ impl Connection {
                     &host,
                     &cp,
                     started,
-                    denied_outcome(direction, l34),
+                    denied_outcome(direction, l34, read_as),
                 );
                 let mut resp = self.deny_response();
                 // After a refused upgrade request the guard would pass bytes through unchecked.
@@ -648,8 +652,12 @@ pub(crate) enum Verdict {
         policy: Arc<str>,
     },
     /// Denied in `direction`: by L3/L4 (the policy changed under an open connection: answer and
-    /// close) or by the L7 rules.
-    Deny { direction: &'static str, l34: bool },
+    /// close) or by the L7 rules (`read_as`: only as a lenient upstream reads the path, this).
+    Deny {
+        direction: &'static str,
+        l34: bool,
+        read_as: Option<String>,
+    },
 }
 
 /// Judges a request: every requirement (destination ingress, source egress) must allow. The one
@@ -660,6 +668,7 @@ pub(crate) fn judge(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verdict {
             return Verdict::Deny {
                 direction: direction_name(*direction),
                 l34: true,
+                read_as: None,
             };
         }
         Decision::Allow(reqs) => reqs,
@@ -676,6 +685,7 @@ pub(crate) fn judge(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verdict {
                 return Verdict::Deny {
                     direction: direction_name(r.direction),
                     l34: false,
+                    read_as: None,
                 };
             }
         }
@@ -703,18 +713,31 @@ pub(crate) fn judge_normalized(cp: &ConnPolicy, facts: &HttpRequest<'_>) -> Verd
     };
     match judge(cp, &lenient) {
         Verdict::Allow { .. } => verdict,
-        deny => deny,
+        Verdict::Deny { direction, l34, .. } => Verdict::Deny {
+            direction,
+            l34,
+            read_as: Some(read),
+        },
     }
 }
 
 /// The record of a denied request.
-pub(crate) fn denied_outcome(direction: &'static str, l34: bool) -> Outcome {
+pub(crate) fn denied_outcome(
+    direction: &'static str,
+    l34: bool,
+    read_as: Option<String>,
+) -> Outcome {
+    let reason = if l34 {
+        Some("L3/L4 policy denies this connection".into())
+    } else {
+        read_as.map(|r| format!("no HTTP rule allows the path as a lenient upstream reads it: {r}"))
+    };
     Outcome {
         verdict: "denied",
         direction,
         policy: no_policy(),
         status: StatusCode::FORBIDDEN,
-        reason: l34.then(|| "L3/L4 policy denies this connection".into()),
+        reason,
     }
 }
 

@@ -174,11 +174,22 @@ async fn flow_records_and_metrics() {
     let h = start(ProxyConfig::default()).await;
     let mut rx = h.flows.subscribe();
     let (text, _) = h
-        .raw(b"GET /public/f HTTP/1.1\r\nHost: svc\r\n\r\nGET /private HTTP/1.1\r\nHost: svc\r\n\r\n", Q)
+        .raw(b"GET /public/f HTTP/1.1\r\nHost: svc\r\n\r\nGET /private HTTP/1.1\r\nHost: svc\r\n\r\nGET /public/..%2fprivate HTTP/1.1\r\nHost: svc\r\n\r\n", Q)
         .await;
-    assert_eq!(statuses(&text), [200, 403]);
+    assert_eq!(statuses(&text), [200, 403, 403]);
     let a = rx.recv().await.unwrap();
     let b = rx.recv().await.unwrap();
+    let c = rx.recv().await.unwrap();
+    // A path denied only as a lenient upstream reads it says so.
+    assert_eq!(
+        (c.path.as_str(), c.verdict, c.reason.as_deref()),
+        (
+            "/public/..%2Fprivate",
+            "denied",
+            Some("no HTTP rule allows the path as a lenient upstream reads it: /private")
+        )
+    );
+    assert_eq!(b.reason, None);
     assert_eq!(
         (a.method.as_str(), a.path.as_str(), a.verdict, a.status),
         ("GET", "/public/f", "forwarded", 200)
@@ -192,13 +203,13 @@ async fn flow_records_and_metrics() {
         ("/private", "denied", 403)
     );
     let m = h.metrics.encode();
-    assert!(m.contains("membrane_proxy_l7_requests_total{direction=\"ingress\",verdict=\"denied\",policy=\"\"} 1"), "{m}");
+    assert!(m.contains("membrane_proxy_l7_requests_total{direction=\"ingress\",verdict=\"denied\",policy=\"\"} 2"), "{m}");
     assert!(
         m.contains("verdict=\"forwarded\",policy=\"CiliumNetworkPolicy default/web"),
         "{m}"
     );
     assert!(
-        m.contains("membrane_proxy_l7_request_duration_seconds_count{direction=\"ingress\"} 2"),
+        m.contains("membrane_proxy_l7_request_duration_seconds_count{direction=\"ingress\"} 3"),
         "{m}"
     );
 }

@@ -415,10 +415,12 @@ pub fn judge_http_path<'s>(
     };
     let mut verdict = judge_http_fetching_host(sets, method, &target, headers, &mut host_once);
     if let (Verdict::Allow(_), Some(read)) = (&verdict, lenient_reading(&target))
-        && let deny @ Verdict::Deny(_) =
+        && let Verdict::Deny(_) =
             judge_http_fetching_host(sets, method, &read, headers, &mut host_once)
     {
-        verdict = deny;
+        verdict = Verdict::Deny(format!(
+            "no HTTP rule allows the path as a lenient upstream reads it: {read}"
+        ));
     }
     let rewritten = match target {
         Cow::Owned(t) => Some(t),
@@ -589,6 +591,13 @@ mod tests {
         ] {
             assert_eq!(allowed(bypass), None, "{bypass}");
         }
+        let Ok((Verdict::Deny(why), _)) = judge("/public/..%2Fprivate") else {
+            panic!("allowed");
+        };
+        assert_eq!(
+            why,
+            "no HTTP rule allows the path as a lenient upstream reads it: /private"
+        );
         // Both readings need the authority: it is fetched once.
         fetched.set(0);
         assert_eq!(allowed("/api/a%2Fb"), Some(Some("/api/a%2Fb".into())));

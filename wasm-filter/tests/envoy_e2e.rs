@@ -693,6 +693,15 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     })
     .await
     .unwrap();
+    assert!(
+        envoy_log().contains(
+            "membrane: denied inbound GET /public/..%2Fprivate from 127.0.0.2 identity 301 to web \
+             identity 300 port 19380: no HTTP rule allows the path as a lenient upstream reads \
+             it: /private"
+        ),
+        "{}",
+        envoy_log()
+    );
 
     // mTLS: the verified SPIFFE ID is the identity (luke is 301 whatever its address); a peer
     // whose SPIFFE ID maps to nothing is judged by its address; a forged
