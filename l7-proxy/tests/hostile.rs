@@ -396,6 +396,22 @@ const CASES: &[Case] = &[
         closes: Some(false),
         upstream: &["GET /admin host=svc"],
     },
+    // A repeated header is judged by its values joined with ',' (as Envoy and Cilium judge it):
+    // no copy of a security header passes on its own.
+    Case {
+        name: "header rule with a second, wrong copy",
+        send: req!("GET /admin HTTP/1.1\r\nHost: svc\r\nX-Token: s3cret\r\nX-Token: guess\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
+    Case {
+        name: "header rule with a wrong copy first",
+        send: req!("GET /admin HTTP/1.1\r\nHost: svc\r\nX-Token: guess\r\nX-Token: s3cret\r\n\r\n"),
+        want: &[403],
+        closes: Some(false),
+        upstream: &[],
+    },
     // --- pipelining and bodies ---
     Case {
         name: "pipelined allow, deny, allow answered in order",

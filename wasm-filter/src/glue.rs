@@ -557,14 +557,22 @@ fn read_conn_facts() -> Option<ConnFacts> {
     })
 }
 
-struct Headers;
+/// The request's headers, read from Envoy on first use (most rules name none).
+#[derive(Default)]
+struct Headers {
+    all: std::cell::OnceCell<Vec<(String, Vec<u8>)>>,
+}
 
 impl HeaderLookup for Headers {
+    /// Every value of the header, in order: Envoy's single-value read returns only the first
+    /// copy of a repeated header, and a rule judges all of them (as the proxy does).
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-            .is_some_and(|v| f(&v))
+        let all = self.all.get_or_init(|| {
+            hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+        });
+        all.iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .any(|(_, v)| f(v))
     }
 }
 
@@ -702,13 +710,14 @@ impl HttpContext for Http {
         // rule asks for them, the authority only if it can change the verdict.
         let (method, path) = (self.header(":method"), self.header(":path"));
         let host = || self.header(":authority");
+        let headers = Headers::default();
         let (verdict, normalized) = if !self.normalize_path {
             (
-                judge_http_fetching_host(sets, &method, &path, &Headers, host),
+                judge_http_fetching_host(sets, &method, &path, &headers, host),
                 None,
             )
         } else {
-            match judge_http_path(sets, &method, &path, &Headers, host) {
+            match judge_http_path(sets, &method, &path, &headers, host) {
                 Ok(judged) => judged,
                 Err(e) => return self.refuse_path(&conn, &method, &path, e),
             }

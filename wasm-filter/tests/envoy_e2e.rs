@@ -54,13 +54,24 @@ fn http_rule(method: &str, path: &str) -> v1::HttpRule {
     }
 }
 
-/// web (127.0.0.1, identity 300): from 301 GET matching `paths` on the listener port; from 302
-/// anything (L3/L4); nobody else.
+/// web (127.0.0.1, identity 300): from 301 GET matching `paths`, and GET /token with
+/// `X-Token: s3cret`, on the listener port; from 302 anything (L3/L4); nobody else.
 fn web_policy(paths: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    let token = v1::HttpRule {
+        headers: vec![v1::HeaderMatch {
+            name: "X-Token".into(),
+            value: Some("s3cret".into()),
+        }],
+        ..http_rule("GET", "/token")
+    };
     let l7 = v1::L7RuleSet {
         policy: "CiliumNetworkPolicy default/web".into(),
         rules: Some(v1::l7_rule_set::Rules::Http(v1::HttpRules {
-            rules: paths.iter().map(|p| http_rule("GET", p)).collect(),
+            rules: paths
+                .iter()
+                .map(|p| http_rule("GET", p))
+                .chain([token])
+                .collect(),
         })),
     };
     let np = v1::NetworkPolicy {
@@ -557,6 +568,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     std::fs::write(dir.path().join("www/public/a"), "public\n").unwrap();
     std::fs::write(dir.path().join("www/private"), "private\n").unwrap();
     std::fs::write(dir.path().join("www/public/n"), "normalized\n").unwrap();
+    std::fs::write(dir.path().join("www/token"), "token\n").unwrap();
     let app_log = dir.path().join("app.log");
     let _app = Proc(
         Command::new("python3")
@@ -684,6 +696,25 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         assert_eq!(as_is("/public/x%2F..%2F..%2Fprivate"), 403);
         assert_eq!(as_is("/public/%2e%2e/private"), 403);
         assert_eq!(as_is("/a%zz"), 400, "malformed percent-encoding");
+        // A header rule judges every copy of the header (joined with ',', as Envoy's own
+        // matchers do), not just the first one Envoy's single-value read returns.
+        let token = |values: &[&str]| {
+            let mut args = vec![];
+            for v in values {
+                args.extend(["-H".to_string(), format!("X-Token: {v}")]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            status(
+                "127.0.0.2",
+                &args,
+                &format!("http://127.0.0.1:{LISTEN}/token"),
+            )
+        };
+        assert_eq!(token(&["s3cret"]), 200);
+        assert_eq!(token(&[]), 403);
+        assert_eq!(token(&["s3cret", "guess"]), 403, "a second copy counts");
+        assert_eq!(token(&["guess", "s3cret"]), 403);
+        assert_eq!(token(&["s3cret", "s3cret"]), 403);
         // An allowed path that is not in normal form reaches the app normalized.
         assert_eq!(as_is("/public/./x/..//n"), 200);
         let log = std::fs::read_to_string(&app_log_at).unwrap()[seen_before..].to_string();

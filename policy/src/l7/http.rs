@@ -343,12 +343,34 @@ impl Serialize for HttpRules {
 }
 
 impl HeaderMatch {
-    /// Whether the request's headers satisfy this requirement.
+    /// Whether the request's headers satisfy this requirement. A header sent more than once is
+    /// judged by its values joined with `,`, in order, as Envoy's header matcher (and so Cilium,
+    /// and Envoy's RBAC) judges it: `X: a` then `X: b` satisfy `X: a,b`, and neither `X: a` nor
+    /// `X: b`, so a repeated security header never passes on one of its copies.
     pub fn is_satisfied(&self, headers: &dyn HeaderLookup) -> bool {
-        match &self.value {
-            None => headers.any_value(&self.name, &mut |_| true),
-            Some(want) => headers.any_value(&self.name, &mut |v| v == want.as_bytes()),
-        }
+        let Some(want) = &self.value else {
+            return headers.any_value(&self.name, &mut |_| true);
+        };
+        // Walks the joined value against `want` without building it.
+        let want = want.as_bytes();
+        let (mut at, mut seen, mut differs) = (0, false, false);
+        headers.any_value(&self.name, &mut |v| {
+            if seen {
+                if want.get(at) != Some(&b',') {
+                    differs = true;
+                    return true;
+                }
+                at += 1;
+            }
+            seen = true;
+            if !want[at..].starts_with(v) {
+                differs = true;
+                return true;
+            }
+            at += v.len();
+            false
+        });
+        seen && !differs && at == want.len()
     }
 }
 
@@ -440,6 +462,39 @@ mod tests {
             r.verdicts(&req("GET", "/", &[])).next(),
             Some((0, Some("headers")))
         );
+    }
+
+    #[test]
+    fn a_repeated_header_is_judged_by_its_joined_values() {
+        let r = rule(None, None, None, &["X-Token: abc"]);
+        let with = |values: &[&str]| {
+            let headers: Vec<(&str, &str)> = values.iter().map(|v| ("x-token", *v)).collect();
+            let request = HttpRequest {
+                method: "GET",
+                path: "/",
+                host: "",
+                headers: &headers,
+            };
+            matches(&r, &request)
+        };
+        assert!(with(&["abc"]));
+        assert!(!with(&["abc", "abc"]));
+        assert!(!with(&["nope", "abc"]));
+        assert!(!with(&["abc", "nope"]));
+        assert!(!with(&["ab", "c"]), "joined with a comma: ab,c");
+        assert!(!with(&["", "abc"]));
+        assert!(!with(&[]));
+        let joined = rule(None, None, None, &["X-Token: a,b"]);
+        let headers = [("X-Token", "a"), ("x-other", "z"), ("x-token", "b")];
+        assert!(matches(&joined, &req("GET", "/", &headers)));
+        assert!(matches(&joined, &req("GET", "/", &[("X-Token", "a,b")])));
+        assert!(!matches(&joined, &req("GET", "/", &[("X-Token", "a")])));
+        // Presence: any copy will do.
+        let present = rule(None, None, None, &["X-Has"]);
+        assert!(matches(
+            &present,
+            &req("GET", "/", &[("x-has", ""), ("x-has", "1")])
+        ));
     }
 
     #[test]
