@@ -76,14 +76,13 @@ fn validate_missing_path_is_usage_error() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
-fn trace_allows_and_denies_with_reasons() {
-    let pd = policy_dir();
-    let base = [
+/// `membrane policy trace` from a tiefighter to the deathstar on port 80, offline.
+fn tiefighter_to_deathstar(policy_dir: &str) -> [&str; 14] {
+    [
         "policy",
         "trace",
         "--policy-dir",
-        &pd,
+        policy_dir,
         "--src",
         "org=empire,class=tiefighter",
         "--src-namespace",
@@ -94,7 +93,13 @@ fn trace_allows_and_denies_with_reasons() {
         "empire",
         "--dport",
         "80/TCP",
-    ];
+    ]
+}
+
+#[test]
+fn trace_allows_and_denies_with_reasons() {
+    let pd = policy_dir();
+    let base = tiefighter_to_deathstar(&pd);
     let mut allowed = base.to_vec();
     allowed.extend([
         "--http-method",
@@ -177,28 +182,9 @@ fn trace_judges_paths_as_the_proxy_does() {
     std::fs::write(dir.path().join("deathstar.yaml"), policy).unwrap();
     let pd = dir.path().display().to_string();
     let trace = |path: &str| {
-        membrane(&[
-            "policy",
-            "trace",
-            "--policy-dir",
-            &pd,
-            "--src",
-            "org=empire,class=tiefighter",
-            "--src-namespace",
-            "empire",
-            "--dst",
-            "org=empire,class=deathstar",
-            "--dst-namespace",
-            "empire",
-            "--dport",
-            "80",
-            "--http-method",
-            "POST",
-            "--http-path",
-            path,
-            "-o",
-            "json",
-        ])
+        let mut args = tiefighter_to_deathstar(&pd).to_vec();
+        args.extend(["--http-method", "POST", "--http-path", path, "-o", "json"]);
+        membrane(&args)
     };
     let verdict = |path: &str| json(&trace(path))["verdict"].as_str().unwrap().to_string();
     assert_eq!(verdict("/v1/request-landing/x"), "allowed");

@@ -511,23 +511,33 @@ mod tests {
         assert_eq!(st.hosts.len(), 2);
     }
 
+    /// One rule set, policy `p`, of GET-any rules: (path, host) patterns.
+    fn http_sets(rules: &[(&str, Option<&str>)]) -> [(Arc<str>, L7Rules); 1] {
+        use membrane_policy::l7::http::{HttpRule, HttpRules, Pattern};
+        let rules = rules
+            .iter()
+            .enumerate()
+            .map(|(index, (path, host))| HttpRule {
+                index,
+                method: None,
+                path: Some(Pattern::new(path).unwrap()),
+                host: host.map(|h| Pattern::new(h).unwrap()),
+                headers: vec![],
+            })
+            .collect();
+        [(
+            Arc::from("p"),
+            L7Rules::Http(HttpRules::new(rules).unwrap()),
+        )]
+    }
+
     #[test]
     fn the_authority_is_fetched_only_when_it_decides() {
-        use membrane_policy::l7::http::{HttpRule, HttpRules, Pattern};
-        let rule = |index, path: &str, host: Option<&str>| HttpRule {
-            index,
-            method: None,
-            path: Some(Pattern::new(path).unwrap()),
-            host: host.map(|h| Pattern::new(h).unwrap()),
-            headers: vec![],
-        };
-        let rules = HttpRules::new(vec![
-            rule(0, "/open", None),
+        let sets = http_sets(&[
+            ("/open", None),
             // Matches an empty authority: must not allow without the real one.
-            rule(1, "/admin", Some("(admin[.]local)?")),
-        ])
-        .unwrap();
-        let sets = [(Arc::from("p"), L7Rules::Http(rules))];
+            ("/admin", Some("(admin[.]local)?")),
+        ]);
         let fetched = std::cell::Cell::new(0);
         let judge = |path, host: &'static str| {
             judge_http_fetching_host(&sets, "GET", path, &NoHeaders, || {
@@ -545,20 +555,7 @@ mod tests {
 
     #[test]
     fn paths_are_judged_normalized_and_as_lenient_upstreams_read_them() {
-        use membrane_policy::l7::http::{HttpRule, HttpRules, Pattern};
-        let rule = |index, path: &str, host: Option<&str>| HttpRule {
-            index,
-            method: None,
-            path: Some(Pattern::new(path).unwrap()),
-            host: host.map(|h| Pattern::new(h).unwrap()),
-            headers: vec![],
-        };
-        let rules = HttpRules::new(vec![
-            rule(0, "/public/.*", None),
-            rule(1, "/api/.*", Some("api[.]local")),
-        ])
-        .unwrap();
-        let sets = [(Arc::from("p"), L7Rules::Http(rules))];
+        let sets = http_sets(&[("/public/.*", None), ("/api/.*", Some("api[.]local"))]);
         let fetched = std::cell::Cell::new(0);
         let judge = |path| {
             judge_http_path(&sets, "GET", path, &NoHeaders, || {
