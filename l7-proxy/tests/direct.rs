@@ -399,26 +399,28 @@ async fn bodyless_requests_hyper_serves_are_decoded_from_the_direct_sockets() {
         &h2_send(&mut s, "GET", "/public/after-forged").await,
         b"saw /public/after-forged",
     );
-    let a = h2_send(&mut s, "GET", "/public/exact-then-forged").await;
-    assert_eq!(
-        (a.0, a.2.as_ref().map(Vec::len)),
-        (200, Ok(8192 - 41)),
-        "{a:?}"
-    );
-    ok(
-        &h2_send(&mut s, "GET", "/public/after-exact").await,
-        b"saw /public/after-exact",
-    );
-    let a = h2_send(&mut s, "GET", "/public/spanning-exact-then-forged").await;
-    assert_eq!(
-        (a.0, a.2.as_ref().map(Vec::len)),
-        (200, Ok(8192 + 16384 - 42)),
-        "{a:?}"
-    );
-    ok(
-        &h2_send(&mut s, "GET", "/public/after-spanning").await,
-        b"saw /public/after-spanning",
-    );
+    // Answers ending exactly where a read fills its buffer (body length = size - head length).
+    for (path, body_len, after) in [
+        (
+            "/public/exact-then-forged",
+            8192 - 41,
+            "/public/after-exact",
+        ),
+        (
+            "/public/spanning-exact-then-forged",
+            8192 + 16384 - 42,
+            "/public/after-spanning",
+        ),
+    ] {
+        let a = h2_send(&mut s, "GET", path).await;
+        assert_eq!(
+            (a.0, a.2.as_ref().map(Vec::len)),
+            (200, Ok(body_len)),
+            "{a:?}"
+        );
+        let want = format!("saw {after}");
+        ok(&h2_send(&mut s, "GET", after).await, want.as_bytes());
+    }
 
     assert_eq!(
         h.upstream_saw(),
