@@ -6,8 +6,8 @@
 //! upstream is a request-smuggling hole. [`Framer`] sees every byte of a connection's request
 //! stream first: it holds a head back until it is complete, validates it with `httparse` plus
 //! the checks below, and tracks the body framing (length or chunked, each chunk line checked) to
-//! know where the next head starts. An HTTP/2 preface, an upgrade or a `CONNECT` switches it to
-//! pass-through.
+//! know where the next head starts. An HTTP/2 preface, an upgrade to an allowed protocol
+//! ([`Upgrades`]) or a `CONNECT` switches it to pass-through.
 //!
 //! A refused head is never delivered: the framer delivers a fixed stand-in request instead and
 //! reports its index, so the server can answer that request with the refusal (400, 414, 431 or
@@ -61,6 +61,92 @@ impl Refusal {
     }
 }
 
+/// The protocols a request may switch the connection to (`Upgrade`, RFC 9110 §7.8).
+///
+/// `Upgrade` is hop-by-hop: a proxy passes on only the offers it supports, so a request's other
+/// offers are dropped and a request left with none is forwarded as the plain request it also
+/// is (RFC 9110 lets a server ignore `Upgrade`). After a switch the proxy sees only opaque
+/// bytes, so a protocol that carries HTTP requests onward can never be allowed: `h2c` (the
+/// h2c smuggling of HTTP/2 requests past an HTTP/1 proxy's rules), `HTTP/...`, `h2` and
+/// `TLS/...` (RFC 2817). Envoy drops h2c offers alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upgrades(std::sync::Arc<[String]>);
+
+/// Protocol names whose switched connections would carry HTTP requests past the rules.
+const CARRIES_HTTP: [&str; 4] = ["h2c", "h2", "http", "tls"];
+
+impl Upgrades {
+    /// Allows the named protocols (names without a version, matched case-insensitively);
+    /// empty names are ignored, so an empty list allows none.
+    pub fn new<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Upgrades, String> {
+        let mut allowed = Vec::new();
+        for name in names {
+            let name = name.as_ref().trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !name.bytes().all(is_token_byte) || name.contains('/') {
+                return Err(format!(
+                    "upgrade protocol {name:?}: not a protocol name (a token such as websocket, \
+                     without a version)"
+                ));
+            }
+            if CARRIES_HTTP.iter().any(|p| p.eq_ignore_ascii_case(name)) {
+                return Err(format!(
+                    "upgrade protocol {name:?} cannot be allowed: the switched connection would \
+                     carry HTTP requests that the proxy cannot judge"
+                ));
+            }
+            allowed.push(name.to_ascii_lowercase());
+        }
+        Ok(Upgrades(allowed.into()))
+    }
+
+    /// The allowed protocol names.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Whether `offer` (`name` or `name/version`) names an allowed protocol.
+    pub fn allows(&self, offer: &[u8]) -> bool {
+        let name = offer.split(|&b| b == b'/').next().unwrap_or_default();
+        self.0
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
+    }
+
+    /// What of a request's `Upgrade` field values may be passed on: the allowed offers, in
+    /// order, as one field value; `None` when no offer is allowed.
+    pub fn kept<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+        let mut kept: Option<Vec<u8>> = None;
+        for offer in values
+            .into_iter()
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(trim)
+            .filter(|o| self.allows(o))
+        {
+            let out = kept.get_or_insert_with(Vec::new);
+            if !out.is_empty() {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(offer);
+        }
+        kept
+    }
+}
+
+impl Default for Upgrades {
+    /// WebSocket only, as Envoy's `upgrade_configs` are usually set (Istio's and Cilium's).
+    fn default() -> Upgrades {
+        Upgrades(vec!["websocket".to_string()].into())
+    }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chunk {
     /// Reading the hex size (`digits` so far).
@@ -106,6 +192,7 @@ enum Phase {
 #[derive(Debug)]
 pub struct Framer {
     limits: Limits,
+    upgrades: Upgrades,
     phase: Phase,
     /// A head being collected (or the first bytes while detecting HTTP/2).
     head: Vec<u8>,
@@ -122,10 +209,11 @@ pub struct Framer {
 }
 
 impl Framer {
-    /// A framer at the start of a connection.
-    pub fn new(limits: Limits) -> Framer {
+    /// A framer at the start of a connection whose requests may switch to `upgrades`.
+    pub fn new(limits: Limits, upgrades: Upgrades) -> Framer {
         Framer {
             limits,
+            upgrades,
             phase: Phase::Detect,
             head: Vec::new(),
             remaining: 0,
@@ -252,7 +340,7 @@ impl Framer {
                         return self.refuse(r, out);
                     }
                     let head = std::mem::take(&mut self.head);
-                    match check_head(&head, &self.limits) {
+                    match check_head(&head, &self.limits, &self.upgrades) {
                         Ok(framing) => {
                             out.extend_from_slice(&head);
                             self.delivered += 1;
@@ -505,7 +593,7 @@ struct Framing {
 }
 
 /// Validates a complete head (ending in CRLFCRLF) and returns its body framing.
-fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Refusal> {
+fn check_head(head: &[u8], limits: &Limits, upgrades: &Upgrades) -> Result<Framing, Refusal> {
     if let Some(r) = bare_line_end(head, 0) {
         return Err(r);
     }
@@ -571,7 +659,8 @@ fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Refusal> {
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
+            // Offers the proxy drops switch nothing: the next head is checked as usual.
+            upgrade |= upgrades.kept([h.value]).is_some();
         }
     }
     if te_seen && content_length.is_some() {
@@ -894,7 +983,7 @@ mod tests {
 
     /// Feeds `input` in pieces of `step` bytes.
     fn run(input: &[u8], step: usize) -> Seen {
-        let mut g = Framer::new(Limits::default());
+        let mut g = Framer::new(Limits::default(), Upgrades::default());
         let mut out = Vec::new();
         for piece in input.chunks(step.max(1)) {
             g.feed(piece, &mut out);
@@ -1018,10 +1107,59 @@ mod tests {
             assert_eq!(refusal, None);
             assert_eq!(out, ws.to_vec());
         }
+        // Offers the proxy drops switch nothing: what follows is a request, checked as usual.
+        for offer in ["h2c", "echo", "TLS/1.2"] {
+            let stream = format!(
+                "GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {offer}\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            );
+            for (_, refusal, _) in every_split(stream.as_bytes()) {
+                assert_eq!(
+                    refusal.map(|(i, r)| (i, r.status)),
+                    Some((1, 400)),
+                    "{offer}"
+                );
+            }
+        }
         // "PRI" that is not the preface is an HTTP/1 method like any other.
         let (out, refusal, _) = run(b"PRIX / HTTP/1.1\r\nHost: x\r\n\r\n", 1);
         assert_eq!(refusal, None);
         assert_eq!(out, b"PRIX / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
+    }
+
+    #[test]
+    fn upgrades_keep_only_allowed_offers() {
+        let ws = Upgrades::default();
+        let kept = |u: &Upgrades, values: &[&str]| {
+            u.kept(values.iter().map(|v| v.as_bytes()))
+                .map(|v| String::from_utf8(v).unwrap())
+        };
+        assert_eq!(kept(&ws, &["websocket"]).as_deref(), Some("websocket"));
+        assert_eq!(
+            kept(&ws, &["WebSocket/13"]).as_deref(),
+            Some("WebSocket/13")
+        );
+        assert_eq!(kept(&ws, &["h2c"]), None);
+        assert_eq!(kept(&ws, &["h2c, websocket"]).as_deref(), Some("websocket"));
+        assert_eq!(
+            kept(&ws, &["h2c", " websocket ,echo"]).as_deref(),
+            Some("websocket")
+        );
+        assert_eq!(kept(&ws, &["websocketx", "web", ""]), None);
+        let two = Upgrades::new(["Echo", "websocket", ""]).unwrap();
+        assert_eq!(two.names(), ["echo", "websocket"]);
+        assert_eq!(
+            kept(&two, &["echo/2, h2c, websocket"]).as_deref(),
+            Some("echo/2, websocket")
+        );
+        assert_eq!(Upgrades::new([""; 0]).unwrap().names().len(), 0);
+        for carrier in ["h2c", "H2C", "h2", "HTTP", "tls"] {
+            let e = Upgrades::new([carrier]).unwrap_err();
+            assert!(e.contains("cannot be allowed"), "{e}");
+        }
+        for bad in ["web socket", "websocket/13", "a,b"] {
+            let e = Upgrades::new([bad]).unwrap_err();
+            assert!(e.contains("not a protocol name"), "{e}");
+        }
     }
 
     proptest::proptest! {
@@ -1034,7 +1172,7 @@ mod tests {
         ) {
             let limits = Limits { max_head_bytes: 256, max_headers: 8, max_uri_bytes: 64 };
             let run = |step: usize| {
-                let mut f = Framer::new(limits);
+                let mut f = Framer::new(limits, Upgrades::default());
                 let mut out = Vec::new();
                 for piece in data.chunks(step) {
                     f.feed(piece, &mut out);

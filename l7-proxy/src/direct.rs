@@ -392,7 +392,7 @@ pub(crate) async fn serve(
     let (idle, header_timeout) = (cfg.idle_timeout, cfg.header_timeout);
     let mut down = Down {
         stream,
-        framer: Framer::new(cfg.limits),
+        framer: Framer::new(cfg.limits, cfg.upgrades.clone()),
         buf: Vec::new(),
         pos: 0,
     };

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use membrane_codec::http1::Framer;
-pub use membrane_codec::http1::{Limits, Refusal};
+pub use membrane_codec::http1::{Limits, Refusal, Upgrades};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// State shared between a connection's guard and its service.
@@ -87,12 +87,17 @@ pub struct Guard<S> {
 }
 
 impl<S> Guard<S> {
-    /// Guards `inner`.
-    pub fn new(inner: S, limits: Limits, state: std::sync::Arc<GuardState>) -> Guard<S> {
+    /// Guards `inner`, whose requests may switch to `upgrades`.
+    pub fn new(
+        inner: S,
+        limits: Limits,
+        upgrades: Upgrades,
+        state: std::sync::Arc<GuardState>,
+    ) -> Guard<S> {
         Guard {
             inner,
             state,
-            framer: Framer::new(limits),
+            framer: Framer::new(limits, upgrades),
             out: Vec::new(),
             out_pos: 0,
         }

@@ -235,6 +235,7 @@ impl Proxy {
                 Some(Guard::new(
                     stream,
                     shared.config.limits,
+                    shared.config.upgrades.clone(),
                     guard_state.clone(),
                 ))
             };

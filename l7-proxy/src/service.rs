@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
 
-use crate::guard::{GuardState, Limits, Refusal};
+use crate::guard::{GuardState, Limits, Refusal, Upgrades};
 use crate::h1_upstream::{self, UpstreamBody};
 use crate::policy::{ConnDecision, ConnPolicy, Decision, Peers, PolicyHandle, Snapshot};
 use crate::telemetry::{
@@ -84,6 +84,9 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Normalize request paths before matching and forwarding (see `membrane_codec::path`).
     pub normalize_paths: bool,
+    /// Protocols an allowed request may switch the connection to; other `Upgrade` offers are
+    /// dropped (h2c always: its HTTP/2 requests would pass unjudged).
+    pub upgrades: Upgrades,
     /// Body of a `403` answer.
     pub deny_body: Bytes,
     /// Time allowed for a request head to arrive.
@@ -119,6 +122,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             limits: Limits::default(),
             normalize_paths: true,
+            upgrades: Upgrades::default(),
             deny_body: Bytes::from_static(b"Access denied\r\n"),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -308,10 +312,20 @@ impl Connection {
                 Cow::Borrowed(raw_target)
             };
         let host = authority(&req);
-        // After an upgrade request the guard passes bytes through unchecked, so a connection
-        // whose upgrade does not happen must close.
-        let wants_upgrade =
-            req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        // Only offers of allowed protocols are passed on; a request left with none is a plain
+        // one (h2c offers always end here). After an upgrade request the guard passes bytes
+        // through unchecked, so a connection whose upgrade does not happen must close.
+        let upgrade_to = if req.version() == Version::HTTP_11 {
+            shared.config.upgrades.kept(
+                req.headers()
+                    .get_all(header::UPGRADE)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+        } else {
+            None
+        };
+        let wants_upgrade = upgrade_to.is_some();
         let verdict = {
             let facts = HttpRequest {
                 method: req.method().as_str(),
@@ -362,6 +376,12 @@ impl Connection {
         let (mut parts, body) = req.into_parts();
         let record_parts = RecordParts::new(&shared.flows, parts.method.as_str(), &host);
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+        if let Some(offers) = upgrade_to
+            .as_deref()
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+        {
+            parts.headers.insert(header::UPGRADE, offers);
+        }
         // The upstream must see the authority that was judged (an absolute-form URI's wins over
         // Host; HTTP/2 has only :authority; HTTP/1.0 may have none, and then gets the address).
         let authority = if host.is_empty() {
@@ -437,6 +457,26 @@ impl Connection {
             }
         };
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching
+            && (downstream_upgrade.is_none()
+                || !switches_to_an_offer(resp.headers(), upgrade_to.as_deref().unwrap_or_default()))
+        {
+            // Whatever the upstream switched to, the proxy could not judge what follows.
+            let refusal = Refusal {
+                status: 502,
+                reason: format!(
+                    "upstream {} switched protocols to {:?}, which the request did not offer",
+                    self.dst,
+                    resp.headers()
+                        .get(header::UPGRADE)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default()
+                ),
+            };
+            let mut answer = self.local_answer(record_parts, &target, &cp, started, refusal);
+            close(&mut answer);
+            return answer;
+        }
         if switching && let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -761,6 +801,22 @@ fn text_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     resp
 }
 
+/// Whether a `101` answer switches to one of the protocols `offered` (the allowed offers that
+/// were passed on, as one field value).
+fn switches_to_an_offer(headers: &HeaderMap, offered: &[u8]) -> bool {
+    let mut fields = headers.get_all(header::UPGRADE).iter();
+    let (Some(chosen), None) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let name = |p: &[u8]| p.split(|&b| b == b'/').next().unwrap_or_default().to_vec();
+    let chosen = name(chosen.as_bytes().trim_ascii());
+    !chosen.is_empty()
+        && !chosen.contains(&b',')
+        && offered
+            .split(|&b| b == b',')
+            .any(|o| name(o.trim_ascii()).eq_ignore_ascii_case(&chosen))
+}
+
 fn close<B>(resp: &mut Response<B>) {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -789,6 +845,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         header::PROXY_AUTHENTICATE,
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
+        // h2c's upgrade settings, which only the next hop may read (RFC 7540 §3.2.1).
+        HeaderName::from_static("http2-settings"),
     ] {
         headers.remove(name);
     }
@@ -824,5 +882,33 @@ mod tests {
         assert_eq!(up.get(header::CONNECTION).unwrap(), "upgrade");
         assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
         assert!(!up.contains_key("x-secret"));
+        // h2c's settings go even when the Connection field does not name them.
+        let mut h2c = HeaderMap::new();
+        h2c.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        strip_hop_by_hop(&mut h2c, false);
+        assert!(h2c.is_empty(), "{h2c:?}");
+    }
+
+    #[test]
+    fn a_switch_must_be_to_one_protocol_offered() {
+        let answer = |values: &[&'static str], offered: &str| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::UPGRADE, HeaderValue::from_static(v));
+            }
+            switches_to_an_offer(&h, offered.as_bytes())
+        };
+        assert!(answer(&["websocket"], "websocket"));
+        assert!(answer(&["WebSocket"], "websocket/13"));
+        assert!(answer(&["echo/2"], "websocket, echo"));
+        assert!(!answer(&[], "websocket"));
+        assert!(!answer(&["h2c"], "websocket"));
+        assert!(!answer(&["websocket, h2c"], "websocket"));
+        assert!(!answer(&["websocket", "websocket"], "websocket"));
+        assert!(!answer(&["echo"], "websocket"));
+        assert!(!answer(&["websocket"], ""));
     }
 }

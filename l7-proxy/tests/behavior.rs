@@ -1,4 +1,5 @@
-//! The proxy's behaviour with well-formed traffic: keep-alive across a policy change, upgrades,
+//! The proxy's behaviour with well-formed traffic: keep-alive across a policy change, upgrades
+//! (and the h2c offers it drops),
 //! `Expect: 100-continue`, HTTP/2 both ways, flow records and metrics, upstream failures,
 //! L3/L4 refusals, idle connections and graceful drain.
 
@@ -10,6 +11,8 @@ use bytes::Bytes;
 use common::{POLICY, h2_client, read_all, start, statuses};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use membrane_l7_proxy::guard::Upgrades;
 use membrane_l7_proxy::service::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,7 +53,11 @@ async fn policy_change_applies_to_the_next_request_on_an_open_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_tunnel_only_when_the_rule_allows_the_request() {
-    let h = start(ProxyConfig::default()).await;
+    let h = start(ProxyConfig {
+        upgrades: Upgrades::new(["websocket", "echo"]).unwrap(),
+        ..ProxyConfig::default()
+    })
+    .await;
     let mut s = TcpStream::connect(h.proxy).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
@@ -83,6 +90,83 @@ async fn upgrades_tunnel_only_when_the_rule_allows_the_request() {
     assert!(!statuses(&text).iter().any(|s| *s < 300), "{text}");
     assert!(closed);
     assert!(!h.upstream_saw().iter().any(|s| s.contains("smuggled")));
+}
+
+/// By default only WebSocket is passed on: another offer is dropped, and the request is
+/// forwarded as a plain one on a connection that stays HTTP/1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_to_protocols_not_allowed_are_dropped() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let offer = |p: &str| {
+        format!("GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: {p}\r\n\r\n")
+    };
+    assert_eq!(statuses(&roundtrip(&mut s, &offer("echo")).await), [200]);
+    assert_eq!(statuses(&roundtrip(&mut s, &offer("TLS/1.2")).await), [200]);
+    assert_eq!(
+        h.upstream_saw(),
+        ["GET /ws host=svc body=0", "GET /ws host=svc body=0"]
+    );
+    let (text, _) = h.raw(offer("WebSocket, echo").as_bytes(), Q).await;
+    assert_eq!(statuses(&text), [101], "{text}");
+    assert_eq!(h.upstream_saw()[2], "GET /ws host=svc upgrade=WebSocket");
+}
+
+/// The h2c smuggling attack: a request the rules allow offers h2c, the upstream switches, and
+/// the HTTP/2 requests that follow on that connection would reach it with no rule looking.
+/// The upstream here speaks h2c as Go's h2c handler does; the proxy drops the offer (and
+/// `HTTP2-Settings`), so the answer comes in HTTP/1.1 and later requests are judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrades_are_never_passed_on() {
+    let h = start(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(
+        b"GET /public/h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tokio::time::timeout(Duration::from_secs(2), s.read_u8())
+            .await
+            .expect("an answer")
+            .expect("an open connection");
+        head.push(b);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with("HTTP/1.1 101") {
+        // What the attack does next, for the failure message: GET /private over HTTP/2.
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let private = Request::get("http://svc/private")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), send.send_request(private)).await;
+        panic!(
+            "the h2c offer was passed on ({head:?}); GET /private over HTTP/2 then got {:?}; \
+             the upstream saw {:?}",
+            got.map(|r| r.map(|r| r.status())),
+            h.upstream_saw()
+        );
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    read_all(&mut s, Q).await;
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: svc\r\n\r\n");
+    assert_eq!(statuses(&roundtrip(&mut s, &get("/private")).await), [403]);
+    assert_eq!(
+        statuses(&roundtrip(&mut s, &get("/public/next")).await),
+        [200]
+    );
+    assert_eq!(
+        h.upstream_saw(),
+        [
+            "GET /public/h2c host=svc body=0",
+            "GET /public/next host=svc body=0"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -492,6 +492,36 @@ const CASES: &[Case] = &[
         closes: Some(true),
         upstream: &["GET /public/old"],
     },
+    // --- h2c smuggling: HTTP/2 behind an upgrade would pass unjudged ---
+    Case {
+        name: "an h2c offer is dropped and the connection stays judged HTTP/1",
+        send: req!(
+            "GET /public/h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+            "GET /private HTTP/1.1\r\nHost: svc\r\n\r\n"
+        ),
+        want: &[200, 403],
+        closes: Some(false),
+        upstream: &["GET /public/h2c host=svc body=0"],
+    },
+    Case {
+        name: "framing is still checked after an h2c offer",
+        send: req!(
+            "GET /public/h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        want: &[200, 400],
+        closes: Some(true),
+        upstream: &["GET /public/h2c host=svc body=0"],
+    },
+    Case {
+        name: "h2c offered beside websocket: only websocket is passed on",
+        send: req!(
+            "GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n"
+        ),
+        want: &[101],
+        closes: None,
+        upstream: &["GET /ws host=svc upgrade=websocket"],
+    },
     Case {
         name: "CONNECT is refused",
         send: req!("CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n"),

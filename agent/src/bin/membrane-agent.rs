@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use membrane_agent::daemon::{Agent, Config, api, spawn_controllers};
+use membrane_l7_proxy::guard::Upgrades;
 use membrane_l7_proxy::policy::PolicyHandle;
 use membrane_l7_proxy::server::{self, Mode, Proxy};
 use membrane_l7_proxy::service::{ProxyConfig, Shared};
@@ -100,6 +101,8 @@ fn run() -> Result<()> {
     let policy_dir = config.policy_dir.clone();
     let (proxy_port, proxy_admin) = (config.proxy_port, config.proxy_admin_addr);
     let deny_body = config.proxy_deny_body.clone();
+    let upgrades = Upgrades::new(&config.proxy_allow_upgrade)
+        .map_err(|e| anyhow::anyhow!("--proxy-allow-upgrade: {e}"))?;
     let (xds_socket, xds_addr) = (config.xds_socket.clone(), config.xds_addr);
     let agent = Agent::start(config)?;
     let xds = agent.xds();
@@ -108,6 +111,7 @@ fn run() -> Result<()> {
         let config = ProxyConfig {
             upstream_mark: Some(membrane_bpf::abi::proxy_mark),
             deny_body: deny_body.into(),
+            upgrades,
             ..ProxyConfig::default()
         };
         spawn_proxy(policy, config, proxy_port, proxy_admin, flows.clone())?;

@@ -75,6 +75,15 @@ pub struct Config {
         default_value = "Access denied\r\n"
     )]
     pub proxy_deny_body: String,
+    /// Protocols a request that the HTTP rules allow may switch its connection to
+    /// (`Upgrade`); other offers are dropped (h2c, h2, HTTP and TLS can never be allowed).
+    #[arg(
+        long,
+        env = "MEMBRANE_PROXY_ALLOW_UPGRADE",
+        value_delimiter = ',',
+        default_value = "websocket"
+    )]
+    pub proxy_allow_upgrade: Vec<String>,
     /// Unix socket of the xDS (ADS) server that feeds membrane's wasm filter in Envoy sidecars;
     /// an empty path serves none.
     #[arg(
@@ -188,6 +197,7 @@ impl Config {
             "proxy_port" => self.proxy_port = other.proxy_port,
             "proxy_admin_addr" => self.proxy_admin_addr = other.proxy_admin_addr,
             "proxy_deny_body" => self.proxy_deny_body = other.proxy_deny_body.clone(),
+            "proxy_allow_upgrade" => self.proxy_allow_upgrade = other.proxy_allow_upgrade.clone(),
             "xds_socket" => self.xds_socket = other.xds_socket.clone(),
             "xds_addr" => self.xds_addr = other.xds_addr,
             "xds_trust_domain" => self.xds_trust_domain = other.xds_trust_domain.clone(),

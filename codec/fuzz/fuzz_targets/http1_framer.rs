@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use membrane_codec::http1::{Framer, Limits};
+use membrane_codec::http1::{Framer, Limits, Upgrades};
 
 fn run(data: &[u8], split: usize) -> (Vec<u8>, Option<(u64, u16)>, bool) {
     let limits = Limits {
@@ -11,7 +11,7 @@ fn run(data: &[u8], split: usize) -> (Vec<u8>, Option<(u64, u16)>, bool) {
         max_headers: 16,
         max_uri_bytes: 128,
     };
-    let mut f = Framer::new(limits);
+    let mut f = Framer::new(limits, Upgrades::default());
     let mut out = Vec::new();
     for piece in data.chunks(split.max(1)) {
         f.feed(piece, &mut out);

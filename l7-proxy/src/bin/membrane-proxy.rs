@@ -17,7 +17,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use membrane_l7_proxy::agent_feed::{self, FeedEvent};
-use membrane_l7_proxy::guard::Limits;
+use membrane_l7_proxy::guard::{Limits, Upgrades};
 use membrane_l7_proxy::policy::{ConnectionProtocol, PolicyHandle, Snapshot, SnapshotBuilder};
 use membrane_l7_proxy::redirect::{self, RedirectSpec};
 use membrane_l7_proxy::server::{self, Mode, Proxy};
@@ -151,6 +151,12 @@ struct RunArgs {
     /// lenient upstream reads its path (%2F, %5C and \ as slashes, ;parameters cut).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     normalize_path: bool,
+    /// Protocols an allowed request may switch its connection to (`Upgrade`), comma-separated;
+    /// other offers are dropped and the request is forwarded as a plain one. h2c, h2, HTTP and
+    /// TLS can never be allowed (their requests would pass unjudged); `--allow-upgrade ''`
+    /// allows none.
+    #[arg(long, value_delimiter = ',', default_value = "websocket")]
+    allow_upgrade: Vec<String>,
     /// Most header fields in a request.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
@@ -301,6 +307,8 @@ fn run(args: RunArgs) -> Result<()> {
         (None, true) => Mode::Transparent,
         _ => bail!("give either --upstream HOST:PORT (reverse mode) or --transparent"),
     };
+    let upgrades =
+        Upgrades::new(&args.allow_upgrade).map_err(|e| anyhow!("--allow-upgrade: {e}"))?;
     // One worker: a current-thread runtime (no work-stealing bookkeeping, no cross-thread
     // wakeups), which is what a proxy pinned to one core wants.
     let mut runtime = match args.workers {
@@ -313,7 +321,7 @@ fn run(args: RunArgs) -> Result<()> {
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = runtime.enable_all().build()?;
-    runtime.block_on(serve(args, source, listen, mode))
+    runtime.block_on(serve(args, source, listen, mode, upgrades))
 }
 
 /// Where policy comes from.
@@ -324,7 +332,13 @@ enum PolicySource {
     Agent(PathBuf),
 }
 
-async fn serve(args: RunArgs, source: PolicySource, listen: SocketAddr, mode: Mode) -> Result<()> {
+async fn serve(
+    args: RunArgs,
+    source: PolicySource,
+    listen: SocketAddr,
+    mode: Mode,
+    upgrades: Upgrades,
+) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let policy = match source {
         PolicySource::Files(dir) => follow_files(&args, dir, mode, &metrics)?,
@@ -338,6 +352,7 @@ async fn serve(args: RunArgs, source: PolicySource, listen: SocketAddr, mode: Mo
             max_uri_bytes: args.max_uri_bytes,
         },
         normalize_paths: args.normalize_path,
+        upgrades,
         deny_body: Bytes::from(args.deny_body.clone()),
         header_timeout: secs(args.header_timeout, "header-timeout")?,
         idle_timeout: secs(args.idle_timeout, "idle-timeout")?,

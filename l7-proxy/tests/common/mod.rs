@@ -47,7 +47,7 @@ spec:
 pub const WORKLOADS: &str =
     "endpoints:\n  - name: web\n    labels: {app: web}\n    ips: [127.0.0.3]\n";
 
-/// What the upstream received: `METHOD TARGET host=HOST body=N`.
+/// What the upstream received: `METHOD TARGET host=HOST body=N`, or `... upgrade=OFFERS`.
 pub type Log = Arc<Mutex<Vec<String>>>;
 
 pub struct Harness {
@@ -69,7 +69,16 @@ pub fn snapshot(builder: &mut SnapshotBuilder, policy: &str, port: u16) -> Snaps
     builder.build(&set, &workloads).expect("snapshot")
 }
 
-async fn upstream_service(
+type BoxedAnswer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
+>;
+
+/// Boxed: an h2c connection serves its requests with this same function.
+fn upstream_service(log: Log, req: Request<Incoming>) -> BoxedAnswer {
+    Box::pin(upstream_answer(log, req))
+}
+
+async fn upstream_answer(
     log: Log,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -85,37 +94,61 @@ async fn upstream_service(
         .map(|h| h.to_str().unwrap_or("?").to_string())
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    if req.headers().contains_key("upgrade") {
+    if let Some(offers) = req.headers().get("upgrade") {
+        let offers = offers.to_str().unwrap_or("?").to_string();
         log.lock()
             .unwrap()
-            .push(format!("{method} {target} host={host} upgrade"));
+            .push(format!("{method} {target} host={host} upgrade={offers}"));
+        // Switches to the first protocol offered. h2c is served as Go's h2c handler, Jetty or
+        // Tomcat serve it: HTTP/2 on the switched connection (less the answer to the upgrade
+        // request on stream 1). Anything else echoes.
+        let chosen = offers
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let h2c = chosen.eq_ignore_ascii_case("h2c");
         let on = hyper::upgrade::on(&mut req);
+        let l = log.clone();
         tokio::spawn(async move {
-            if let Ok(up) = on.await {
-                let mut io = TokioIo::new(up);
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = io.read(&mut buf).await {
-                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
+            let Ok(up) = on.await else { return };
+            if h2c {
+                let svc = service_fn(move |req| upstream_service(l.clone(), req));
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(up, svc)
+                    .await;
+                return;
+            }
+            let mut io = TokioIo::new(up);
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
                 }
             }
         });
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut()
-            .insert("upgrade", "echo".parse().unwrap());
+            .insert("upgrade", chosen.parse().unwrap());
         resp.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
         return Ok(resp);
     }
+    // h2c's settings field: a proxy that drops the h2c offer must drop it too.
+    let settings = if req.headers().contains_key("http2-settings") {
+        " http2-settings"
+    } else {
+        ""
+    };
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().len().to_string(),
         Err(_) => "aborted".into(),
     };
-    log.lock()
-        .unwrap()
-        .push(format!("{method} {target} host={host} body={body}"));
+    log.lock().unwrap().push(format!(
+        "{method} {target} host={host}{settings} body={body}"
+    ));
     Ok(Response::new(Full::new(Bytes::from(format!(
         "upstream saw {target}\n"
     )))))
