@@ -213,10 +213,10 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
     let shared = conn.shared();
     let cfg = &shared.config;
     let started = Instant::now();
-    let mut storage = [httparse::EMPTY_HEADER; 256];
+    let mut storage = [const { std::mem::MaybeUninit::uninit() }; 256];
     let slots = cfg.limits.max_headers.min(storage.len());
-    let mut req = httparse::Request::new(&mut storage[..slots]);
-    let head_len = match req.parse(pending) {
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(pending, &mut storage[..slots]) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return Prepared::Handoff,
     };
