@@ -15,10 +15,10 @@
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use membrane_codec::http1::{
@@ -30,6 +30,7 @@ use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use crate::guard::Refusal;
 use crate::h1_upstream::ResponseFields;
@@ -213,7 +214,7 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
     let shared = conn.shared();
     let cfg = &shared.config;
     let started = Instant::now();
-    let mut storage = [const { std::mem::MaybeUninit::uninit() }; 256];
+    let mut storage = [const { MaybeUninit::uninit() }; 256];
     let slots = cfg.limits.max_headers.min(storage.len());
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(pending, &mut storage[..slots]) {
@@ -434,7 +435,7 @@ pub(crate) async fn serve(
         if refused_here || down.framer.is_passthrough() || down.pending().is_empty() {
             return handoff(down);
         }
-        match one_request(conn, &mut down).await {
+        match one_request(conn, &mut down, checks.as_mut(), tick).await {
             Step::Continue => {}
             Step::Close => {
                 let _ = down.stream.shutdown().await;
@@ -469,8 +470,15 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Judges and answers or forwards the request whose head starts the pending bytes.
-async fn one_request(conn: &Connection, down: &mut Down) -> Step {
+/// Judges and answers or forwards the request whose head starts the pending bytes. The
+/// connection's timer (`checks`, re-armed every `tick`) also bounds the wait for the upstream:
+/// a timer of its own per request would cost a timer-wheel entry and more clock reads.
+async fn one_request(
+    conn: &Connection,
+    down: &mut Down,
+    mut checks: Pin<&mut Sleep>,
+    tick: Duration,
+) -> Step {
     let mut fwd = match prepare(conn, down.pending()) {
         Prepared::Handoff => return Step::Handoff,
         Prepared::Answer {
@@ -518,7 +526,20 @@ async fn one_request(conn: &Connection, down: &mut Down) -> Step {
     let result = if cfg.upstream_timeout.is_zero() {
         Ok(exchange.await)
     } else {
-        tokio::time::timeout(cfg.upstream_timeout, exchange).await
+        let deadline = fwd.started + cfg.upstream_timeout;
+        let mut exchange = pin!(exchange);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut exchange => break Ok(r),
+                _ = checks.as_mut() => {
+                    checks.as_mut().reset(tokio::time::Instant::now() + tick);
+                    if Instant::now() >= deadline {
+                        break Err(());
+                    }
+                }
+            }
+        }
     };
     let (mut upstream, mut rbuf, resp) = match result {
         Ok(Ok(r)) => r,

@@ -140,11 +140,15 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// How often a connection's task checks its idle and header timeouts: half the shorter
-    /// one, so neither overshoots by more than half, but at most once a second and at least
-    /// every 10 ms.
+    /// How often a connection's task checks its idle, header and (on the direct path) upstream
+    /// timeouts: half the shortest, so none overshoots by more than half, but at most once a
+    /// second and at least every 10 ms.
     pub fn timeout_check_interval(&self) -> Duration {
-        (self.idle_timeout.min(self.header_timeout) / 2)
+        let mut shortest = self.idle_timeout.min(self.header_timeout);
+        if !self.upstream_timeout.is_zero() {
+            shortest = shortest.min(self.upstream_timeout);
+        }
+        (shortest / 2)
             .min(Duration::from_secs(1))
             .max(Duration::from_millis(10))
     }

@@ -329,6 +329,50 @@ async fn upstream_down_is_502_and_the_connection_survives() {
     assert_eq!(statuses(&text), [403], "{text}");
 }
 
+/// An upstream that takes the request and never answers: 504 once `upstream_timeout` passes,
+/// on the direct path (bounded by the connection's own timer) and through hyper alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_is_504() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let upstream = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    for http1_direct in [true, false] {
+        let config = ProxyConfig {
+            upstream_timeout: Duration::from_millis(400),
+            http1_direct,
+            ..ProxyConfig::default()
+        };
+        let h = common::start_at(config, POLICY, upstream, Default::default()).await;
+        let mut s = TcpStream::connect(h.proxy).await.unwrap();
+        let asked = std::time::Instant::now();
+        s.write_all(b"GET /public/slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let waited = asked.elapsed();
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(statuses(&text), [504], "direct={http1_direct}: {text}");
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+            "direct={http1_direct}: answered after {waited:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_and_busy_ones_do_not() {
     let h = start(ProxyConfig {
