@@ -563,14 +563,15 @@ fn too_large(what: &str) -> Refusal {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// A CR not followed by LF, or an LF not preceded by CR, in `head[from..]` (the last byte may be
 /// a CR whose LF has not arrived).
 fn bare_line_end(head: &[u8], from: usize) -> Option<Refusal> {
-    for (i, &b) in head.iter().enumerate().skip(from) {
-        match b {
+    let from = from.min(head.len());
+    for i in memchr::memchr2_iter(b'\r', b'\n', &head[from..]).map(|i| from + i) {
+        match head[i] {
             b'\n' if i == 0 || head[i - 1] != b'\r' => {
                 return Some(Refusal::bad("bare LF in request head"));
             }
@@ -905,11 +906,7 @@ pub fn parse_response_with(
         Err(e) => return Err(format!("malformed response head: {e}")),
     };
     let head = &buf[..head_len];
-    if head
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
+    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
         return Err("bare LF in response head".into());
     }
     let status = resp.code.unwrap_or_default();
