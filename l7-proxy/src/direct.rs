@@ -326,7 +326,10 @@ fn prepare(conn: &Connection, pending: &[u8]) -> Prepared {
             };
         }
     };
-    if target.parse::<http::uri::PathAndQuery>().is_err() {
+    // A target normalization left as it was passed this check above.
+    if matches!(target, std::borrow::Cow::Owned(_))
+        && target.parse::<http::uri::PathAndQuery>().is_err()
+    {
         return bad_request(&target, "request target cannot be forwarded".into());
     }
     let (client_close, named) = connection_tokens(headers);
