@@ -1,4 +1,5 @@
-//! The `membrane policy` and `membrane istio` commands, run as a user runs them.
+//! The `membrane policy` and `membrane istio` commands, and `membrane-agent`'s refusal of a bad
+//! configuration, run as a user runs them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -438,4 +439,46 @@ fn istio_manifests_and_injection() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `membrane-agent` refuses a bad configuration file with an error that names the file and the
+/// key, before it touches any state (the state and bpffs paths here are never created).
+#[test]
+fn agent_configuration_errors_name_the_file_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("membrane-agent-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |text: &str| {
+        let file = dir.join("agent.yaml");
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_membrane-agent"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpf-root")
+            .arg(dir.join("bpf"))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .env_remove("MEMBRANE_PROXY_ALLOW_UPGRADE")
+            .output()
+            .expect("membrane-agent runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run("proxy-allow-upgrade: [websocket, h2c]\n");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--proxy-allow-upgrade: upgrade protocol \"h2c\" cannot be allowed"),
+        "{stderr}"
+    );
+    let (code, stderr) = run("proxy-alow-upgrade: [websocket]\n");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("agent.yaml: unknown key \"proxy-alow-upgrade\""),
+        "{stderr}"
+    );
+    assert!(!dir.join("state").exists() && !dir.join("bpf").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
