@@ -111,7 +111,7 @@ impl Upgrades {
 
     /// Whether `offer` (`name` or `name/version`) names an allowed protocol.
     pub fn allows(&self, offer: &[u8]) -> bool {
-        let name = offer.split(|&b| b == b'/').next().unwrap_or_default();
+        let name = protocol_name(offer);
         self.0
             .iter()
             .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
@@ -142,6 +142,15 @@ impl Default for Upgrades {
     fn default() -> Upgrades {
         Upgrades(vec!["websocket".to_string()].into())
     }
+}
+
+/// The name of an `Upgrade` protocol (`name` or `name/version`), without surrounding spaces.
+pub fn protocol_name(offer: &[u8]) -> &[u8] {
+    offer
+        .trim_ascii()
+        .split(|&b| b == b'/')
+        .next()
+        .unwrap_or_default()
 }
 
 /// A `tchar` of RFC 9110 §5.6.2.

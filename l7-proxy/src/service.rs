@@ -18,6 +18,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use membrane_codec::http1::protocol_name;
 use membrane_policy::l7::http::{HeaderLookup, HttpRequest};
 use membrane_policy::rule::Direction;
 
@@ -812,13 +813,12 @@ fn switches_to_an_offer(headers: &HeaderMap, offered: &[u8]) -> bool {
     let (Some(chosen), None) = (fields.next(), fields.next()) else {
         return false;
     };
-    let name = |p: &[u8]| p.split(|&b| b == b'/').next().unwrap_or_default().to_vec();
-    let chosen = name(chosen.as_bytes().trim_ascii());
+    let chosen = protocol_name(chosen.as_bytes());
     !chosen.is_empty()
         && !chosen.contains(&b',')
         && offered
             .split(|&b| b == b',')
-            .any(|o| name(o.trim_ascii()).eq_ignore_ascii_case(&chosen))
+            .any(|o| protocol_name(o).eq_ignore_ascii_case(chosen))
 }
 
 fn close<B>(resp: &mut Response<B>) {
