@@ -8,8 +8,10 @@
 #               server and client instead of the direct HTTP/1.1 path): what that path gains
 # Loads: HTTP/1.1 keep-alive with wrk at 32 connections and at 1 connection, HTTP/2 (h2c) with
 # h2load (32 connections x 10 streams; every proxy speaks HTTP/1.1 upstream). Repetitions are
-# interleaved (a,b,c,d,a,b,...) and medians reported. The load generator runs on CPU $LG_CPU,
-# every server and proxy on CPU $SRV_CPU (so throughput ~ 1e6 / (proxy us + nginx us)).
+# interleaved (a,b,c,d,a,c,b,d,...: membrane and nginx_proxy back to back, swapping order) and
+# medians reported, with the membrane / nginx_proxy ratio of each repetition. The load generator
+# runs on CPU $LG_CPU, every server and proxy on CPU $SRV_CPU (so throughput ~ 1e6 / (proxy us +
+# nginx us)).
 # Reported per target: req/s, p50/p99 latency, and the proxy's own CPU microseconds per request
 # (utime+stime from /proc, the figure that moves least on this shared VM). Then: membrane's RSS
 # with 1,000 idle keep-alive connections, and the ratios against the issue's targets.
@@ -206,11 +208,18 @@ done
   || { echo "membrane h2c check failed" >&2; exit 1; }
 log "rule checks agree (membrane and Envoy+RBAC); h2c works"
 
-TARGETS=("direct|http://$UP:$P_NGINX$PATH_OK|http://$UP:$P_NGINX_H2$PATH_OK|$NGINX_WORKERS"
-         "membrane|http://127.0.0.1:$P_MEMBRANE$PATH_OK|http://127.0.0.1:$P_MEMBRANE$PATH_OK|$MEMBRANE_PID"
-         "envoy_rbac|http://127.0.0.1:$P_ENVOY$PATH_OK|http://127.0.0.1:$P_ENVOY$PATH_OK|$ENVOY_PID"
-         "nginx_proxy|http://127.0.0.1:$P_NPROXY$PATH_OK|http://127.0.0.1:$P_NPROXY_H2$PATH_OK|$NPROXY_WORKERS"
-         "membrane_hyper|http://127.0.0.1:$P_HYPER$PATH_OK|http://127.0.0.1:$P_HYPER$PATH_OK|$HYPER_PID")
+T_DIRECT="direct|http://$UP:$P_NGINX$PATH_OK|http://$UP:$P_NGINX_H2$PATH_OK|$NGINX_WORKERS"
+T_MEMBRANE="membrane|http://127.0.0.1:$P_MEMBRANE$PATH_OK|http://127.0.0.1:$P_MEMBRANE$PATH_OK|$MEMBRANE_PID"
+T_ENVOY="envoy_rbac|http://127.0.0.1:$P_ENVOY$PATH_OK|http://127.0.0.1:$P_ENVOY$PATH_OK|$ENVOY_PID"
+T_NPROXY="nginx_proxy|http://127.0.0.1:$P_NPROXY$PATH_OK|http://127.0.0.1:$P_NPROXY_H2$PATH_OK|$NPROXY_WORKERS"
+T_HYPER="membrane_hyper|http://127.0.0.1:$P_HYPER$PATH_OK|http://127.0.0.1:$P_HYPER$PATH_OK|$HYPER_PID"
+# membrane and nginx_proxy, the pair the main target compares, run back to back and swap order
+# every repetition (a,b then b,a), so that a slow stretch of this shared VM lands on both alike.
+order() {
+  if [ $(( $1 % 2 )) -eq 1 ]; then TARGETS=("$T_DIRECT" "$T_MEMBRANE" "$T_NPROXY" "$T_ENVOY" "$T_HYPER")
+  else TARGETS=("$T_DIRECT" "$T_NPROXY" "$T_MEMBRANE" "$T_ENVOY" "$T_HYPER"); fi
+}
+order 1
 RES="$WORK/res/results.tsv"; : > "$RES"
 to_us() { awk '{v=$1; u=$1; gsub(/[0-9.]/,"",u); gsub(/[a-z]/,"",v); m=(u=="ms")?1000:(u=="s")?1000000:1; printf "%.1f", v*m}'; }
 per_req() { python3 -c "import sys; print(round(($2-$1)*1e6/$(getconf CLK_TCK)/max(1,int('$3' or 0)),2))" ; }
@@ -250,6 +259,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load before: $LOAD_BEFORE; warm-up"
 for t in "${TARGETS[@]}"; do IFS='|' read -r n u1 u2 pids <<<"$t"; pin "$LG_CPU" wrk -t1 -c"$CONNS" -d2s "$u1" >/dev/null 2>&1 || true; done
 for rep in $(seq 1 "$REPS"); do
+  order "$rep"
   for t in "${TARGETS[@]}"; do IFS='|' read -r n u1 u2 pids <<<"$t"; run_wrk h1 "$n" "$rep" "$u1" "$CONNS" "$DUR" "$pids"; done
   for t in "${TARGETS[@]}"; do IFS='|' read -r n u1 u2 pids <<<"$t"; run_wrk h1c1 "$n" "$rep" "$u1" 1 "$(( (DUR + 1) / 2 ))" "$pids"; done
   for t in "${TARGETS[@]}"; do IFS='|' read -r n u1 u2 pids <<<"$t"; run_h2 "$n" "$rep" "$u2" "$pids"; done
@@ -310,6 +320,12 @@ checks = [
 ]
 for name, v, ok in checks:
     print(f"{'MET ' if ok else 'MISS'} {name}: {v:.2f}")
+# The same comparison rep by rep (each pair ran back to back): how much of a margin is noise.
+for k in ['h1', 'h2']:
+    pairs = [a[0] / b[0] for a, b in zip(rows[(k, 'membrane')], rows[(k, 'nginx_proxy')]) if b[0]]
+    if pairs:
+        print(f"     {k} membrane / nginx_proxy per repetition: " + " ".join(f"{r:.2f}" for r in pairs)
+              + f" (ahead in {sum(r >= 1 for r in pairs)} of {len(pairs)})")
 print("HTTP-BENCH " + " ".join(f"{n}={v:.2f}" for n, v, _ in [
     ("membrane/nginx_proxy_h1", checks[0][1], 0), ("membrane/nginx_proxy_h2", checks[1][1], 0),
     ("membrane/envoy_h1", checks[2][1], 0), ("cpu_us", cpu, 0), ("added_p50_us", added, 0), ("rss_mb", rss_mb, 0)])
