@@ -16,13 +16,13 @@
 # (utime+stime from /proc, the figure that moves least on this shared VM). Then: membrane's RSS
 # with 1,000 idle keep-alive connections, and the ratios against the issue's targets.
 #
-# Knobs: REPS=3 DUR=10 CONNS=32 H2_STREAMS=10 PIN=1 LG_CPU=0 SRV_CPU=1 IDLE_CONNS=1000
+# Knobs: REPS=5 DUR=10 CONNS=32 H2_STREAMS=10 PIN=1 LG_CPU=0 SRV_CPU=1 IDLE_CONNS=1000
 # Ports: 127.0.0.1/127.0.0.2:18180-18189 and 18990. Kills only the processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 need_cargo
-REPS=${REPS:-3}; DUR=${DUR:-10}; CONNS=${CONNS:-32}; H2_STREAMS=${H2_STREAMS:-10}
+REPS=${REPS:-5}; DUR=${DUR:-10}; CONNS=${CONNS:-32}; H2_STREAMS=${H2_STREAMS:-10}
 PIN=${PIN:-1}; LG_CPU=${LG_CPU:-0}; SRV_CPU=${SRV_CPU:-1}; IDLE_CONNS=${IDLE_CONNS:-1000}
 UP=127.0.0.2; P_NGINX=18180; P_NGINX_H2=18181; P_MEMBRANE=18182; P_ENVOY=18183; P_NPROXY=18184
 P_NPROXY_H2=18185; P_HYPER=18186; P_ADMIN=18990
