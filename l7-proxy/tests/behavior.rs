@@ -1,7 +1,7 @@
 //! The proxy's behaviour with well-formed traffic: keep-alive across a policy change, upgrades
 //! (and the h2c offers it drops),
 //! `Expect: 100-continue`, HTTP/2 both ways, flow records and metrics, upstream failures,
-//! L3/L4 refusals, idle connections and graceful drain.
+//! L3/L4 refusals, idle connections and graceful drain, the configured 403 body, TCP keepalive.
 
 mod common;
 
@@ -416,4 +416,92 @@ async fn shutdown_drains_open_connections() {
         TcpStream::connect(h.proxy).await.is_err(),
         "the listener is closed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_403_body_is_the_configured_one_on_every_path() {
+    for http1_direct in [true, false] {
+        let h = start(ProxyConfig {
+            deny_body: Bytes::from_static(b"blocked by membrane\n"),
+            http1_direct,
+            ..ProxyConfig::default()
+        })
+        .await;
+        let mut s = TcpStream::connect(h.proxy).await.unwrap();
+        let text = roundtrip(&mut s, "GET /private HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 403"), "{text}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain"),
+            "{text}"
+        );
+        assert_eq!(body, "blocked by membrane\n", "direct={http1_direct}");
+        // The connection stays usable after a deny.
+        let text = roundtrip(&mut s, "GET /public/a HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+        assert_eq!(statuses(&text), [200], "direct={http1_direct}: {text}");
+        // HTTP/2 answers a denied stream with the same body.
+        let mut sender = h2_client(h.proxy).await;
+        let (st, body) = h2_get(&mut sender, "/private").await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        assert_eq!(body, "blocked by membrane\n", "h2, direct={http1_direct}");
+    }
+}
+
+/// The keepalive timer `ss` shows for the established sockets matching `filter`.
+fn keepalive_timers(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", filter])
+        .output()
+        .expect("ss (iproute2) is needed by this test");
+    assert!(out.status.success(), "ss {filter}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.split_once("timer:(keepalive,")
+                .and_then(|(_, t)| t.split(',').next())
+                .unwrap_or("none")
+                .to_string()
+        })
+        .collect()
+}
+
+/// `ss` prints a keepalive timer due in under a minute as `6.9sec` or `850ms`.
+fn seconds(timer: &str) -> Option<f64> {
+    if let Some(ms) = timer.strip_suffix("ms") {
+        return ms.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    timer.strip_suffix("sec")?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_keepalive_is_set_on_both_sides() {
+    for http1_direct in [true, false] {
+        let h = start(ProxyConfig {
+            tcp_keepalive: Duration::from_secs(7),
+            http1_direct,
+            ..ProxyConfig::default()
+        })
+        .await;
+        let mut s = TcpStream::connect(h.proxy).await.unwrap();
+        let text = roundtrip(&mut s, "GET /public/a HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+        assert_eq!(statuses(&text), [200]);
+        // The proxy's accepted socket and its (pooled) socket to the upstream; the kernel's
+        // default would be due in two hours.
+        let down = format!("( sport = :{} )", h.proxy.port());
+        let up = format!("( dport = :{} )", h.upstream.port());
+        for (side, filter) in [("client side", down), ("upstream side", up)] {
+            let timers = keepalive_timers(&filter);
+            assert!(
+                !timers.is_empty(),
+                "direct={http1_direct}: no {side} socket"
+            );
+            for t in timers {
+                assert!(
+                    seconds(&t).is_some_and(|v| v > 0.0 && v <= 7.0),
+                    "direct={http1_direct}: {side} keepalive timer {t}, want at most 7 s"
+                );
+            }
+        }
+    }
 }
