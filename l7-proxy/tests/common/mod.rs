@@ -143,7 +143,14 @@ async fn upstream_answer(
         ""
     };
     let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes().len().to_string(),
+        Ok(b) => {
+            // Trailers the upstream received, by name (`body=N trailers=a,b`).
+            let trailers = b.trailers().map(|t| {
+                let names: Vec<&str> = t.keys().map(|k| k.as_str()).collect();
+                format!(" trailers={}", names.join(","))
+            });
+            format!("{}{}", b.to_bytes().len(), trailers.unwrap_or_default())
+        }
         Err(_) => "aborted".into(),
     };
     log.lock().unwrap().push(format!(
