@@ -45,6 +45,21 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The limits an HTTP/2 request's decoded head must keep, as an HTTP/1.1 head checked by
+    /// the framer does (its size is bounded by the connection's SETTINGS_MAX_HEADER_LIST_SIZE):
+    /// it is forwarded as one.
+    pub fn check_decoded(&self, fields: usize, target_len: usize) -> Result<(), Refusal> {
+        if target_len > self.max_uri_bytes {
+            return Err(target_too_long());
+        }
+        if fields > self.max_headers {
+            return Err(too_large("header count"));
+        }
+        Ok(())
+    }
+}
+
 /// Why a request head was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -564,6 +579,13 @@ fn hex_val(b: u8) -> u8 {
     }
 }
 
+fn target_too_long() -> Refusal {
+    Refusal {
+        status: 414,
+        reason: "request target too long".into(),
+    }
+}
+
 fn too_large(what: &str) -> Refusal {
     Refusal {
         status: 431,
@@ -624,10 +646,7 @@ fn check_head(head: &[u8], limits: &Limits, upgrades: &Upgrades) -> Result<Frami
     let method = req.method.unwrap_or_default();
     let target = req.path.unwrap_or_default();
     if target.len() > limits.max_uri_bytes {
-        return Err(Refusal {
-            status: 414,
-            reason: "request target too long".into(),
-        });
+        return Err(target_too_long());
     }
     let http11 = req.version == Some(1);
     let mut content_length: Option<u64> = None;
@@ -1061,6 +1080,18 @@ mod tests {
                 assert_eq!(out, want);
             }
         }
+    }
+
+    #[test]
+    fn decoded_heads_keep_the_same_limits() {
+        let limits = Limits {
+            max_head_bytes: 256,
+            max_headers: 8,
+            max_uri_bytes: 64,
+        };
+        assert_eq!(limits.check_decoded(8, 64), Ok(()));
+        assert_eq!(limits.check_decoded(9, 10).unwrap_err().status, 431);
+        assert_eq!(limits.check_decoded(1, 65).unwrap_err().status, 414);
     }
 
     #[test]

@@ -301,6 +301,15 @@ impl Connection {
         let snap = shared.policy.load();
         let cp = self.policy(&snap);
         let raw_target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // HTTP/1 heads were held to the limits by the guard; HTTP/2 ones arrive decoded.
+        if req.version() >= Version::HTTP_2
+            && let Err(refusal) = shared
+                .config
+                .limits
+                .check_decoded(req.headers().len(), raw_target.len())
+        {
+            return self.refused(&req, started, refusal, &cp);
+        }
         let target: Cow<'_, str> =
             if shared.config.normalize_paths && req.method() != Method::CONNECT {
                 match normalize_target(raw_target) {

@@ -221,6 +221,21 @@ fn with(
     fields
 }
 
+/// `n` fields `x-0: v` .. (leaked: cases hold static bytes).
+fn fields(n: usize) -> Vec<(&'static [u8], &'static [u8])> {
+    (0..n)
+        .map(|i| {
+            let name: &'static [u8] = Box::leak(format!("x-{i}").into_bytes().into_boxed_slice());
+            (name, &b"v"[..])
+        })
+        .collect()
+}
+
+fn long_path(len: usize) -> &'static [u8] {
+    let path = format!("/public/{}", "a".repeat(len - "/public/".len()));
+    Box::leak(path.into_bytes().into_boxed_slice())
+}
+
 fn cases() -> Vec<Case> {
     let case = |name, fields, data: &[&'static [u8]], want| Case {
         name,
@@ -364,6 +379,25 @@ fn cases() -> Vec<Case> {
         case(
             "a space in :path",
             get(b"/public/h2 HTTP/1.1\r\nHost: svc\r\n\r\nGET /private"),
+            &[],
+            Want::Refused,
+        ),
+        // --- the limits an HTTP/1.1 head is held to (100 fields, 8 KiB of target) ---
+        case(
+            "control: 50 header fields",
+            with(get(b"/public/h2"), &fields(50)),
+            &[],
+            ok_get,
+        ),
+        case(
+            "101 header fields",
+            with(get(b"/public/h2"), &fields(101)),
+            &[],
+            Want::Refused,
+        ),
+        case(
+            "a :path of 8 KiB and one byte",
+            get(long_path(8 * 1024 + 1)),
             &[],
             Want::Refused,
         ),
@@ -547,6 +581,7 @@ async fn hostile_http2_requests_never_reach_the_upstream_unjudged() {
                 _ => false,
             };
             if !ok {
+                let saw: Vec<String> = saw.iter().map(|l| l.chars().take(120).collect()).collect();
                 failures.push(format!(
                     "direct={http1_direct} h2={upstream_http2} {}: want {:?}, got {got:?}, upstream saw {saw:?}",
                     case.name, case.want
