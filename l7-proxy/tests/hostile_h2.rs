@@ -244,6 +244,7 @@ fn cases() -> Vec<Case> {
         trailers: Vec::new(),
         want,
     };
+    let refused = |name, fields| case(name, fields, &[], Want::Refused);
     let ok_get = Want::Answered(200, "GET /public/h2 host=svc body=0");
     vec![
         // Controls: the hand-written frames are well-formed HTTP/2.
@@ -255,11 +256,9 @@ fn cases() -> Vec<Case> {
             Want::Answered(200, "POST /upload host=svc body=5"),
         ),
         // --- body length the HTTP/1.1 request upstream would be framed by ---
-        case(
+        refused(
             "content-length 5 on a stream that ends with its headers",
             with(get(b"/public/h2"), &[(b"content-length", b"5")]),
-            &[],
-            Want::Refused,
         ),
         case(
             "DATA longer than content-length",
@@ -295,77 +294,52 @@ fn cases() -> Vec<Case> {
             &[b"5\r\nhello\r\n0\r\n\r\n"],
             Want::Refused,
         ),
-        case(
+        refused(
             "connection: keep-alive",
             with(get(b"/public/h2"), &[(b"connection", b"keep-alive")]),
-            &[],
-            Want::Refused,
         ),
-        case(
-            "te: gzip",
-            with(get(b"/public/h2"), &[(b"te", b"gzip")]),
-            &[],
-            Want::Refused,
-        ),
-        case(
+        refused("te: gzip", with(get(b"/public/h2"), &[(b"te", b"gzip")])),
+        refused(
             "upgrade: h2c inside HTTP/2",
             with(get(b"/public/h2"), &[(b"upgrade", b"h2c")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "keep-alive field",
             with(get(b"/public/h2"), &[(b"keep-alive", b"timeout=5")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "proxy-connection field",
             with(get(b"/public/h2"), &[(b"proxy-connection", b"close")]),
-            &[],
-            Want::Refused,
         ),
         // --- bytes HTTP/1.1 would read as structure ---
-        case(
+        refused(
             "CR LF in a field value (an injected header line)",
             with(get(b"/public/h2"), &[(b"x-a", b"1\r\nx-injected: 1")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "a whole injected request in a field value",
             with(
                 get(b"/public/h2"),
                 &[(b"x-a", b"1\r\n\r\nGET /private HTTP/1.1\r\nHost: svc")],
             ),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "NUL in a field value",
             with(get(b"/public/h2"), &[(b"x-a", b"a\0b")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "an uppercase field name",
             with(get(b"/public/h2"), &[(b"X-Upper", b"a")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "a space in a field name",
             with(get(b"/public/h2"), &[(b"x a", b"b")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "a colon inside a field name",
             with(get(b"/public/h2"), &[(b"x:a", b"b")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "CR LF in :authority",
             vec![
                 (b":method", b"GET"),
@@ -373,14 +347,10 @@ fn cases() -> Vec<Case> {
                 (b":authority", b"svc\r\nx-injected: 1"),
                 (b":path", b"/public/h2"),
             ],
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "a space in :path",
             get(b"/public/h2 HTTP/1.1\r\nHost: svc\r\n\r\nGET /private"),
-            &[],
-            Want::Refused,
         ),
         // --- the limits an HTTP/1.1 head is held to (100 fields, 8 KiB of target) ---
         case(
@@ -389,36 +359,25 @@ fn cases() -> Vec<Case> {
             &[],
             ok_get,
         ),
-        case(
-            "101 header fields",
-            with(get(b"/public/h2"), &fields(101)),
-            &[],
-            Want::Refused,
-        ),
-        case(
+        refused("101 header fields", with(get(b"/public/h2"), &fields(101))),
+        refused(
             "a :path of 8 KiB and one byte",
             get(long_path(8 * 1024 + 1)),
-            &[],
-            Want::Refused,
         ),
         // --- pseudo-header fields out of place ---
-        case(
+        refused(
             "no :path",
             vec![
                 (b":method", b"GET"),
                 (b":scheme", b"http"),
                 (b":authority", b"svc"),
             ],
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "two :path fields",
             with(get(b"/public/h2"), &[(b":path", b"/private")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "a pseudo-header after a regular field",
             vec![
                 (b":method", b"GET"),
@@ -427,16 +386,12 @@ fn cases() -> Vec<Case> {
                 (b"x-a", b"1"),
                 (b":path", b"/public/h2"),
             ],
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "an unknown pseudo-header",
             with(get(b"/public/h2"), &[(b":real-path", b"/private")]),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             ":protocol (extended CONNECT, not enabled)",
             vec![
                 (b":method", b"CONNECT"),
@@ -445,14 +400,10 @@ fn cases() -> Vec<Case> {
                 (b":authority", b"svc"),
                 (b":path", b"/public/h2"),
             ],
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "CONNECT to another authority",
             vec![(b":method", b"CONNECT"), (b":authority", b"svc:80")],
-            &[],
-            Want::Refused,
         ),
         // --- what is judged is what is forwarded ---
         case(
@@ -461,17 +412,13 @@ fn cases() -> Vec<Case> {
             &[],
             Want::Answered(200, "GET /public/h2 host=svc body=0"),
         ),
-        case(
+        refused(
             "dot segments out of an allowed prefix",
             get(b"/public/../private"),
-            &[],
-            Want::Refused,
         ),
-        case(
+        refused(
             "an encoded slash out of an allowed prefix",
             get(b"/public/..%2fprivate"),
-            &[],
-            Want::Refused,
         ),
         case(
             "dot segments that stay inside the prefix are forwarded normalized",
@@ -479,7 +426,7 @@ fn cases() -> Vec<Case> {
             &[],
             ok_get,
         ),
-        case(
+        refused(
             "a method no rule allows",
             get(b"/public/h2")
                 .into_iter()
@@ -491,8 +438,6 @@ fn cases() -> Vec<Case> {
                     }
                 })
                 .collect(),
-            &[],
-            Want::Refused,
         ),
     ]
 }
