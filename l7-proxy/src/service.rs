@@ -389,6 +389,9 @@ impl Connection {
         let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let record_parts = RecordParts::new(&shared.flows, parts.method.as_str(), &host);
+        // `te: trailers` is the one TE an HTTP/2 hop carries, and gRPC servers refuse calls
+        // without it.
+        let te_trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers, wants_upgrade);
         if let Some(offers) = upgrade_to
             .as_deref()
@@ -408,6 +411,11 @@ impl Connection {
         let upstream = if shared.config.upstream_http2 {
             // :authority carries the host; the pool connects to the destination.
             parts.headers.remove(header::HOST);
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             parts.version = Version::HTTP_2;
             parts.uri = match Uri::try_from(format!("http://{authority}{target}")) {
                 Ok(u) => u,
@@ -837,6 +845,20 @@ fn close<B>(resp: &mut Response<B>) {
 
 /// Removes hop-by-hop fields (those of RFC 9110 §7.6.1 and any the Connection field names);
 /// an upgrade keeps `Connection: upgrade` and `Upgrade`.
+/// Whether the request's TE field offers `trailers` (RFC 9110 §10.1.4).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -874,6 +896,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn te_offers_trailers() {
+        let te = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TE, HeaderValue::from_static(v));
+            }
+            accepts_trailers(&h)
+        };
+        assert!(te(&["trailers"]));
+        assert!(te(&["gzip;q=0.5, Trailers"]));
+        assert!(te(&["gzip", "trailers"]));
+        assert!(!te(&[]));
+        assert!(!te(&["gzip, deflate"]));
+        assert!(!te(&["trailersx"]));
+    }
 
     #[test]
     fn hop_by_hop_fields_are_removed() {

@@ -329,6 +329,66 @@ async fn upstream_down_is_502_and_the_connection_survives() {
     assert_eq!(statuses(&text), [403], "{text}");
 }
 
+/// gRPC's shape over `--upstream-http2`: a POST carrying `te: trailers` (gRPC servers refuse a
+/// call without it), answered with a body and trailers (`grpc-status`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_shaped_calls_keep_te_trailers_and_get_their_trailers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let log: common::Log = Default::default();
+    let saw = log.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let saw = saw.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let saw = saw.clone();
+                async move {
+                    let te = req.headers().get("te").cloned();
+                    saw.lock().unwrap().push(format!(
+                        "{} {} te={te:?}",
+                        req.method(),
+                        req.uri().path()
+                    ));
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let mut trailers = http::HeaderMap::new();
+                    let status = if te.is_some_and(|v| v == "trailers") {
+                        "0"
+                    } else {
+                        "13"
+                    };
+                    trailers.insert("grpc-status", status.parse().unwrap());
+                    let body = http_body_util::Full::new(body)
+                        .with_trailers(async move { Some(Ok(trailers)) });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    let config = ProxyConfig {
+        upstream_http2: true,
+        ..ProxyConfig::default()
+    };
+    let h = common::start_at(config, POLICY, upstream, log.clone()).await;
+    let mut sender = h2_client::<http_body_util::Full<Bytes>>(h.proxy).await;
+    let message = Bytes::from_static(b"\0\0\0\0\x02hi");
+    let req = Request::post("http://svc/upload")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(message.clone()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let got = resp.into_body().collect().await.unwrap();
+    let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
+    assert_eq!(got.to_bytes(), message);
+    assert_eq!(status.as_ref().map(|v| v.to_str().unwrap()), Some("0"));
+    assert_eq!(*log.lock().unwrap(), ["POST /upload te=Some(\"trailers\")"]);
+}
+
 /// An upstream that takes the request and never answers: 504 once `upstream_timeout` passes,
 /// on the direct path (bounded by the connection's own timer) and through hyper alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
