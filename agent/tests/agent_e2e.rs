@@ -485,7 +485,8 @@ fn l7_checks(env: &mut Env, web_ip: &str, web_ip6: &str) {
         "8091 is l7c's only"
     );
 
-    // HTTP/2 (h2c prior knowledge) from the client; the upstream speaks HTTP/1.1.
+    // HTTP/2 (h2c prior knowledge) from the client; the upstream speaks only HTTP/1.1, which the
+    // proxy learns from its answer to the HTTP/2 preface, and then sends it HTTP/1.1.
     assert_eq!(
         env.curl(
             "client",

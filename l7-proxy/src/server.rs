@@ -220,7 +220,8 @@ impl Proxy {
         open.fetch_add(1, Ordering::AcqRel);
         shared.metrics.open_connections.inc();
         // Upstream HTTP/2 needs hyper's client: the direct path speaks HTTP/1.1 upstream.
-        let direct = shared.config.http1_direct && !shared.config.upstream_http2;
+        let direct = shared.config.http1_direct
+            && shared.config.upstream_protocol != crate::service::UpstreamProtocol::Http2;
         tokio::spawn(async move {
             let handed = if direct {
                 match crate::direct::serve(&conn, stream, &mut shutdown).await {

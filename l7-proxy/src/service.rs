@@ -78,6 +78,19 @@ fn hyper_response(r: Result<Response<Incoming>, String>) -> Result<Response<Resp
     r.map(|resp| resp.map(ResponseBody::Hyper))
 }
 
+/// The protocol spoken to upstreams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 for every request.
+    Http1,
+    /// HTTP/2 with prior knowledge for every request.
+    Http2,
+    /// The request's own: HTTP/2 for a request that came as HTTP/2 (a client speaks it with
+    /// prior knowledge to a server it knows speaks it, gRPC for one), as Cilium's Envoy does.
+    /// A destination that answers the HTTP/2 preface as an HTTP/1 server does is sent HTTP/1.1.
+    Downstream,
+}
+
 /// Settings of the HTTP proxy.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -100,8 +113,8 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     /// TCP keepalive idle time on both sides (so idle long-lived connections survive conntrack).
     pub tcp_keepalive: Duration,
-    /// Speak HTTP/2 (prior knowledge) to upstreams instead of HTTP/1.1.
-    pub upstream_http2: bool,
+    /// The protocol spoken to upstreams.
+    pub upstream_protocol: UpstreamProtocol,
     /// Forward plain HTTP/1.1 requests on the direct path (`crate::direct`), and bodyless
     /// requests hyper serves on its upstream sockets (`crate::h1_upstream`); when false, every
     /// request goes through hyper's server and client.
@@ -130,7 +143,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             tcp_keepalive: Duration::from_secs(60),
-            upstream_http2: false,
+            upstream_protocol: UpstreamProtocol::Http1,
             http1_direct: true,
             max_concurrent_streams: 256,
             upstream_mark: None,
@@ -408,7 +421,14 @@ impl Connection {
         };
         // Upstream sockets act for the source workload.
         let mark = shared.config.upstream_mark.map(|m| m(cp.peers.src.0));
-        let upstream = if shared.config.upstream_http2 {
+        let h2_upstream = match shared.config.upstream_protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Downstream => {
+                parts.version == Version::HTTP_2 && shared.upstreams.speaks_h2(self.dst, mark).await
+            }
+        };
+        let upstream = if h2_upstream {
             // :authority carries the host; the pool connects to the destination.
             parts.headers.remove(header::HOST);
             if te_trailers {

@@ -14,15 +14,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::service::ProxyConfig;
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a destination that answered the HTTP/2 preface as HTTP/1 is sent HTTP/1.1 without
+/// asking again.
+const H1_ONLY_FOR: Duration = Duration::from_secs(60);
 
 /// Idle pooled HTTP/1.1 connections older than this are closed.
 const H1_IDLE: Duration = Duration::from_secs(90);
@@ -55,6 +64,8 @@ pub struct Upstreams {
     /// The task that closes stale and surplus idle connections runs.
     sweeping: AtomicBool,
     h2: Mutex<HashMap<Key, http2::SendRequest<Incoming>>>,
+    /// Destinations that answered the HTTP/2 preface as HTTP/1 servers do, and since when.
+    h1_only: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 /// A pool key: the destination and the socket mark (connections acting for different
@@ -77,6 +88,7 @@ impl Upstreams {
             raw: Arc::default(),
             sweeping: AtomicBool::new(false),
             h2: Mutex::default(),
+            h1_only: Mutex::default(),
         }
     }
 
@@ -211,6 +223,78 @@ impl Upstreams {
         });
     }
 
+    /// Whether `dst` speaks HTTP/2 with prior knowledge: it has a live HTTP/2 connection, or a
+    /// new connection's preface is answered with the server's SETTINGS (that connection then
+    /// joins the pool). A server that answers as HTTP/1 does (or closes, or stays silent for
+    /// the connect timeout) is remembered as HTTP/1-only for [`H1_ONLY_FOR`]. Connect errors
+    /// are not answers: they are left to the request that follows.
+    pub async fn speaks_h2(&self, dst: SocketAddr, mark: Option<u32>) -> bool {
+        let key = (dst, mark);
+        if self
+            .h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .is_some_and(|s| !s.is_closed())
+        {
+            return true;
+        }
+        let now = Instant::now();
+        {
+            let mut h1_only = self.h1_only.lock().unwrap_or_else(|e| e.into_inner());
+            h1_only.retain(|_, since| now.duration_since(*since) < H1_ONLY_FOR);
+            if h1_only.contains_key(&dst) {
+                return false;
+            }
+        }
+        let Ok(mut stream) = connect(dst, mark, self.connect_timeout, self.tcp_keepalive).await
+        else {
+            return false;
+        };
+        let answer = tokio::time::timeout(self.connect_timeout, async {
+            stream.write_all(H2_PREFACE).await?;
+            let mut first = Vec::with_capacity(1024);
+            while first.len() < 9 && stream.read_buf(&mut first).await? > 0 {}
+            io::Result::Ok(first)
+        })
+        .await;
+        match answer {
+            Ok(Ok(first)) if starts_with_settings(&first) => {
+                let io = PrefaceSent {
+                    stream,
+                    to_skip: H2_PREFACE.len(),
+                    replay: first,
+                    replayed: 0,
+                };
+                self.h2_handshake(key, TokioIo::new(io)).await.is_ok()
+            }
+            _ => {
+                self.h1_only
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dst, now);
+                false
+            }
+        }
+    }
+
+    async fn h2_handshake<T>(&self, key: Key, io: T) -> Result<http2::SendRequest<Incoming>, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
+        tokio::spawn(conn);
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, sender.clone());
+        Ok(sender)
+    }
+
     /// Sends an HTTP/2 request (absolute URI: its authority becomes `:authority`) to `dst` on the
     /// destination's multiplexed connection.
     pub async fn send_h2(
@@ -227,21 +311,75 @@ impl Upstreams {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = self.connect(dst, mark).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
-                tokio::spawn(conn);
-                self.h2
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, sender.clone());
-                sender
+                self.h2_handshake(key, self.connect(dst, mark).await?)
+                    .await?
             }
         };
         sender.send_request(req).await.map_err(|e| error_chain(&e))
+    }
+}
+
+/// Whether an answer to the HTTP/2 preface begins with a SETTINGS frame on stream 0, as a
+/// server's connection preface must (RFC 9113 §3.4).
+fn starts_with_settings(first: &[u8]) -> bool {
+    first.len() >= 9 && first[3] == 0x4 && first[5..9] == [0, 0, 0, 0]
+}
+
+/// A connection whose preface the probe in [`Upstreams::speaks_h2`] already sent and whose
+/// first answer bytes it already read: hyper's own preface is swallowed and those bytes are
+/// read again, so hyper's client runs the connection as if it had opened it.
+struct PrefaceSent {
+    stream: TcpStream,
+    to_skip: usize,
+    replay: Vec<u8>,
+    replayed: usize,
+}
+
+impl AsyncRead for PrefaceSent {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let rest = &this.replay[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PrefaceSent {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.to_skip > 0 {
+            let sent = H2_PREFACE.len() - this.to_skip;
+            let n = this.to_skip.min(buf.len());
+            if buf[..n] != H2_PREFACE[sent..sent + n] {
+                return Poll::Ready(Err(io::Error::other(
+                    "HTTP/2 client did not open with the preface",
+                )));
+            }
+            this.to_skip -= n;
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -365,6 +503,42 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_server_preface_starts_with_settings() {
+        assert!(starts_with_settings(
+            b"\0\0\x06\x04\0\0\0\0\0\0\x03\0\0\0\x64"
+        ));
+        assert!(starts_with_settings(b"\0\0\0\x04\0\0\0\0\0"));
+        assert!(!starts_with_settings(b"HTTP/1.1 400 Bad Request\r\n"));
+        assert!(!starts_with_settings(b"\0\0\0\x04\0\0\0\0"), "short");
+        assert!(!starts_with_settings(b"\0\0\0\x04\0\0\0\0\x01"), "stream 1");
+    }
+
+    /// An HTTP/1 server answers the preface with an error: the destination is then remembered
+    /// as HTTP/1-only, without a new connection per request.
+    #[tokio::test]
+    async fn an_http1_answer_to_the_preface_is_remembered() {
+        let up = Upstreams::new(&ProxyConfig::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        assert!(!up.speaks_h2(dst, None).await);
+        assert!(!up.speaks_h2(dst, None).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Another mark is another pool key, but the same server: still remembered.
+        assert!(!up.speaks_h2(dst, Some(7)).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
 
     fn raw_count(up: &Upstreams) -> usize {
         up.raw.lock().unwrap().values().map(Vec::len).sum()

@@ -13,7 +13,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use membrane_l7_proxy::guard::Upgrades;
-use membrane_l7_proxy::service::ProxyConfig;
+use membrane_l7_proxy::service::{ProxyConfig, UpstreamProtocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -247,7 +247,7 @@ async fn h2c_downstream_h1_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_downstream_h2_upstream() {
     h2_through(ProxyConfig {
-        upstream_http2: true,
+        upstream_protocol: UpstreamProtocol::Http2,
         ..ProxyConfig::default()
     })
     .await;
@@ -368,25 +368,35 @@ async fn grpc_shaped_calls_keep_te_trailers_and_get_their_trailers() {
             );
         }
     });
-    let config = ProxyConfig {
-        upstream_http2: true,
-        ..ProxyConfig::default()
-    };
-    let h = common::start_at(config, POLICY, upstream, log.clone()).await;
-    let mut sender = h2_client::<http_body_util::Full<Bytes>>(h.proxy).await;
-    let message = Bytes::from_static(b"\0\0\0\0\x02hi");
-    let req = Request::post("http://svc/upload")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(message.clone()))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let got = resp.into_body().collect().await.unwrap();
-    let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
-    assert_eq!(got.to_bytes(), message);
-    assert_eq!(status.as_ref().map(|v| v.to_str().unwrap()), Some("0"));
-    assert_eq!(*log.lock().unwrap(), ["POST /upload te=Some(\"trailers\")"]);
+    // HTTP/2 always, and HTTP/2 because the call came as HTTP/2 (the agent's transparent
+    // mode): the latter first asks the upstream with the preface, then keeps that connection.
+    for upstream_protocol in [UpstreamProtocol::Http2, UpstreamProtocol::Downstream] {
+        let config = ProxyConfig {
+            upstream_protocol,
+            ..ProxyConfig::default()
+        };
+        let h = common::start_at(config, POLICY, upstream, log.clone()).await;
+        let mut sender = h2_client::<http_body_util::Full<Bytes>>(h.proxy).await;
+        let message = Bytes::from_static(b"\0\0\0\0\x02hi");
+        for _ in 0..2 {
+            let req = Request::post("http://svc/upload")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(http_body_util::Full::new(message.clone()))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{upstream_protocol:?}");
+            let got = resp.into_body().collect().await.unwrap();
+            let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
+            assert_eq!(got.to_bytes(), message);
+            assert_eq!(status.as_ref().map(|v| v.to_str().unwrap()), Some("0"));
+        }
+        assert_eq!(
+            std::mem::take(&mut *log.lock().unwrap()),
+            ["POST /upload te=Some(\"trailers\")"; 2],
+            "{upstream_protocol:?}"
+        );
+    }
 }
 
 /// An upstream that takes the request and never answers: 504 once `upstream_timeout` passes,

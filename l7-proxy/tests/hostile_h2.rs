@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::start;
-use membrane_l7_proxy::service::ProxyConfig;
+use membrane_l7_proxy::service::{ProxyConfig, UpstreamProtocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -503,14 +503,21 @@ fn trailer_cases(upstream_http2: bool) -> Vec<Case> {
 async fn hostile_http2_requests_never_reach_the_upstream_unjudged() {
     let mut failures = Vec::new();
     let mut count = 0;
-    // The three ways upstream: direct sockets, hyper's HTTP/1.1 client, HTTP/2.
-    for (http1_direct, upstream_http2) in [(true, false), (false, false), (true, true)] {
+    // The ways upstream: direct sockets, hyper's HTTP/1.1 client, HTTP/2, and HTTP/2 asked of
+    // an upstream that answers as HTTP/1 (which then gets HTTP/1.1).
+    for (http1_direct, upstream_protocol) in [
+        (true, UpstreamProtocol::Http1),
+        (false, UpstreamProtocol::Http1),
+        (true, UpstreamProtocol::Http2),
+        (true, UpstreamProtocol::Downstream),
+    ] {
+        let upstream_http2 = upstream_protocol == UpstreamProtocol::Http2;
         for case in cases().iter().chain(&trailer_cases(upstream_http2)) {
             count += 1;
             // A proxy per case: the upstream's log is then this case's alone.
             let h = start(ProxyConfig {
                 http1_direct,
-                upstream_http2,
+                upstream_protocol,
                 ..ProxyConfig::default()
             })
             .await;
@@ -528,7 +535,7 @@ async fn hostile_http2_requests_never_reach_the_upstream_unjudged() {
             if !ok {
                 let saw: Vec<String> = saw.iter().map(|l| l.chars().take(120).collect()).collect();
                 failures.push(format!(
-                    "direct={http1_direct} h2={upstream_http2} {}: want {:?}, got {got:?}, upstream saw {saw:?}",
+                    "direct={http1_direct} {upstream_protocol:?} {}: want {:?}, got {got:?}, upstream saw {saw:?}",
                     case.name, case.want
                 ));
             }

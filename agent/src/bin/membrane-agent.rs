@@ -8,7 +8,7 @@ use membrane_agent::daemon::{Agent, Config, api, spawn_controllers};
 use membrane_l7_proxy::guard::Upgrades;
 use membrane_l7_proxy::policy::PolicyHandle;
 use membrane_l7_proxy::server::{self, Mode, Proxy};
-use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::service::{ProxyConfig, Shared, UpstreamProtocol};
 use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
 use membrane_xds_server::ads;
 
@@ -110,6 +110,8 @@ fn run() -> Result<()> {
     if let Some(policy) = agent.proxy_policy() {
         let config = ProxyConfig {
             upstream_mark: Some(membrane_bpf::abi::proxy_mark),
+            // Transparent: the client chose HTTP/2 for the server it addressed (gRPC).
+            upstream_protocol: UpstreamProtocol::Downstream,
             deny_body: deny_body.into(),
             upgrades,
             ..ProxyConfig::default()

@@ -21,7 +21,7 @@ use membrane_l7_proxy::guard::{Limits, Upgrades};
 use membrane_l7_proxy::policy::{ConnectionProtocol, PolicyHandle, Snapshot, SnapshotBuilder};
 use membrane_l7_proxy::redirect::{self, RedirectSpec};
 use membrane_l7_proxy::server::{self, Mode, Proxy};
-use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::service::{ProxyConfig, Shared, UpstreamProtocol};
 use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
 use membrane_policy::Diagnostic;
 use membrane_policy::endpoints::EndpointSpec;
@@ -48,6 +48,14 @@ fn release_free_memory() {
 enum UnruledProtocol {
     Http,
     Kafka,
+}
+
+/// `--upstream-protocol` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum UpstreamProtocolArg {
+    Http1,
+    Http2,
+    Downstream,
 }
 
 #[derive(Parser, Debug)]
@@ -181,8 +189,14 @@ struct RunArgs {
     /// Seconds of TCP idle before keepalive probes, both sides.
     #[arg(long, default_value_t = 60.0)]
     tcp_keepalive: f64,
-    /// Speak HTTP/2 (prior knowledge) to upstreams.
-    #[arg(long)]
+    /// What to speak to upstreams: http1, http2 (prior knowledge), or downstream (HTTP/2 for
+    /// requests that came as HTTP/2, unless the destination answers the HTTP/2 preface as an
+    /// HTTP/1 server; HTTP/1.1 otherwise). Default: downstream with --transparent (the client
+    /// chose its protocol for the server it addressed), http1 with --upstream.
+    #[arg(long, value_enum)]
+    upstream_protocol: Option<UpstreamProtocolArg>,
+    /// Same as --upstream-protocol http2.
+    #[arg(long, conflicts_with = "upstream_protocol")]
     upstream_http2: bool,
     /// Serve every request through hyper's server and client, not only those the direct path
     /// hands over (chunked or large bodies, upgrades, `Expect`, ...): for comparison and as a
@@ -359,7 +373,13 @@ async fn serve(
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         upstream_timeout: secs(args.upstream_timeout, "upstream-timeout")?,
         tcp_keepalive: secs(args.tcp_keepalive, "tcp-keepalive")?,
-        upstream_http2: args.upstream_http2,
+        upstream_protocol: match (args.upstream_protocol, args.upstream_http2, mode) {
+            (Some(UpstreamProtocolArg::Http1), ..) => UpstreamProtocol::Http1,
+            (Some(UpstreamProtocolArg::Http2), ..) | (None, true, _) => UpstreamProtocol::Http2,
+            (Some(UpstreamProtocolArg::Downstream), ..) => UpstreamProtocol::Downstream,
+            (None, false, Mode::Transparent) => UpstreamProtocol::Downstream,
+            (None, false, Mode::Reverse { .. }) => UpstreamProtocol::Http1,
+        },
         http1_direct: !args.hyper_only,
         kafka_max_frame: args.kafka_max_request_bytes,
         unruled_protocol: match args.protocol {

@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use membrane_l7_proxy::policy::{PolicyHandle, Snapshot, SnapshotBuilder};
 use membrane_l7_proxy::server::{Mode, Proxy};
-use membrane_l7_proxy::service::{ProxyConfig, Shared};
+use membrane_l7_proxy::service::{ProxyConfig, Shared, UpstreamProtocol};
 use membrane_l7_proxy::telemetry::{FlowSink, Metrics};
 use membrane_policy::PolicySet;
 use membrane_policy::endpoints::parse_endpoints;
@@ -195,7 +195,7 @@ pub async fn start(config: ProxyConfig) -> Harness {
 }
 
 pub async fn start_with(config: ProxyConfig, policy_text: &str) -> Harness {
-    let (upstream, log) = start_upstream(config.upstream_http2).await;
+    let (upstream, log) = start_upstream(config.upstream_protocol == UpstreamProtocol::Http2).await;
     start_at(config, policy_text, upstream, log).await
 }
 
