@@ -10,12 +10,11 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -226,8 +225,8 @@ impl Upstreams {
     /// Whether `dst` speaks HTTP/2 with prior knowledge: it has a live HTTP/2 connection, or a
     /// new connection's preface is answered with the server's SETTINGS (that connection then
     /// joins the pool). A server that answers as HTTP/1 does (or closes, or stays silent for
-    /// the connect timeout) is remembered as HTTP/1-only for [`H1_ONLY_FOR`]. Connect errors
-    /// are not answers: they are left to the request that follows.
+    /// the connect timeout) is remembered as HTTP/1-only for a minute (`H1_ONLY_FOR`). Connect
+    /// errors are not answers: they are left to the request that follows.
     pub async fn speaks_h2(&self, dst: SocketAddr, mark: Option<u32>) -> bool {
         let key = (dst, mark);
         if self
@@ -242,9 +241,12 @@ impl Upstreams {
         let now = Instant::now();
         {
             let mut h1_only = self.h1_only.lock().unwrap_or_else(|e| e.into_inner());
-            h1_only.retain(|_, since| now.duration_since(*since) < H1_ONLY_FOR);
-            if h1_only.contains_key(&dst) {
-                return false;
+            match h1_only.get(&dst) {
+                Some(since) if now.duration_since(*since) < H1_ONLY_FOR => return false,
+                Some(_) => {
+                    h1_only.remove(&dst);
+                }
+                None => {}
             }
         }
         let Ok(mut stream) = connect(dst, mark, self.connect_timeout, self.tcp_keepalive).await
@@ -269,10 +271,10 @@ impl Upstreams {
                 self.h2_handshake(key, TokioIo::new(io)).await.is_ok()
             }
             _ => {
-                self.h1_only
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(dst, now);
+                let mut h1_only = self.h1_only.lock().unwrap_or_else(|e| e.into_inner());
+                // Expired entries go when a new one comes, so the map stays bounded.
+                h1_only.retain(|_, since| now.duration_since(*since) < H1_ONLY_FOR);
+                h1_only.insert(dst, now);
                 false
             }
         }
