@@ -863,8 +863,6 @@ fn close<B>(resp: &mut Response<B>) {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
-/// Removes hop-by-hop fields (those of RFC 9110 §7.6.1 and any the Connection field names);
-/// an upgrade keeps `Connection: upgrade` and `Upgrade`.
 /// Whether the request's TE field offers `trailers` (RFC 9110 §10.1.4).
 fn accepts_trailers(headers: &HeaderMap) -> bool {
     headers
@@ -879,6 +877,8 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Removes hop-by-hop fields (those of RFC 9110 §7.6.1 and any the Connection field names);
+/// an upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
