@@ -1,6 +1,6 @@
 //! Hostile HTTP/2 requests, written frame by frame (a real client library refuses to send most
-//! of them), against the proxy on both upstream paths. HTTP/2 arrives judged as a whole request
-//! but leaves as HTTP/1.1: every field that would frame or split the HTTP/1.1 request upstream
+//! of them), against the proxy on each of its ways upstream. HTTP/2 arrives judged as a whole
+//! request and often leaves as HTTP/1.1: every field that would frame or split that request
 //! (a content-length the stream contradicts, connection-specific fields, CR/LF or NUL in a
 //! field, a second Host) must be refused or rewritten before a byte reaches the upstream.
 
