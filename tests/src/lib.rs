@@ -60,6 +60,12 @@ pub fn example(dir: impl AsRef<std::path::Path>) -> Example {
     let mut resolver = Resolver::new(EnforcementMode::Default);
     resolver.set_rules(&set.rules);
     let mut alloc = LocalAllocator::new();
+    // As the agent does: reserved identities are born allocated (`new` is false for them).
+    for (_, name) in RESERVED {
+        let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
+        let (identity, _) = alloc.allocate(&labels).expect("a reserved identity");
+        resolver.add_identity(identity);
+    }
     let mut add = |resolver: &mut Resolver, labels: &LabelSet| -> Identity {
         let (identity, new) = alloc.allocate(labels).expect("an identity");
         if new {
@@ -67,10 +73,6 @@ pub fn example(dir: impl AsRef<std::path::Path>) -> Example {
         }
         identity
     };
-    for (_, name) in RESERVED {
-        let labels: LabelSet = [Label::reserved(name)].into_iter().collect();
-        add(&mut resolver, &labels);
-    }
     let mut endpoints = Vec::new();
     for spec in &specs {
         let labels = endpoint_labels(
