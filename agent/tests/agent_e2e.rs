@@ -981,7 +981,7 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
 }
 
 fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
-    use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, v1};
+    use membrane_api::{INIT_POLICY, NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, v1};
     use membrane_xds_server::client::AdsClient;
     use prost::Message;
     // A worker thread keeps the client's connection moving between the test's steps.
@@ -1070,6 +1070,27 @@ fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
     assert!(
         mine.host_addresses.contains(&format!("{web_ip}/32")),
         "{mine:?}"
+    );
+    // The init policy (init.yaml: egress to the client on 7070) is served by name for sidecars
+    // whose pod has no policy yet, with no init endpoint left on the node.
+    let mut i = rt
+        .block_on(AdsClient::connect_unix(&env.xds_socket(), "sidecar-new"))
+        .unwrap();
+    rt.block_on(i.send(NETWORK_POLICY_TYPE, &[INIT_POLICY], "", "", None))
+        .unwrap();
+    let served = next(&mut i, &rt);
+    assert_eq!(served.resources.len(), 1, "only the init policy");
+    let init = v1::NetworkPolicy::decode(served.resources[0].value.as_slice()).unwrap();
+    assert_eq!((init.endpoint.as_str(), init.identity), (INIT_POLICY, 5));
+    assert!(init.addresses.is_empty(), "{init:?}");
+    let client_identity = env.json(&["endpoint", "get", &env.ns("client")])["identity"].clone();
+    let egress = init.egress.clone().unwrap();
+    assert!(
+        egress.enforced
+            && egress.entries.iter().any(|e| e.port == 7070
+                && e.protocol == 6
+                && serde_json::json!(e.remote_identity) == client_identity),
+        "{init:?}"
     );
     // A policy change reaches the stream within a second.
     let t0 = Instant::now();

@@ -26,6 +26,12 @@ pub const NETWORK_POLICY_HOSTS_TYPE: &str = "type.googleapis.com/membrane.v1.Net
 /// Type URL of [`v1::SpiffeIdentities`].
 pub const SPIFFE_IDENTITIES_TYPE: &str = "type.googleapis.com/membrane.v1.SpiffeIdentities";
 
+/// The name of the [`v1::NetworkPolicy`] that holds the `reserved:init` identity's table: the
+/// init policy, which a sidecar enforces for its pod until the pod's own policy arrives (only
+/// what it explicitly allows; nothing else). Endpoint names cannot contain `:`, so it never
+/// collides with an endpoint's resource.
+pub const INIT_POLICY: &str = "reserved:init";
+
 /// One direction of an endpoint's table as a resource: every key with its effective verdict.
 pub fn direction_policy(table: &DirectionTable) -> v1::DirectionPolicy {
     let entries = table

@@ -483,6 +483,11 @@ impl SnapshotBuilder {
         let mut names = HashMap::new();
         let mut endpoint_prefixes = Vec::new();
         for np in policies {
+            // The init policy is for sidecars whose pod has no policy yet; the node's proxy
+            // only judges endpoints it knows by address (an init endpoint has its own resource).
+            if np.endpoint == membrane_api::INIT_POLICY {
+                continue;
+            }
             let at = |what: &str, e: String| format!("NetworkPolicy {} {what}: {e}", np.endpoint);
             let id = NumericIdentity(np.identity);
             let ingress = DirectionRules::from_wire(&np.ingress.clone().unwrap_or_default())
@@ -666,6 +671,37 @@ spec:
             Decision::Deny { .. }
         ));
         assert!(s.enforces(s.identity_of(web.ip())));
+    }
+
+    #[test]
+    fn the_init_policy_is_left_to_sidecars() {
+        let enforced = || {
+            Some(v1::DirectionPolicy {
+                enforced: true,
+                entries: vec![],
+            })
+        };
+        let web = v1::NetworkPolicy {
+            endpoint: "web".into(),
+            identity: 300,
+            addresses: vec!["10.0.0.1".into()],
+            ingress: enforced(),
+            egress: None,
+        };
+        let init = v1::NetworkPolicy {
+            endpoint: membrane_api::INIT_POLICY.into(),
+            identity: NumericIdentity::INIT.0,
+            addresses: vec![],
+            ingress: enforced(),
+            egress: enforced(),
+        };
+        let s = SnapshotBuilder::new(EnforcementMode::Default)
+            .snapshot_received(&[init, web], &[])
+            .unwrap();
+        assert_eq!(s.name_of(NumericIdentity(300)), Some("web"));
+        assert!(s.enforces(NumericIdentity(300)));
+        assert_eq!(s.name_of(NumericIdentity::INIT), None);
+        assert!(!s.enforces(NumericIdentity::INIT));
     }
 
     #[test]

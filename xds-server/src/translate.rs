@@ -27,6 +27,13 @@ pub fn network_policy(
     }
 }
 
+/// The init identity's table as the NetworkPolicy [`INIT_POLICY`](membrane_api::INIT_POLICY):
+/// no addresses; a sidecar enforces what it explicitly allows for a pod whose own policy has
+/// not arrived.
+pub fn init_policy(table: &PolicyTable) -> v1::NetworkPolicy {
+    network_policy(membrane_api::INIT_POLICY, NumericIdentity::INIT, &[], table)
+}
+
 /// A NetworkPolicy as served: encoded, aliased by its endpoint's addresses (so a sidecar that
 /// knows only its pod's addresses subscribes to its own policy).
 pub fn aliased(np: &v1::NetworkPolicy) -> (Vec<u8>, Vec<String>) {

@@ -221,6 +221,9 @@ impl Agent {
             let (identity, _) = agent.allocator.allocate(&labels)?;
             agent.resolver.add_identity(identity);
         }
+        // The init policy always has a table: sidecars enforce it for pods whose own policy
+        // has not arrived (the xDS resource `reserved:init`).
+        agent.resolver.add_endpoint(NumericIdentity::INIT);
         if agent.config.proxy_port != 0 {
             // Packets the datapath hands to the proxy must be delivered locally.
             membrane_l7_proxy::redirect::install_routing()
@@ -283,9 +286,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Publishes the xDS resources: each endpoint's NetworkPolicy, the identity -> addresses
-    /// map (endpoints, policy CIDRs, the node's own addresses as host) and the SPIFFE ID table.
-    /// Streams see a new version only when something changed.
+    /// Publishes the xDS resources: each endpoint's NetworkPolicy and the init policy's, the
+    /// identity -> addresses map (endpoints, policy CIDRs, the node's own addresses as host) and
+    /// the SPIFFE ID table. Streams see a new version only when something changed.
     fn publish_xds(&mut self, node_addresses: &[IpAddr]) {
         let mut policies = BTreeMap::new();
         let mut prefixes: Vec<(IpNet, NumericIdentity)> = Vec::new();
@@ -301,6 +304,10 @@ impl Agent {
             };
             let np = translate::network_policy(&e.name, e.identity.id, &e.net.addresses, table);
             policies.insert(e.name.clone(), translate::aliased(&np));
+        }
+        if let Some(table) = self.resolver.table(NumericIdentity::INIT) {
+            let np = translate::init_policy(table);
+            policies.insert(np.endpoint.clone(), translate::aliased(&np));
         }
         prefixes.extend(self.cidr_identities.iter().map(|(n, id)| (*n, *id)));
         prefixes.extend(
@@ -675,7 +682,7 @@ impl Agent {
             .endpoints
             .values()
             .any(|e| e.identity.id == identity.id);
-        if !still_used {
+        if !still_used && identity.id != NumericIdentity::INIT {
             self.resolver.remove_endpoint(identity.id);
         }
         if self.allocator.release(identity.id) {
