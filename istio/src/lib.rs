@@ -8,6 +8,9 @@
 //!   Kafka mode on every port, which parses only ports whose policy has Kafka rules and lets
 //!   the others through unread;
 //! - an `EnvoyFilter` that adds the HTTP/2 cluster reaching the agent's xDS unix socket;
+//! - the init policy (a `CiliumNetworkPolicy` selecting `reserved:init`, as Cilium's Istio guide
+//!   shipped it): a pod whose labels are not known yet may reach Istio's control plane and DNS,
+//!   in the datapath and, until the pod's own policy arrives, in its sidecar;
 //! - per workload, the annotations that mount the agent's socket directory into the sidecar
 //!   (`sidecar.istio.io/userVolume[Mount]`) and pin Envoy's concurrency (one policy stream per
 //!   worker); [`inject`] adds them to a Pod or a workload's pod template.
@@ -163,15 +166,52 @@ pub fn envoy_filter(s: &Settings) -> Value {
     })
 }
 
-/// The manifests as a multi-document YAML stream (JSON documents are YAML).
+/// The init policy: endpoints whose labels are not known yet (`reserved:init`) may be reached
+/// from the node, send DNS (UDP 53) anywhere, and reach anything in Istio's namespace (istiod),
+/// and nothing else. Cilium's Istio guide shipped the same rule (`istio-sidecar`). The agent
+/// enforces it in the datapath for init endpoints and serves it over xDS, where a sidecar applies
+/// it to its pod until the pod's own policy arrives (only what it allows: the filter fails
+/// closed). It lives in Istio's namespace; a rule selecting `reserved:init` is not confined to
+/// its namespace.
+pub fn init_policy(s: &Settings) -> Value {
+    json!({
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "membrane-istio-sidecar-init", "namespace": s.namespace},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"reserved:init": ""}},
+            "ingress": [{"fromEntities": ["host"]}],
+            "egress": [
+                {"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]},
+                {"toEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": s.namespace}}]},
+            ],
+        },
+    })
+}
+
+fn document(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// The manifests as a multi-document YAML stream (JSON documents are YAML): the WasmPlugins, the
+/// EnvoyFilter and the init policy.
 pub fn manifests(s: &Settings) -> Result<String, String> {
     s.validate()?;
-    let doc = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(format!(
-        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n---\n{}\n",
-        doc(&wasm_plugin(s)),
-        doc(&kafka_plugin(s)),
-        doc(&envoy_filter(s))
+        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n---\n{}\n---\n{}\n",
+        document(&wasm_plugin(s)),
+        document(&kafka_plugin(s)),
+        document(&envoy_filter(s)),
+        document(&init_policy(s))
+    ))
+}
+
+/// The init policy alone, for an agent that reads policy from a directory.
+pub fn init_policy_document(s: &Settings) -> Result<String, String> {
+    s.validate()?;
+    Ok(format!(
+        "# membrane's init policy for Istio sidecars (see `membrane istio manifests`).\n{}\n",
+        document(&init_policy(s))
     ))
 }
 
@@ -387,9 +427,10 @@ spec:
             .split("\n---\n")
             .map(|d| serde_saphyr::from_str(d).unwrap())
             .collect();
-        let [plugin, kafka, filter] = docs.as_slice() else {
-            panic!("three documents: {text}")
+        let [plugin, kafka, filter, init] = docs.as_slice() else {
+            panic!("four documents: {text}")
         };
+        assert_eq!(init, &init_policy(&s));
         assert_eq!(plugin["spec"]["type"], "HTTP");
         // Kafka: the same module as a network filter, on every port.
         assert_eq!(kafka["spec"]["type"], "NETWORK");

@@ -66,3 +66,72 @@ fn starwars_resources_are_as_recorded() {
     }
     assert_eq!(got.lines().count(), want.lines().count());
 }
+
+/// The init policy `membrane istio manifests` ships, resolved as the agent resolves it and served
+/// as `reserved:init`: what a sidecar reads back lets a pod still in `reserved:init` reach istiod
+/// and DNS, be reached from the node, and nothing else.
+#[test]
+fn the_shipped_init_policy_is_served_as_reserved_init() {
+    use membrane_api::{DirectionRules, EntryVerdict, INIT_POLICY};
+    use membrane_policy::identity::NumericIdentity;
+    use membrane_xds_server::translate::init_policy;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policy")).unwrap();
+    let settings = membrane_istio::Settings::default();
+    std::fs::write(
+        dir.path().join("policy/init.yaml"),
+        membrane_istio::init_policy_document(&settings).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("endpoints.yaml"),
+        "endpoints:\n\
+         - {name: istiod, namespace: istio-system, labels: {app: istiod}, ips: [10.0.0.2]}\n\
+         - {name: web, namespace: default, labels: {app: web}, ips: [10.0.0.3]}\n",
+    )
+    .unwrap();
+    let mut example = membrane_tests::example(dir.path());
+    example.resolver.add_endpoint(NumericIdentity::INIT);
+    let np = init_policy(example.resolver.table(NumericIdentity::INIT).unwrap());
+    assert_eq!(
+        (np.endpoint.as_str(), np.identity),
+        (INIT_POLICY, NumericIdentity::INIT.0)
+    );
+    assert!(np.addresses.is_empty(), "{np:?}");
+
+    let id = |name: &str| {
+        example
+            .endpoints
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, id, _)| *id)
+            .unwrap()
+    };
+    let egress = DirectionRules::from_wire(np.egress.as_ref().unwrap()).unwrap();
+    let ingress = DirectionRules::from_wire(np.ingress.as_ref().unwrap()).unwrap();
+    assert!(egress.enforced && ingress.enforced);
+    let allows = |d: &DirectionRules, peer: NumericIdentity, port: u16, proto: u8| {
+        matches!(d.lookup(peer, port, proto), Some((_, EntryVerdict::Allow)))
+    };
+    assert!(allows(&egress, id("istiod"), 15012, 6), "istiod's xDS");
+    assert!(
+        allows(&egress, id("istiod"), 443, 6),
+        "any port in Istio's namespace"
+    );
+    assert!(
+        allows(&egress, NumericIdentity::WORLD, 53, 17),
+        "DNS anywhere"
+    );
+    assert!(allows(&egress, id("web"), 53, 17), "DNS anywhere");
+    assert!(!allows(&egress, id("web"), 80, 6), "other pods");
+    assert!(
+        !allows(&egress, NumericIdentity::WORLD, 53, 6),
+        "DNS is UDP"
+    );
+    assert!(
+        allows(&ingress, NumericIdentity::HOST, 15021, 6),
+        "the node"
+    );
+    assert!(!allows(&ingress, id("istiod"), 80, 6), "no one else");
+}

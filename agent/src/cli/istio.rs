@@ -10,8 +10,10 @@ use membrane_istio::Settings;
 /// `membrane istio ...`
 #[derive(Debug, Subcommand)]
 pub enum IstioCommand {
-    /// Print the WasmPlugins (HTTP, and Kafka as a network filter) and the EnvoyFilter (apply them in Istio's root namespace).
+    /// Print the WasmPlugins (HTTP, and Kafka as a network filter), the EnvoyFilter and the init policy (apply them in Istio's root namespace).
     Manifests(SettingsArgs),
+    /// Print the init policy alone (a CiliumNetworkPolicy for reserved:init), for an agent that reads policy from a directory.
+    InitPolicy(SettingsArgs),
     /// Prepare a Pod or workload (YAML or JSON) for membrane's Istio mode; prints it as JSON.
     Inject {
         /// The object's file; `-` reads standard input.
@@ -31,7 +33,7 @@ pub struct SettingsArgs {
     /// The module's SHA-256 (hex).
     #[arg(long)]
     sha256: Option<String>,
-    /// Namespace of the WasmPlugin and EnvoyFilter.
+    /// Namespace of the WasmPlugin, the EnvoyFilter and the init policy (Istio's root namespace, where istiod runs).
     #[arg(long, default_value_t = Settings::default().namespace)]
     namespace: String,
     /// The agent's xDS socket on the node.
@@ -61,6 +63,12 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
             Ok(text) => print!("{text}"),
             Err(e) => bail!("{e}"),
         },
+        IstioCommand::InitPolicy(args) => {
+            match membrane_istio::init_policy_document(&args.into()) {
+                Ok(text) => print!("{text}"),
+                Err(e) => bail!("{e}"),
+            }
+        }
         IstioCommand::Inject { file, settings } => {
             let (name, text) = if file.as_os_str() == "-" {
                 let mut text = String::new();
