@@ -267,12 +267,23 @@ pub fn inject(object: &mut Value, s: &Settings) -> Result<Vec<String>, String> {
         .ok_or_else(|| format!("{at}.annotations: not a map"))?;
     let mut changed = Vec::new();
     let dir = s.socket_dir().to_string();
-    let mut merge = |key: &str, add: &dyn Fn(&mut Map<String, Value>) -> bool| {
+    // Istio reads the volume annotations as JSON and the proxy configuration as YAML (so JSON
+    // too); a rewritten annotation is written as JSON, which both accept.
+    let mut merge = |key: &str, yaml: bool, add: &dyn Fn(&mut Map<String, Value>) -> bool| {
         let field = format!("{at}.annotations.{key}");
+        let parsed = |text: &str| {
+            if yaml {
+                serde_saphyr::from_str::<Value>(text).ok()
+            } else {
+                serde_json::from_str::<Value>(text).ok()
+            }
+        };
         let mut map = match annotations.get(key) {
             None => Map::new(),
-            Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
-                Ok(Value::Object(m)) => m,
+            Some(Value::String(text)) if yaml && text.trim().is_empty() => Map::new(),
+            Some(Value::String(text)) => match parsed(text) {
+                Some(Value::Object(m)) => m,
+                _ if yaml => return Err(format!("{field}: not a YAML or JSON map")),
                 _ => return Err(format!("{field}: not a JSON object")),
             },
             Some(_) => return Err(format!("{field}: not a string")),
@@ -286,15 +297,15 @@ pub fn inject(object: &mut Value, s: &Settings) -> Result<Vec<String>, String> {
         }
         Ok(())
     };
-    merge("sidecar.istio.io/userVolume", &|m| {
+    merge("sidecar.istio.io/userVolume", false, &|m| {
         let want = json!({"hostPath": {"path": dir, "type": "Directory"}});
         m.insert(VOLUME.into(), want.clone()) != Some(want)
     })?;
-    merge("sidecar.istio.io/userVolumeMount", &|m| {
+    merge("sidecar.istio.io/userVolumeMount", false, &|m| {
         let want = json!({"mountPath": dir, "readOnly": true});
         m.insert(VOLUME.into(), want.clone()) != Some(want)
     })?;
-    merge("proxy.istio.io/config", &|m| {
+    merge("proxy.istio.io/config", true, &|m| {
         if m.contains_key("concurrency") {
             return false;
         }
@@ -376,6 +387,34 @@ spec:
         );
     }
 
+    /// Istio's documentation writes the proxy configuration as YAML; it is read as such and
+    /// its settings kept.
+    #[test]
+    fn a_yaml_proxy_configuration_is_merged() {
+        let pod = "kind: Pod\nmetadata:\n  annotations:\n    proxy.istio.io/config: |\n      holdApplicationUntilProxyStarts: true\n      proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\"}\n";
+        let out: Value =
+            serde_json::from_str(&inject_document("p.yaml", pod, &Settings::default()).unwrap())
+                .unwrap();
+        let config = json_annotation(
+            &annotations(&out, "/metadata/annotations"),
+            "proxy.istio.io/config",
+        );
+        assert_eq!(
+            config,
+            json!({"holdApplicationUntilProxyStarts": true, "proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true"}, "concurrency": 2})
+        );
+        // A set concurrency, in YAML, is left alone (and the annotation as written).
+        let pinned =
+            "kind: Pod\nmetadata:\n  annotations:\n    proxy.istio.io/config: 'concurrency: 1'\n";
+        let out: Value =
+            serde_json::from_str(&inject_document("p.yaml", pinned, &Settings::default()).unwrap())
+                .unwrap();
+        assert_eq!(
+            out["metadata"]["annotations"]["proxy.istio.io/config"],
+            "concurrency: 1"
+        );
+    }
+
     #[test]
     fn workloads_are_injected_in_their_pod_template() {
         let deployment = "kind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: []}\n";
@@ -406,7 +445,11 @@ spec:
         );
         assert_eq!(
             err("kind: Pod\nmetadata: {annotations: {proxy.istio.io/config: '[1]'}}\n"),
-            "x.yaml: metadata.annotations.proxy.istio.io/config: not a JSON object"
+            "x.yaml: metadata.annotations.proxy.istio.io/config: not a YAML or JSON map"
+        );
+        assert_eq!(
+            err("kind: Pod\nmetadata: {annotations: {sidecar.istio.io/userVolume: 'a: b'}}\n"),
+            "x.yaml: metadata.annotations.sidecar.istio.io/userVolume: not a JSON object"
         );
         assert!(err("kind: Pod\nmetadata: [\n").starts_with("x.yaml: "));
         let bad = Settings {
