@@ -13,12 +13,15 @@
 //!   in the datapath and, until the pod's own policy arrives, in its sidecar;
 //! - per workload, the annotations that mount the agent's socket directory into the sidecar
 //!   (`sidecar.istio.io/userVolume[Mount]`) and pin Envoy's concurrency (one policy stream per
-//!   worker); [`inject`] adds them to a Pod or a workload's pod template.
+//!   worker); [`inject`] adds them to a Pod or a workload's pod template, and the mutating
+//!   admission webhook ([`admission`]) to every Pod the API server creates.
 //!
 //! The agent recognises sidecar endpoints by Istio's own pod label [`SIDECAR_LABEL`] and leaves
 //! their L7 ports (HTTP and Kafka) to the sidecar instead of redirecting them to its proxy.
 
 use serde_json::{Map, Value, json};
+
+pub mod admission;
 
 /// The label Istio's injector puts on pods with a sidecar (`security.istio.io/tlsMode: istio`).
 pub const SIDECAR_LABEL: (&str, &str) = ("security.istio.io/tlsMode", "istio");

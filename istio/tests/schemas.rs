@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use membrane_istio::{Settings, inject, manifests};
+use membrane_istio::{Settings, admission, inject, manifests};
 use serde_json::{Value, json};
 
 /// Each item's schema error, `None` when valid; `model` names the schema as API version and
@@ -109,6 +109,42 @@ fn the_manifests_are_valid_istio_resources() {
     // `the_shipped_init_policy_is_served_as_reserved_init` resolves the shipped one).
     items.retain(|(m, _)| !m.starts_with("cilium.io/"));
     assert_eq!(items.len(), 6);
+    assert_valid(&items);
+}
+
+/// The webhook's configuration is what the API server accepts, and so is every Pod the webhook
+/// patches (the patch applied by json-patch, as the API server applies it).
+#[test]
+fn the_webhook_configuration_and_patched_pods_are_valid_kubernetes_objects() {
+    use base64::Engine as _;
+    let config = admission::configuration(
+        "membrane",
+        "membrane-webhook",
+        "-----BEGIN CERTIFICATE-----\n",
+    );
+    let mut items = vec![(model_of(&config), config)];
+    for s in settings_variants() {
+        let pod: Value = serde_saphyr::from_str(POD).unwrap();
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "operation": "CREATE", "object": pod},
+        });
+        let answer = admission::review(&review, &s).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(answer["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        items.extend(sidecar_volumes(&patched["metadata"]));
+        items.push((model_of(&patched), patched));
+    }
+    assert_eq!(
+        items[0].0,
+        "admissionregistration.k8s.io/v1/MutatingWebhookConfiguration"
+    );
     assert_valid(&items);
 }
 
@@ -220,12 +256,15 @@ fn the_schemas_refuse_invalid_objects() {
     pod["metadata"]["annotations"]["proxy.istio.io/concurrency"] = json!(2);
     let volume =
         json!({"name": "membrane-xds", "hostPath": {"path": "/run/membrane", "type": "Dir"}});
+    let mut webhook = admission::configuration("membrane", "membrane-webhook", "ca");
+    webhook["webhooks"][0]["timeoutSeconds"] = json!("ten");
     let items = vec![
         (model_of(&plugin), plugin),
         (model_of(&mode), mode),
         (model_of(&filter), filter),
         (model_of(&pod), pod),
         ("v1/Volume".to_string(), volume),
+        (model_of(&webhook), webhook),
     ];
     let errors = schema_errors(&items);
     for (error, field) in errors.iter().zip([
@@ -234,6 +273,7 @@ fn the_schemas_refuse_invalid_objects() {
         "spec/configPatches/0/applyTo",
         "metadata/annotations/proxy.istio.io~1concurrency",
         "hostPath/type",
+        "webhooks/0/timeoutSeconds",
     ]) {
         let error = error
             .as_deref()
