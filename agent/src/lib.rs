@@ -9,6 +9,7 @@ pub mod client;
 pub mod daemon;
 pub mod datapath;
 pub mod ipam;
+pub mod istio_webhook;
 pub mod netns;
 pub mod offline;
 pub use membrane_source::policy_dir;

@@ -1,6 +1,7 @@
 //! `membrane istio`: the manifests that wire membrane's filter into Istio, and pod injection.
 
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -21,6 +22,29 @@ pub enum IstioCommand {
         file: PathBuf,
         #[command(flatten)]
         settings: SettingsArgs,
+    },
+    /// Serve the mutating admission webhook (HTTPS; POST /inject, GET /healthz): every Pod the API server creates for Istio's injector is prepared as `inject` prepares it.
+    Webhook {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// The server's certificate chain (PEM, leaf first), valid for the Service's DNS name; read again when it changes.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Its private key (PEM); read again when it changes.
+        #[arg(long)]
+        tls_key: PathBuf,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Print the MutatingWebhookConfiguration that sends new Pods to the webhook behind a Service (port 443).
+    WebhookConfig {
+        /// The webhook's Service, NAMESPACE/NAME.
+        #[arg(long)]
+        service: String,
+        /// The CA certificate (PEM) the API server verifies the webhook's certificate with.
+        #[arg(long)]
+        ca_file: PathBuf,
     },
 }
 
@@ -85,6 +109,37 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
                 Ok(out) => println!("{out}"),
                 Err(e) => bail!("{e}"),
             }
+        }
+        IstioCommand::Webhook {
+            listen,
+            tls_cert,
+            tls_key,
+            settings,
+        } => {
+            let files = crate::istio_webhook::CertFiles {
+                cert: tls_cert,
+                key: tls_key,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(crate::istio_webhook::serve(listen, files, settings.into()))?;
+        }
+        IstioCommand::WebhookConfig { service, ca_file } => {
+            let Some((namespace, name)) = service.split_once('/') else {
+                bail!("--service {service:?}: NAMESPACE/NAME expected");
+            };
+            if namespace.is_empty() || name.is_empty() || name.contains('/') {
+                bail!("--service {service:?}: NAMESPACE/NAME expected");
+            }
+            let ca = std::fs::read_to_string(&ca_file)
+                .with_context(|| format!("reading {}", ca_file.display()))?;
+            if !ca.contains("-----BEGIN CERTIFICATE-----") {
+                bail!("{}: no PEM certificate in it", ca_file.display());
+            }
+            let config = membrane_istio::admission::configuration(namespace, name, &ca);
+            println!("{}", serde_json::to_string_pretty(&config)?);
         }
     }
     Ok(())

@@ -1,0 +1,335 @@
+//! `membrane istio webhook`: the mutating admission webhook served over HTTPS on loopback,
+//! called as the API server calls it (an `admission.k8s.io/v1` AdmissionReview, POSTed with
+//! the CA of the webhook configuration), its JSON Patch applied by json-patch; certificate
+//! rotation in place; bad requests and bad certificates; and `membrane istio webhook-config`.
+//! Needs `openssl` and `curl` (scripts/test.sh installs both).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+fn membrane() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_membrane"))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A CA `{ca}.crt` and a server certificate `{ca}-server.{crt,key}` for the webhook's Service
+/// name and 127.0.0.1, signed by it.
+fn issue(dir: &Path, ca: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca_key, ca_crt) = (format!("{ca}.key"), format!("{ca}.crt"));
+    let subject = format!("/CN={ca}");
+    openssl(
+        dir,
+        &[
+            &[
+                "req", "-x509", "-days", "1", "-subj", &subject, "-keyout", &ca_key, "-out",
+                &ca_crt,
+            ][..],
+            &ec,
+        ]
+        .concat(),
+    );
+    let (key, crt) = (format!("{ca}-server.key"), format!("{ca}-server.crt"));
+    openssl(
+        dir,
+        &[
+            &[
+                "req",
+                "-x509",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=membrane-webhook.membrane.svc",
+                "-addext",
+                "subjectAltName=DNS:membrane-webhook.membrane.svc,IP:127.0.0.1",
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-keyout",
+                &key,
+                "-out",
+                &crt,
+            ][..],
+            &ec,
+        ]
+        .concat(),
+    );
+}
+
+/// Starts the webhook on an ephemeral loopback port; returns it and its address.
+fn start(cert: &Path, key: &Path) -> (Server, String) {
+    let mut child = membrane()
+        .args(["istio", "webhook", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().expect("a line").unwrap();
+    let addr = first
+        .strip_prefix("membrane istio webhook: serving https://")
+        .and_then(|rest| rest.strip_suffix("/inject"))
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    // Keep draining its log so that it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, addr)
+}
+
+/// curl against the webhook, trusting `ca`: (status, body).
+fn curl(addr: &str, ca: &Path, args: &[&str], path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(args)
+        .arg(format!("https://{addr}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn post(addr: &str, ca: &Path, body: &str) -> (u16, String) {
+    curl(
+        addr,
+        ca,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ],
+        "/inject",
+    )
+}
+
+/// What the API server sends when `kubectl apply` creates this Pod in an injected namespace.
+fn review(pod: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "2b752327-a529-4ffd-b2e2-478455e80a0d",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "kubernetes-admin", "groups": ["kubeadm:cluster-admins", "system:authenticated"]},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1", "fieldManager": "kubectl-client-side-apply"},
+        }
+    })
+}
+
+fn pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web", "namespace": "shop", "labels": {"app": "web"},
+            "annotations": {"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true\n"},
+        },
+        "spec": {"containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]},
+    })
+}
+
+#[test]
+fn the_webhook_prepares_created_pods_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    issue(d, "ca1");
+    issue(d, "ca2");
+    let (cert, key) = (d.join("tls.crt"), d.join("tls.key"));
+    std::fs::copy(d.join("ca1-server.crt"), &cert).unwrap();
+    std::fs::copy(d.join("ca1-server.key"), &key).unwrap();
+    let (_server, addr) = start(&cert, &key);
+    let ca1 = d.join("ca1.crt");
+
+    assert_eq!(curl(&addr, &ca1, &[], "/healthz"), (200, "ok\n".into()));
+    let (code, body) = post(&addr, &ca1, &review(&pod()).to_string());
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let response = &answer["response"];
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(response["uid"], "2b752327-a529-4ffd-b2e2-478455e80a0d");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    // The API server applies the patch: the result is what `membrane istio inject` prints.
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut patched = pod();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let injected = membrane()
+        .args(["istio", "inject", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(pod().to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(injected.status.success());
+    let want: Value = serde_json::from_slice(&injected.stdout).unwrap();
+    assert_eq!(patched, want);
+    let config: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["proxy.istio.io/config"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config,
+        json!({"holdApplicationUntilProxyStarts": true, "concurrency": 2})
+    );
+
+    // What is not an AdmissionReview is refused, naming why; other methods and paths too.
+    assert_eq!(
+        post(&addr, &ca1, "{\"kind\": \"Pod\"}"),
+        (
+            400,
+            "apiVersion/kind: an admission.k8s.io/v1 AdmissionReview expected\n".into()
+        )
+    );
+    let (code, body) = post(&addr, &ca1, "{not json");
+    assert!(code == 400 && body.starts_with("body: "), "{code} {body}");
+    assert_eq!(curl(&addr, &ca1, &[], "/inject").0, 405);
+    assert_eq!(curl(&addr, &ca1, &[], "/other").0, 404);
+
+    // Rotation in place: the next connection gets the new certificate; a half-written one is
+    // not taken and the last good one stays.
+    let ca2 = d.join("ca2.crt");
+    assert_eq!(curl(&addr, &ca2, &[], "/healthz").0, 0, "not yet trusted");
+    std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
+    std::fs::copy(d.join("ca2-server.key"), &key).unwrap();
+    std::fs::copy(d.join("ca2-server.crt"), &cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while curl(&addr, &ca2, &[], "/healthz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        curl(&addr, &ca1, &[], "/healthz").0,
+        0,
+        "the old one is gone"
+    );
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
+    assert_eq!(curl(&addr, &ca2, &[], "/healthz").0, 200, "last good kept");
+}
+
+#[test]
+fn a_bad_certificate_or_service_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    issue(d, "ca");
+    // The key of another certificate.
+    issue(d, "other");
+    let out = membrane()
+        .args(["istio", "webhook", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(d.join("ca-server.crt"))
+        .arg("--tls-key")
+        .arg(d.join("other-server.key"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ca-server.crt and ") && err.contains("other-server.key"),
+        "{err}"
+    );
+    let out = membrane()
+        .args(["istio", "webhook", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(d.join("missing.crt"))
+        .arg("--tls-key")
+        .arg(d.join("ca-server.key"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.crt"));
+
+    // webhook-config: the Service and the CA bundle as the API server wants them.
+    let out = membrane()
+        .args([
+            "istio",
+            "webhook-config",
+            "--service",
+            "membrane/membrane-webhook",
+            "--ca-file",
+        ])
+        .arg(d.join("ca.crt"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(config["kind"], "MutatingWebhookConfiguration");
+    let hook = &config["webhooks"][0];
+    assert_eq!(
+        hook["clientConfig"]["service"],
+        json!({"namespace": "membrane", "name": "membrane-webhook", "path": "/inject", "port": 443})
+    );
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(hook["clientConfig"]["caBundle"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(ca, std::fs::read(d.join("ca.crt")).unwrap());
+    let out = membrane()
+        .args([
+            "istio",
+            "webhook-config",
+            "--service",
+            "membrane-webhook",
+            "--ca-file",
+        ])
+        .arg(d.join("ca.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/NAME expected"),
+        "{out:?}"
+    );
+}
