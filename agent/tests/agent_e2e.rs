@@ -901,7 +901,8 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
     assert!(
         envoy_log().contains(&format!(
             "membrane: denied inbound GET /private from {client_ip} identity {client_identity} \
-             to {mesh} identity {mesh_identity} port 80: no HTTP rule allows it"
+             to {mesh} identity {mesh_identity} port 80: no HTTP rule of CiliumNetworkPolicy \
+             default/mesh spec[0] allows it"
         )),
         "judged in the sidecar with the agent's identities:\n{}",
         envoy_log()

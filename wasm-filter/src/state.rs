@@ -400,11 +400,20 @@ impl KafkaJudge for KafkaPolicy<'_> {
     }
 }
 
-/// Judges a request against the ORed HTTP rule sets of its port.
+/// Judges a request against the ORed HTTP rule sets of its port. A deny names the policies
+/// whose rules were consulted, so that the log line says where to look.
 pub fn judge_http<'s>(sets: &'s [(Arc<str>, L7Rules)], http: &HttpRequest<'_>) -> Verdict<'s> {
     match first_allowing_http(sets.iter().map(|(_, r)| r), http) {
         Some(i) => Verdict::Allow(&sets[i].0),
-        None => Verdict::Deny("no HTTP rule allows it".into()),
+        None => {
+            let mut policies: Vec<&str> = Vec::with_capacity(sets.len());
+            for (policy, _) in sets {
+                if !policies.contains(&&**policy) {
+                    policies.push(policy);
+                }
+            }
+            Verdict::Deny(format!("no HTTP rule of {} allows it", policies.join(", ")))
+        }
     }
 }
 
@@ -672,6 +681,20 @@ mod tests {
             headers: &NoHeaders,
         };
         assert_eq!(st.judge(&c, &req("/public/x")), Verdict::Allow("p"));
+        assert_eq!(
+            st.judge(&c, &req("/private")),
+            Verdict::Deny("no HTTP rule of p allows it".into())
+        );
+        // Each policy consulted is named once, in order.
+        let [(_, rules)] = http_sets(&[("/a", None)]);
+        let sets: Vec<(Arc<str>, L7Rules)> = ["np-b", "np-a", "np-b"]
+            .into_iter()
+            .map(|p| (Arc::from(p), rules.clone()))
+            .collect();
+        assert_eq!(
+            judge_http(&sets, &req("/b")),
+            Verdict::Deny("no HTTP rule of np-b, np-a allows it".into())
+        );
         let parties = st.parties(&c);
         assert_eq!(
             (parties.local.unwrap().name.as_str(), parties.remote),

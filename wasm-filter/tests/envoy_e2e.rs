@@ -852,7 +852,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     assert!(
         luke_log().contains(
             "membrane: denied outbound GET /private from luke identity 301 to 127.0.0.1 \
-             identity 300 port 19386: no HTTP rule allows it"
+             identity 300 port 19386: no HTTP rule of CiliumNetworkPolicy default/luke allows it"
         ),
         "{}",
         luke_log()
@@ -940,7 +940,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     assert!(
         logged.contains(
             "membrane: denied inbound GET /private from 127.0.0.2 identity 301 to web identity 300 \
-             port 19380: no HTTP rule allows it"
+             port 19380: no HTTP rule of CiliumNetworkPolicy default/web allows it"
         ),
         "{logged}"
     );
