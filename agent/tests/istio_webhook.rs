@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use membrane_tests::{OPENSSL_EC_KEY, openssl};
 use serde_json::{Value, json};
 
 fn membrane() -> Command {
@@ -25,25 +26,10 @@ impl Drop for Server {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (scripts/test.sh installs it)");
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-}
-
 /// A CA `{ca}.crt` and a server certificate `{ca}-server.{crt,key}` for the webhook's Service
 /// name and 127.0.0.1, signed by it.
 fn issue(dir: &Path, ca: &str) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = OPENSSL_EC_KEY;
     let (ca_key, ca_crt) = (format!("{ca}.key"), format!("{ca}.crt"));
     let subject = format!("/CN={ca}");
     openssl(

@@ -17,6 +17,26 @@ use membrane_policy::labels::{Label, LabelSet};
 use membrane_policy::resolve::Resolver;
 use membrane_policy::rule::EnforcementMode;
 
+/// Runs `openssl` in `dir`, as the tests make their certificates with it; panics with its output
+/// when it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// `openssl req` arguments for a new unencrypted EC P-256 key.
+pub const OPENSSL_EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 /// A resolved example: its tables and its endpoints.
 #[derive(Debug)]
 pub struct Example {

@@ -48,6 +48,16 @@ fn env_path(name: &str) -> String {
     v
 }
 
+/// A TCP entry of a table: `remote` may reach `port`, under `l7` when it has rule sets.
+fn tcp(remote: u32, port: u16, l7: Vec<v1::L7RuleSet>) -> v1::PolicyEntry {
+    v1::PolicyEntry {
+        remote_identity: remote,
+        port: port.into(),
+        protocol: 6,
+        l7,
+    }
+}
+
 fn http_rule(method: &str, path: &str) -> v1::HttpRule {
     v1::HttpRule {
         method: method.into(),
@@ -84,22 +94,7 @@ fn web_policy(paths: &[&str]) -> BTreeMap<String, Vec<u8>> {
             enforced: true,
             entries: [LISTEN, LISTEN_TLS]
                 .into_iter()
-                .flat_map(|port| {
-                    [
-                        v1::PolicyEntry {
-                            remote_identity: 301,
-                            port: port.into(),
-                            protocol: 6,
-                            l7: vec![l7.clone()],
-                        },
-                        v1::PolicyEntry {
-                            remote_identity: 302,
-                            port: port.into(),
-                            protocol: 6,
-                            l7: vec![],
-                        },
-                    ]
-                })
+                .flat_map(|port| [tcp(301, port, vec![l7.clone()]), tcp(302, port, vec![])])
                 .collect(),
         }),
         egress: Some(v1::DirectionPolicy::default()),
@@ -126,12 +121,7 @@ fn luke_policy() -> v1::NetworkPolicy {
         ingress: Some(v1::DirectionPolicy::default()),
         egress: Some(v1::DirectionPolicy {
             enforced: true,
-            entries: vec![v1::PolicyEntry {
-                remote_identity: 300,
-                port: LUKE_OUT.into(),
-                protocol: 6,
-                l7: vec![l7],
-            }],
+            entries: vec![tcp(300, LUKE_OUT, vec![l7])],
         }),
     }
 }
@@ -147,12 +137,7 @@ fn init_phase_policies() -> BTreeMap<String, Vec<u8>> {
             enforced: true,
             entries: [LISTEN, LISTEN_TLS]
                 .into_iter()
-                .map(|port| v1::PolicyEntry {
-                    remote_identity: 302,
-                    port: port.into(),
-                    protocol: 6,
-                    l7: vec![],
-                })
+                .map(|port| tcp(302, port, vec![]))
                 .collect(),
         }),
         egress: Some(v1::DirectionPolicy::default()),
@@ -313,21 +298,8 @@ fn luke_mtls(tls: &std::path::Path) -> String {
 
 /// A test CA and certificates with SPIFFE URI SANs: the server's (web) and two clients'.
 fn certificates(dir: &std::path::Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let openssl = |args: &[&str]| membrane_tests::openssl(dir, args);
+    let ec = membrane_tests::OPENSSL_EC_KEY;
     let ca = [
         "-keyout",
         "ca.key",
