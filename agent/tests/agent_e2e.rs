@@ -807,8 +807,8 @@ spec:
 /// Istio mode: endpoint `mesh` carries Istio's sidecar label and runs a real Envoy with
 /// membrane's wasm filter in its namespace, fed by the agent's xDS socket. The datapath leaves
 /// its HTTP port to the sidecar (L3/L4 only, no redirect to the agent's proxy), the sidecar
-/// judges the HTTP rules, and everything Istio does not capture (here UDP) is still enforced by
-/// the datapath: the sidecar endpoint reaches the client's DNS port and nothing else.
+/// judges the HTTP rules, and everything Istio does not capture (UDP, ICMP, IPv6) is still
+/// enforced by the datapath: the sidecar endpoint reaches the client's DNS port and nothing else.
 fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
     let envoy = peer("MEMBRANE_ENVOY");
     let wasm = peer("MEMBRANE_WASM_FILTER");
@@ -962,8 +962,25 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
     env.serve("client", client_ip, &[], &[53, 5353]);
     assert!(env.udp("mesh", client_ip, 53), "DNS is allowed");
     assert!(!env.udp("mesh", client_ip, 5353), "a UDP leak is dropped");
-    // Leave the agent as the later steps expect it: the sidecar, its app and the endpoint gone.
-    for mut p in env.servers.drain(env.servers.len() - 3..) {
+    // ICMP and IPv6, which Istio does not capture either: an echo to the (unselected) client is
+    // dropped at mesh's egress, and over IPv6 DNS passes and the leak does not.
+    assert!(
+        !env.python("mesh", &common::icmp_echo_code(client_ip)),
+        "ICMP is not in mesh's egress"
+    );
+    let client6 = env.json(&["endpoint", "get", &env.ns("client")])["addresses"][1]
+        .as_str()
+        .expect("the client's IPv6 address")
+        .to_string();
+    env.serve("client", &client6, &[], &[53, 5353]);
+    assert!(env.udp("mesh", &client6, 53), "DNS over IPv6 is allowed");
+    assert!(
+        !env.udp("mesh", &client6, 5353),
+        "a UDP leak over IPv6 is dropped"
+    );
+    // Leave the agent as the later steps expect it: the sidecar, its app, the client's UDP
+    // servers and the endpoint gone.
+    for mut p in env.servers.drain(env.servers.len() - 4..) {
         let _ = p.kill();
         let _ = p.wait();
     }
