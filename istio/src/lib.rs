@@ -9,8 +9,9 @@
 //!   the others through unread;
 //! - an `EnvoyFilter` that adds the HTTP/2 cluster reaching the agent's xDS unix socket;
 //! - the init policy (a `CiliumNetworkPolicy` selecting `reserved:init`, as Cilium's Istio guide
-//!   shipped it): a pod whose labels are not known yet may reach Istio's control plane and DNS,
-//!   in the datapath and, until the pod's own policy arrives, in its sidecar;
+//!   shipped it), for the agent's policy: a pod whose labels are not known yet may reach Istio's
+//!   control plane and DNS, in the datapath and, until the pod's own policy arrives, in its
+//!   sidecar;
 //! - per workload, the annotations that mount the agent's socket directory into the sidecar
 //!   (`sidecar.istio.io/userVolume[Mount]`) and pin Envoy's concurrency (one policy stream per
 //!   worker); [`inject`] adds them to a Pod or a workload's pod template, and the mutating
@@ -196,24 +197,25 @@ fn document(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-/// The manifests as a multi-document YAML stream (JSON documents are YAML): the WasmPlugins, the
-/// EnvoyFilter and the init policy.
+/// The manifests as a multi-document YAML stream (JSON documents are YAML): what istiod reads,
+/// the WasmPlugins and the EnvoyFilter. The init policy is membrane's own policy and goes where
+/// the agent reads policy ([`init_policy_document`]): in a cluster without Cilium's CRDs, a
+/// CiliumNetworkPolicy in these manifests would fail `kubectl apply`.
 pub fn manifests(s: &Settings) -> Result<String, String> {
     s.validate()?;
     Ok(format!(
-        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n---\n{}\n---\n{}\n",
+        "# membrane in Istio mode: apply in Istio's root namespace.\n{}\n---\n{}\n---\n{}\n",
         document(&wasm_plugin(s)),
         document(&kafka_plugin(s)),
-        document(&envoy_filter(s)),
-        document(&init_policy(s))
+        document(&envoy_filter(s))
     ))
 }
 
-/// The init policy alone, for an agent that reads policy from a directory.
+/// The init policy as a policy file for the agent's policy directory.
 pub fn init_policy_document(s: &Settings) -> Result<String, String> {
     s.validate()?;
     Ok(format!(
-        "# membrane's init policy for Istio sidecars (see `membrane istio manifests`).\n{}\n",
+        "# membrane's init policy for Istio sidecars: reserved:init may reach istiod and DNS.\n{}\n",
         document(&init_policy(s))
     ))
 }
@@ -473,10 +475,9 @@ spec:
             .split("\n---\n")
             .map(|d| serde_saphyr::from_str(d).unwrap())
             .collect();
-        let [plugin, kafka, filter, init] = docs.as_slice() else {
-            panic!("four documents: {text}")
+        let [plugin, kafka, filter] = docs.as_slice() else {
+            panic!("three documents: {text}")
         };
-        assert_eq!(init, &init_policy(&s));
         assert_eq!(plugin["spec"]["type"], "HTTP");
         // Kafka: the same module as a network filter, on every port.
         assert_eq!(kafka["spec"]["type"], "NETWORK");
@@ -503,5 +504,7 @@ spec:
         // The checked-in manifests are these, rendered with the defaults.
         let shipped = include_str!("../manifests/membrane.yaml");
         assert_eq!(shipped, manifests(&Settings::default()).unwrap());
+        let shipped = include_str!("../manifests/init-policy.yaml");
+        assert_eq!(shipped, init_policy_document(&Settings::default()).unwrap());
     }
 }

@@ -11,9 +11,9 @@ use membrane_istio::Settings;
 /// `membrane istio ...`
 #[derive(Debug, Subcommand)]
 pub enum IstioCommand {
-    /// Print the WasmPlugins (HTTP, and Kafka as a network filter), the EnvoyFilter and the init policy (apply them in Istio's root namespace).
+    /// Print the WasmPlugins (HTTP, and Kafka as a network filter) and the EnvoyFilter (apply them in Istio's root namespace).
     Manifests(SettingsArgs),
-    /// Print the init policy alone (a CiliumNetworkPolicy for reserved:init), for an agent that reads policy from a directory.
+    /// Print the init policy (a CiliumNetworkPolicy for reserved:init: istiod and DNS) for the agent's policy directory.
     InitPolicy(SettingsArgs),
     /// Prepare a Pod or workload (YAML or JSON) for membrane's Istio mode; prints it as JSON.
     Inject {
@@ -57,7 +57,7 @@ pub struct SettingsArgs {
     /// The module's SHA-256 (hex).
     #[arg(long)]
     sha256: Option<String>,
-    /// Namespace of the WasmPlugin, the EnvoyFilter and the init policy (Istio's root namespace, where istiod runs).
+    /// Istio's root namespace, where istiod runs: the WasmPlugins, the EnvoyFilter and the init policy's peers live there.
     #[arg(long, default_value_t = Settings::default().namespace)]
     namespace: String,
     /// The agent's xDS socket on the node.
