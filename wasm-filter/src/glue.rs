@@ -34,7 +34,8 @@ use membrane_codec::path::PathError;
 
 use crate::state::{
     ConnFacts, Direction, KafkaPolicy, L4Verdict, Parties, PolicyState, StreamMode, Verdict,
-    compile_hosts, compile_policies, compile_spiffe, judge_http_fetching_host, judge_http_path,
+    compile_hosts, compile_policies, compile_spiffe, is_istio_gateway, judge_http_fetching_host,
+    judge_http_path,
 };
 
 proxy_wasm::main! {{
@@ -205,6 +206,8 @@ struct Root {
     /// NetworkPolicy resource names subscribed to: the pod's addresses (the server aliases each
     /// endpoint's policy by its addresses) and the init policy, or none (every resource).
     policy_names: Vec<String>,
+    /// This Envoy is an Istio gateway: everything passes (see [`is_istio_gateway`]).
+    gateway: bool,
     state: Rc<RefCell<PolicyState>>,
     conns: Rc<RefCell<HashMap<u64, Rc<ConnFacts>>>>,
     metrics: Metrics,
@@ -403,10 +406,22 @@ impl RootContext for Root {
         if matches!(self.config.mode, Mode::Noop | Mode::Fetch) {
             return true;
         }
+        let own_node = property(&["xds", "node", "id"])
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default();
+        if is_istio_gateway(&own_node) {
+            self.gateway = true;
+            log(
+                LogLevel::Info,
+                &format!(
+                    "membrane: {own_node} is an Istio gateway: its traffic passes here, and the \
+                     sidecars it forwards to enforce membrane's policy"
+                ),
+            );
+            return true;
+        }
         if self.config.node.is_empty() {
-            self.config.node = property(&["xds", "node", "id"])
-                .and_then(|v| String::from_utf8(v).ok())
-                .unwrap_or_default();
+            self.config.node = own_node;
         }
         self.policy_names = instance_ips();
         log(
@@ -449,6 +464,9 @@ impl RootContext for Root {
     }
 
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
+        if self.gateway {
+            return Some(Box::new(Pass));
+        }
         Some(Box::new(KafkaStream {
             state: self.state.clone(),
             tally: self.tally.clone(),
@@ -470,6 +488,7 @@ impl RootContext for Root {
         match self.config.mode {
             Mode::Noop => return Some(Box::new(Noop)),
             Mode::Fetch => return Some(Box::new(Fetch)),
+            _ if self.gateway => return Some(Box::new(Noop)),
             _ => {}
         }
         Some(Box::new(Http {
@@ -487,6 +506,13 @@ struct Noop;
 impl Context for Noop {}
 
 impl HttpContext for Noop {}
+
+/// A connection whose bytes pass unread (a gateway's).
+struct Pass;
+
+impl Context for Pass {}
+
+impl StreamContext for Pass {}
 
 struct Fetch;
 

@@ -143,6 +143,15 @@ pub fn compile_spiffe(resources: &[Any]) -> Result<BTreeMap<String, u32>, String
     Ok(out)
 }
 
+/// Whether Envoy's node id names an Istio gateway (`router~IP~POD.NAMESPACE~DOMAIN`; sidecars
+/// are `sidecar~...`). A WasmPlugin without a selector reaches gateways too, but a gateway is no
+/// workload's sidecar: it has no local endpoint to judge for (an ingress gateway's "outbound"
+/// source is an outside client), and the sidecars it forwards to judge the requests by the
+/// gateway's identity. Judging there would deny everything through it.
+pub fn is_istio_gateway(node_id: &str) -> bool {
+    node_id.starts_with("router~")
+}
+
 /// Which way the traffic goes through this sidecar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -866,6 +875,18 @@ mod tests {
             compile_policies(&[any(&bad)]).unwrap_err(),
             "reserved:init addresses: the init policy belongs to no address"
         );
+    }
+
+    #[test]
+    fn istio_gateways_are_told_from_sidecars_by_their_node_id() {
+        assert!(is_istio_gateway(
+            "router~10.1.0.7~istio-ingressgateway-5d9f.istio-system~istio-system.svc.cluster.local"
+        ));
+        assert!(!is_istio_gateway(
+            "sidecar~10.1.0.9~web-7c4f.default~default.svc.cluster.local"
+        ));
+        assert!(!is_istio_gateway("sidecar-web"));
+        assert!(!is_istio_gateway(""));
     }
 
     #[test]

