@@ -147,7 +147,7 @@ pub fn compile_spiffe(resources: &[Any]) -> Result<BTreeMap<String, u32>, String
 /// are `sidecar~...`). A WasmPlugin without a selector reaches gateways too, but a gateway is no
 /// workload's sidecar: it has no local endpoint to judge for (an ingress gateway's "outbound"
 /// source is an outside client), and the sidecars it forwards to judge the requests by the
-/// gateway's identity. Judging there would deny everything through it.
+/// gateway's identity. Judging there would hold its traffic to the wrong endpoint's policy.
 pub fn is_istio_gateway(node_id: &str) -> bool {
     node_id.starts_with("router~")
 }
