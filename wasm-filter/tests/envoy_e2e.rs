@@ -402,6 +402,27 @@ fn get_tls(dir: &std::path::Path, cert: &str, from: &str, path: &str) -> u16 {
     )
 }
 
+/// The app behind a sidecar: Python's http.server on 127.0.0.1:`port`, serving `root`, its
+/// request log going to `log` (when given).
+fn start_app(port: u16, root: &std::path::Path, log: Option<&std::path::Path>) -> Proc {
+    let stderr = log.map_or_else(Stdio::null, |l| std::fs::File::create(l).unwrap().into());
+    Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(root)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Starts Envoy on `DIR/NAME.yaml`, logging to `DIR/NAME.log`.
 fn start_envoy(envoy: &str, dir: &std::path::Path, name: &str, base_id: u16) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
@@ -572,21 +593,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     std::fs::write(dir.path().join("www/public/n"), "normalized\n").unwrap();
     std::fs::write(dir.path().join("www/token"), "token\n").unwrap();
     let app_log = dir.path().join("app.log");
-    let _app = Proc(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &UPSTREAM.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .current_dir(dir.path().join("www"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&app_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _app = start_app(UPSTREAM, &dir.path().join("www"), Some(&app_log));
 
     let cache = XdsCache::new();
     // web's pod starts before its policy: only the init policy is served for it.
@@ -1404,21 +1411,7 @@ async fn kafka_is_judged_in_both_sidecars_under_mtls() {
     let _xds = start_xds_on(K_XDS, &cache);
 
     let dir = tempfile::tempdir().unwrap();
-    let _app = Proc(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &K_APP.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _app = start_app(K_APP, dir.path(), None);
     let tls = dir.path().join("tls");
     std::fs::create_dir_all(&tls).unwrap();
     certificates(&tls);
@@ -1636,21 +1629,7 @@ async fn an_istio_gateway_passes_traffic_to_the_sidecars_behind_it() {
     let wasm = env_path("MEMBRANE_WASM_FILTER");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "app\n").unwrap();
-    let _app = Proc(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &GW_APP.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _app = start_app(GW_APP, dir.path(), None);
     let filter = envoy::membrane_filter(&wasm, r#"{"xds_cluster":"membrane_xds"}"#);
     let http = envoy::Listener {
         name: "gateway_http",
