@@ -16,7 +16,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-async fn unix_channel(socket: &Path) -> Result<Channel, tonic::Status> {
+/// A gRPC channel over the agent's unix socket.
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::Status> {
     let path = socket.to_path_buf();
     Endpoint::try_from("http://[::]:50051")
         .map_err(|e| tonic::Status::internal(e.to_string()))?

@@ -8,6 +8,9 @@
 //! when it carries `error_detail` (a NACK): the rejection is logged with Envoy's detail, fails
 //! the completions waiting for that version at once, and the version is not sent again (no NACK
 //! loop); the next change sends a new one. A request with an older nonce is stale and ignored.
+//!
+//! The same streams are also served as Envoy's ECDS service, restricted to
+//! `TypedExtensionConfig`, for filters that subscribe outside ADS.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
@@ -21,10 +24,15 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
+    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
+};
 use envoy_types::pb::google::protobuf::Any;
 use futures_core::Stream;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::translate::TYPED_EXTENSION_CONFIG_TYPE;
 
 /// One type's resources at one version.
 #[derive(Clone, Debug, Default)]
@@ -315,6 +323,21 @@ impl XdsCache {
         })
     }
 
+    /// The ECDS service (`StreamExtensionConfigs`, `DeltaExtensionConfigs`): the same streams
+    /// restricted to `TypedExtensionConfig`, for an Envoy whose filter subscribes with an
+    /// `api_config_source` of its own rather than over ADS (upstream filters of a static
+    /// cluster must: with `ads: {}` there Envoy 1.40 crashes at start-up).
+    pub fn ecds_service(&self) -> ExtensionConfigDiscoveryServiceServer<EcdsService> {
+        ExtensionConfigDiscoveryServiceServer::new(EcdsService {
+            cache: self.clone(),
+        })
+    }
+
+    fn next_stream_id(&self) -> u64 {
+        self.streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn response(&self, type_url: &str, names: &[String], nonce: u64) -> Option<DiscoveryResponse> {
         let st = self.lock();
         let ts = st.types.get(type_url)?;
@@ -413,86 +436,15 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
-        let cache = self.cache.clone();
-        let stream_id = cache
-            .streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(async move {
-            let mut node = String::new();
-            let mut key = String::new();
-            let mut subs: BTreeMap<String, Subscription> = BTreeMap::new();
-            let mut nonce = 0u64;
-            let mut changed = cache.changed.subscribe();
-            loop {
-                tokio::select! {
-                    req = requests.message() => {
-                        let req = match req {
-                            Ok(Some(r)) => r,
-                            _ => break,
-                        };
-                        if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
-                            node = n.id.clone();
-                            key = format!("{node}#{stream_id}");
-                        }
-                        if node.is_empty() {
-                            let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
-                            break;
-                        }
-                        let type_url = req.type_url.clone();
-                        let sub = subs.entry(type_url.clone()).or_default();
-                        let names_changed = sub.names != req.resource_names;
-                        sub.names = req.resource_names.clone();
-                        match sub.sent {
-                            // A reply to our last response: ACK or NACK.
-                            Some((version, sent_nonce)) if req.response_nonce == sent_nonce.to_string() => {
-                                let rejection = req.error_detail.as_ref().map(|e| e.message.as_str());
-                                cache.record_answer((&node, &key), &type_url, version, rejection, sub.names.clone());
-                                if !names_changed {
-                                    continue;
-                                }
-                            }
-                            // Stale: an answer to an older response.
-                            Some(_) if !req.response_nonce.is_empty() => continue,
-                            _ => {
-                                let names = sub.names.clone();
-                                cache.update_node(&key, &type_url, |s| s.subscribed = names);
-                            }
-                        }
-                        nonce += 1;
-                        if let Some(resp) = cache.response(&type_url, &sub.names, nonce) {
-                            sub.sent = Some((cache.version(&type_url), nonce));
-                            if tx.send(Ok(resp)).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    r = changed.changed() => {
-                        if r.is_err() {
-                            break;
-                        }
-                        // Send every subscribed type whose version moved past what was sent.
-                        for (type_url, sub) in subs.iter_mut() {
-                            let current = cache.version(type_url);
-                            if current == 0 || sub.sent.is_some_and(|(v, _)| v >= current) {
-                                continue;
-                            }
-                            nonce += 1;
-                            if let Some(resp) = cache.response(type_url, &sub.names, nonce) {
-                                sub.sent = Some((current, nonce));
-                                if tx.send(Ok(resp)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            if !key.is_empty() {
-                cache.forget_node(&key, &subs.keys().cloned().collect());
-            }
-        });
+        let stream_id = self.cache.next_stream_id();
+        tokio::spawn(sotw_stream(
+            self.cache.clone(),
+            request.into_inner(),
+            tx,
+            stream_id,
+            None,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -503,14 +455,175 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
         let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
-        let cache = self.cache.clone();
-        let stream_id = cache
-            .streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(delta_stream(cache, request.into_inner(), tx, stream_id));
+        let stream_id = self.cache.next_stream_id();
+        tokio::spawn(delta_stream(
+            self.cache.clone(),
+            request.into_inner(),
+            tx,
+            stream_id,
+            None,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// The ECDS service: ADS's streams for `TypedExtensionConfig` alone.
+#[derive(Debug)]
+pub struct EcdsService {
+    cache: XdsCache,
+}
+
+#[tonic::async_trait]
+impl ExtensionConfigDiscoveryService for EcdsService {
+    type StreamExtensionConfigsStream = ResponseStream;
+    type DeltaExtensionConfigsStream = DeltaStream;
+
+    async fn stream_extension_configs(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
+        let stream_id = self.cache.next_stream_id();
+        tokio::spawn(sotw_stream(
+            self.cache.clone(),
+            request.into_inner(),
+            tx,
+            stream_id,
+            Some(TYPED_EXTENSION_CONFIG_TYPE),
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn delta_extension_configs(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
+        let stream_id = self.cache.next_stream_id();
+        tokio::spawn(delta_stream(
+            self.cache.clone(),
+            request.into_inner(),
+            tx,
+            stream_id,
+            Some(TYPED_EXTENSION_CONFIG_TYPE),
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn fetch_extension_configs(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(
+            "membrane serves extension configurations over streams only",
+        ))
+    }
+}
+
+/// The type a request on a stream is about: any on ADS; on a single-type service its own, which
+/// requests may leave out.
+fn stream_type(only_type: Option<&'static str>, requested: &str) -> Result<String, Status> {
+    match only_type {
+        None => Ok(requested.to_string()),
+        Some(t) if requested.is_empty() || requested == t => Ok(t.to_string()),
+        Some(t) => Err(Status::invalid_argument(format!(
+            "this stream serves {t}, not {requested}"
+        ))),
+    }
+}
+
+/// One state-of-the-world stream: ADS (`only_type` None, every type on one stream) or a
+/// single-type discovery service (`only_type`: its type URL; requests may leave it out).
+async fn sotw_stream(
+    cache: XdsCache,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    stream_id: u64,
+    only_type: Option<&'static str>,
+) {
+    let mut node = String::new();
+    let mut key = String::new();
+    let mut subs: BTreeMap<String, Subscription> = BTreeMap::new();
+    let mut nonce = 0u64;
+    let mut changed = cache.changed.subscribe();
+    loop {
+        tokio::select! {
+            req = requests.message() => {
+                let req = match req {
+                    Ok(Some(r)) => r,
+                    _ => break,
+                };
+                if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
+                    node = n.id.clone();
+                    key = format!("{node}#{stream_id}");
+                }
+                if node.is_empty() {
+                    let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
+                    break;
+                }
+                let type_url = match stream_type(only_type, &req.type_url) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                };
+                let sub = subs.entry(type_url.clone()).or_default();
+                let names_changed = sub.names != req.resource_names;
+                sub.names = req.resource_names.clone();
+                match sub.sent {
+                    // A reply to our last response: ACK or NACK.
+                    Some((version, sent_nonce)) if req.response_nonce == sent_nonce.to_string() => {
+                        let rejection = req.error_detail.as_ref().map(|e| e.message.as_str());
+                        cache.record_answer((&node, &key), &type_url, version, rejection, sub.names.clone());
+                        if !names_changed {
+                            continue;
+                        }
+                    }
+                    // Stale: an answer to an older response.
+                    Some(_) if !req.response_nonce.is_empty() => continue,
+                    _ => {
+                        let names = sub.names.clone();
+                        cache.update_node(&key, &type_url, |s| s.subscribed = names);
+                    }
+                }
+                nonce += 1;
+                if let Some(resp) = cache.response(&type_url, &sub.names, nonce) {
+                    sub.sent = Some((cache.version(&type_url), nonce));
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            r = changed.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                // Send every subscribed type whose version moved past what was sent.
+                for (type_url, sub) in subs.iter_mut() {
+                    let current = cache.version(type_url);
+                    if current == 0 || sub.sent.is_some_and(|(v, _)| v >= current) {
+                        continue;
+                    }
+                    nonce += 1;
+                    if let Some(resp) = cache.response(type_url, &sub.names, nonce) {
+                        sub.sent = Some((current, nonce));
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !key.is_empty() {
+        cache.forget_node(&key, &subs.keys().cloned().collect());
     }
 }
 
@@ -550,6 +663,7 @@ async fn delta_stream(
     mut requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     stream_id: u64,
+    only_type: Option<&'static str>,
 ) {
     let mut node = String::new();
     let mut key = String::new();
@@ -571,8 +685,15 @@ async fn delta_stream(
                     let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
                     break;
                 }
-                let first = !subs.contains_key(&req.type_url);
-                let sub = subs.entry(req.type_url.clone()).or_default();
+                let type_url = match stream_type(only_type, &req.type_url) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                };
+                let first = !subs.contains_key(&type_url);
+                let sub = subs.entry(type_url.clone()).or_default();
                 if first {
                     sub.wildcard = req.resource_names_subscribe.is_empty();
                     sub.held = req.initial_resource_versions.clone().into_iter().collect();
@@ -597,7 +718,6 @@ async fn delta_stream(
                     .filter(|(_, n)| !req.response_nonce.is_empty() && *n == req.response_nonce)
                     .map(|(v, _)| *v);
                 let names = sub.names();
-                let type_url = req.type_url.clone();
                 match answered {
                     Some(version) => {
                         let rejection = req.error_detail.as_ref().map(|e| e.message.as_str());
@@ -740,6 +860,7 @@ pub async fn serve_unix(
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(cache.service())
+        .add_service(cache.ecds_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(std::io::Error::other)
@@ -753,6 +874,7 @@ pub async fn serve_tcp(
 ) -> std::io::Result<()> {
     tonic::transport::Server::builder()
         .add_service(cache.service())
+        .add_service(cache.ecds_service())
         .serve_with_shutdown(addr, shutdown)
         .await
         .map_err(std::io::Error::other)

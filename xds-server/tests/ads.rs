@@ -466,3 +466,126 @@ async fn delta_streams_get_only_what_changed_for_them() {
         ["db"]
     );
 }
+
+/// Envoy's ECDS service, for a filter whose `config_discovery` has an `api_config_source` of its
+/// own: the ADS streams restricted to `TypedExtensionConfig` (state of the world and delta); a
+/// request may leave the type out, and a stream asking for another type is refused.
+#[tokio::test]
+async fn the_ecds_service_serves_extension_configs_alone() {
+    use envoy_types::pb::envoy::config::core::v3::{Node, TypedExtensionConfig};
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient;
+    use envoy_types::pb::google::protobuf::StringValue;
+    use membrane_xds_server::translate::{TYPED_EXTENSION_CONFIG_TYPE, standalone_extensions};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let server = start().await;
+    let version = server.cache.set_resources(
+        TYPED_EXTENSION_CONFIG_TYPE,
+        standalone_extensions("/var/lib/membrane/filter.wasm", "membrane_xds"),
+    );
+    let channel = membrane_xds_server::client::unix_channel(&server.socket)
+        .await
+        .unwrap();
+    let mut client = ExtensionConfigDiscoveryServiceClient::new(channel);
+    let node = Some(Node {
+        id: "standalone".into(),
+        ..Default::default()
+    });
+    let wait = Duration::from_secs(5);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let request = |nonce: &str, version: &str| DiscoveryRequest {
+        node: node.clone(),
+        resource_names: vec!["membrane_upstream".into()],
+        response_nonce: nonce.into(),
+        version_info: version.into(),
+        ..Default::default()
+    };
+    tx.send(request("", "")).await.unwrap();
+    let mut responses = client
+        .stream_extension_configs(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(wait, responses.message())
+        .await
+        .expect("a response within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.type_url, TYPED_EXTENSION_CONFIG_TYPE);
+    assert_eq!(first.resources.len(), 1);
+    let extension = TypedExtensionConfig::decode(first.resources[0].value.as_slice()).unwrap();
+    assert_eq!(extension.name, "membrane_upstream");
+    let wasm = Wasm::decode(extension.typed_config.unwrap().value.as_slice()).unwrap();
+    let configuration = wasm.config.unwrap().configuration.unwrap();
+    let configuration = StringValue::decode(configuration.value.as_slice()).unwrap();
+    assert_eq!(
+        configuration.value,
+        r#"{"xds_cluster":"membrane_xds","upstream":true}"#
+    );
+    tx.send(request(&first.nonce, &first.version_info))
+        .await
+        .unwrap();
+    server
+        .cache
+        .wait_realized(
+            TYPED_EXTENSION_CONFIG_TYPE,
+            "membrane_upstream",
+            version,
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("acknowledged over the ECDS service");
+
+    // Delta, the type left out too.
+    let (delta_tx, delta_rx) = tokio::sync::mpsc::channel(4);
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            node: node.clone(),
+            resource_names_subscribe: vec!["membrane".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut delta = client
+        .delta_extension_configs(ReceiverStream::new(delta_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(wait, delta.message())
+        .await
+        .expect("a delta response within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.type_url, TYPED_EXTENSION_CONFIG_TYPE);
+    let names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["membrane"]);
+
+    // Another type on this service: refused, naming both.
+    let (other_tx, other_rx) = tokio::sync::mpsc::channel(4);
+    other_tx
+        .send(DiscoveryRequest {
+            node,
+            type_url: NETWORK_POLICY_TYPE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut other = client
+        .stream_extension_configs(ReceiverStream::new(other_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = tokio::time::timeout(wait, other.message())
+        .await
+        .expect("an answer within 5 s")
+        .expect_err("another type is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains(NETWORK_POLICY_TYPE)
+            && refused.message().contains(TYPED_EXTENSION_CONFIG_TYPE),
+        "{refused:?}"
+    );
+}
