@@ -69,6 +69,11 @@ struct Config {
     /// Kafka mode: the largest request frame accepted (bytes); larger ones close the connection.
     #[serde(default = "default_max_frame")]
     kafka_max_frame: usize,
+    /// The filter is one of a cluster's upstream HTTP filters: an outbound request is judged
+    /// against the backend Envoy picked for it (`upstream.address`), not the address the app
+    /// dialled, which may be a Service's or the sidecar's own.
+    #[serde(default)]
+    upstream: bool,
 }
 
 fn default_true() -> bool {
@@ -397,6 +402,13 @@ impl RootContext for Root {
                 log(LogLevel::Error, "membrane: xds_cluster is required");
                 return false;
             }
+            Ok(c) if c.upstream && c.mode == Mode::Kafka => {
+                log(
+                    LogLevel::Error,
+                    "membrane: upstream applies to the HTTP filter, not to kafka mode",
+                );
+                return false;
+            }
             Ok(c) => self.config = c,
             Err(e) => {
                 log(LogLevel::Error, &format!("membrane: configuration: {e}"));
@@ -497,6 +509,7 @@ impl RootContext for Root {
             tally: self.tally.clone(),
             crash_on_header: self.config.crash_on_header.clone(),
             normalize_path: self.config.normalize_path,
+            upstream: self.config.upstream,
         }))
     }
 }
@@ -535,6 +548,7 @@ struct Http {
     tally: Rc<Tally>,
     crash_on_header: Option<String>,
     normalize_path: bool,
+    upstream: bool,
 }
 
 impl Context for Http {}
@@ -727,15 +741,36 @@ impl HttpContext for Http {
         {
             panic!("membrane: {h} asked for a crash (crash_on_header is set: testing only)");
         }
-        let Some(conn) = self.conn_facts() else {
+        let Some(cached) = self.conn_facts() else {
             return self.deny(None, "no source or destination address", None);
+        };
+        // Read per request: each request, and each retry, may go to another backend.
+        let picked;
+        let conn = if self.upstream && cached.direction == Direction::Outbound {
+            let Some((destination, port)) = address(&["upstream", "address"]) else {
+                Tally::count(&self.tally.denied[Direction::Outbound as usize]);
+                return self.deny(
+                    None,
+                    "no upstream address (upstream: true needs the filter among a cluster's \
+                     upstream HTTP filters)",
+                    None,
+                );
+            };
+            picked = ConnFacts {
+                destination,
+                port,
+                ..(*cached).clone()
+            };
+            &picked
+        } else {
+            &*cached
         };
         let state = self.state.clone();
         let state = state.borrow();
-        let parties = state.parties(&conn);
-        let sets = match state.judge_l4(&conn, &parties, 6) {
-            L4Verdict::Allow(_) => return self.allow(&conn),
-            L4Verdict::Deny(why) => return self.deny(Some((&conn, &parties)), &why, None),
+        let parties = state.parties(conn);
+        let sets = match state.judge_l4(conn, &parties, 6) {
+            L4Verdict::Allow(_) => return self.allow(conn),
+            L4Verdict::Deny(why) => return self.deny(Some((conn, &parties)), &why, None),
             L4Verdict::L7(sets) => sets,
         };
         // Only the pseudo-headers the rules read; other headers are fetched one by one if a
@@ -751,7 +786,7 @@ impl HttpContext for Http {
         } else {
             match judge_http_path(sets, &method, &path, &headers, host) {
                 Ok(judged) => judged,
-                Err(e) => return self.refuse_path(&conn, &method, &path, e),
+                Err(e) => return self.refuse_path(conn, &method, &path, e),
             }
         };
         match verdict {
@@ -760,9 +795,9 @@ impl HttpContext for Http {
                 if let Some(p) = normalized {
                     self.set_http_request_header(":path", Some(&p));
                 }
-                self.allow(&conn)
+                self.allow(conn)
             }
-            Verdict::Deny(why) => self.deny(Some((&conn, &parties)), &why, Some((method, path))),
+            Verdict::Deny(why) => self.deny(Some((conn, &parties)), &why, Some((method, path))),
         }
     }
 }

@@ -994,16 +994,21 @@ const ECDS_TCP: u16 = 19391;
 const ECDS_PLAIN: u16 = 19394;
 const ECDS_XDS: u16 = 19392;
 const ECDS_ADMIN: u16 = 19393;
+/// The outbound listener luke's app calls "a service" through, on virtual addresses that belong
+/// to no endpoint (127.0.0.10 in front of web, 127.0.0.11 in front of 302's 127.0.0.3).
+const ECDS_SERVICE: u16 = 19395;
+const ECDS_OTHER_BACKEND: u16 = 19396;
 
 /// Standalone (non-Istio) mode: Envoy's bootstrap names only the agent's cluster; the filter
 /// itself (module, V8, FAIL_RELOAD, its configuration) arrives over ECDS from membrane's ADS
 /// server, built by the function the agent publishes with. A configuration the filter refuses
-/// is NACKed by Envoy and the filter in force keeps enforcing.
+/// is NACKed by Envoy and the filter in force keeps enforcing. Among a cluster's upstream
+/// filters it judges outbound requests against the backend Envoy picked, not the virtual
+/// address the app dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_envoy_gets_the_filter_over_ecds() {
     use membrane_xds_server::translate::{
-        HTTP_WASM_TYPE, NETWORK_WASM_TYPE, TYPED_EXTENSION_CONFIG_TYPE, kafka_filter_extension,
-        wasm_filter_extension,
+        HTTP_WASM_TYPE, NETWORK_WASM_TYPE, TYPED_EXTENSION_CONFIG_TYPE, standalone_extensions,
     };
     let _one = ONE_ENVOY_TEST.lock().await;
     let envoy = env_path("MEMBRANE_ENVOY");
@@ -1026,20 +1031,13 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
         l7: vec![],
     });
     policy.insert("web".into(), np.encode_to_vec());
+    // luke's egress: web on the backend's port, GET /public/.* and GET /admin only.
+    let mut luke = luke_policy();
+    luke.egress.as_mut().unwrap().entries[0].port = ECDS_PLAIN.into();
+    policy.insert("luke".into(), luke.encode_to_vec());
     set_policies(&cache, policy);
     cache.set_resources(NETWORK_POLICY_HOSTS_TYPE, hosts());
-    let ecds = |cluster: &str| {
-        BTreeMap::from([
-            (
-                "membrane".to_string(),
-                wasm_filter_extension("membrane", &wasm, cluster).encode_to_vec(),
-            ),
-            (
-                "membrane_kafka".to_string(),
-                kafka_filter_extension("membrane_kafka", &wasm, cluster).encode_to_vec(),
-            ),
-        ])
-    };
+    let ecds = |cluster: &str| standalone_extensions(&wasm, cluster);
     let first = cache.set_resources(TYPED_EXTENSION_CONFIG_TYPE, ecds("membrane_xds"));
     let _xds = start_xds_on(ECDS_XDS, &cache);
     let ecds_filter = format!(
@@ -1085,6 +1083,42 @@ async fn a_standalone_envoy_gets_the_filter_over_ecds() {
         route: r#"direct_response: {status: 200, body: {inline_string: "ok"}}"#,
         filters: "",
     };
+    // Outbound listeners without membrane's filter: the clusters behind them judge each
+    // request with it among their upstream filters, over ECDS too.
+    // Retries of 403 too: a deny must still be judged once and answered, not retried.
+    let service = |name: &'static str, address: &'static str, cluster: &'static str| {
+        let route = format!(
+            "route: {{cluster: {cluster}, retry_policy: {{retry_on: retriable-status-codes, \
+             retriable_status_codes: [403], num_retries: 2}}}}"
+        );
+        envoy::Listener {
+            name,
+            address,
+            port: ECDS_SERVICE,
+            direction: "OUTBOUND",
+            transport: "",
+            route: &route,
+            filters: "",
+        }
+        .yaml()
+    };
+    let upstream_filters = format!(
+        r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http_protocol_options: {{}}}}
+        http_filters:
+        - name: membrane_upstream
+          config_discovery:
+            config_source:
+              resource_api_version: V3
+              initial_fetch_timeout: 30s
+              api_config_source: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]}}
+            type_urls: ["{HTTP_WASM_TYPE}"]
+        - name: envoy.filters.http.upstream_codec
+          typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec}}
+"#
+    );
     let config = format!(
         r#"
 node: {{id: standalone-web, cluster: web}}
@@ -1098,13 +1132,27 @@ dynamic_resources:
     grpc_services: [{{envoy_grpc: {{cluster_name: membrane_xds}}}}]
 static_resources:
   listeners:
-{}{tcp}{}  clusters:
-{}{}"#,
+{}{tcp}{}{}{}  clusters:
+{}{}{}{}"#,
         envoy::socket("127.0.0.1", ECDS_ADMIN),
         inbound.yaml(),
         plain.yaml(),
+        service("service_web", "127.0.0.10", "web_backends"),
+        service("service_other", "127.0.0.11", "other_backends"),
         xds_cluster(ECDS_XDS),
         envoy::cluster("plain", &envoy::socket("127.0.0.1", ECDS_PLAIN), false, ""),
+        envoy::cluster(
+            "web_backends",
+            &envoy::socket("127.0.0.1", ECDS_PLAIN),
+            false,
+            &upstream_filters
+        ),
+        envoy::cluster(
+            "other_backends",
+            &envoy::socket("127.0.0.3", ECDS_OTHER_BACKEND),
+            false,
+            &upstream_filters
+        ),
     );
     std::fs::write(dir.path().join("standalone.yaml"), config).unwrap();
     let _envoy = start_envoy(&envoy, dir.path(), "standalone", 19390);
@@ -1159,6 +1207,55 @@ static_resources:
         "{}",
         log()
     );
+    // luke calls web through a virtual address that is no endpoint's (judged by that address,
+    // as world, everything would be denied): the upstream filter judges the backend, web.
+    let through_service = |address: &'static str, path: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            status(
+                "127.0.0.2",
+                &[],
+                &format!("http://{address}:{ECDS_SERVICE}{path}"),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    // The clusters' filter has a subscription of its own (see `upstream_filters`).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while through_service("127.0.0.10", "/public/a").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream filter never let luke reach web:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(through_service("127.0.0.10", "/private").await, 403);
+    assert_eq!(
+        log().matches("denied outbound GET /private").count(),
+        1,
+        "judged once, not retried:\n{}",
+        log()
+    );
+    assert!(
+        log().contains(&format!(
+            "membrane: denied outbound GET /private from luke identity 301 to 127.0.0.1 \
+             identity 300 port {ECDS_PLAIN}: no HTTP rule of CiliumNetworkPolicy default/luke \
+             allows it"
+        )),
+        "{}",
+        log()
+    );
+    // The backend behind the other address is 302, which luke may not reach at all.
+    assert_eq!(through_service("127.0.0.11", "/public/a").await, 403);
+    assert!(
+        log().contains(&format!(
+            "from luke identity 301 to 127.0.0.3 identity 302 port {ECDS_OTHER_BACKEND}: \
+             L3/L4: identity 302 may not reach port {ECDS_OTHER_BACKEND}"
+        )),
+        "{}",
+        log()
+    );
 
     // A configuration the filter refuses (no cluster): Envoy NACKs it with its reason, and the
     // filter in force keeps enforcing.
@@ -1178,6 +1275,8 @@ static_resources:
     );
     assert_eq!(status_of("127.0.0.2", "/public/a").await, 200);
     assert_eq!(status_of("127.0.0.2", "/private").await, 403);
+    assert_eq!(through_service("127.0.0.10", "/public/a").await, 200);
+    assert_eq!(through_service("127.0.0.10", "/private").await, 403);
     assert!(log().contains("xds_cluster is required"), "{}", log());
 }
 

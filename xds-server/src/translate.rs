@@ -111,6 +111,20 @@ pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.h
 pub const NETWORK_WASM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
 
+/// Every ECDS resource the agent serves a standalone Envoy (`--xds-wasm-module`), by name:
+/// `membrane` ([`wasm_filter_extension`]), `membrane_upstream` ([`upstream_filter_extension`])
+/// and `membrane_kafka` ([`kafka_filter_extension`]), encoded.
+pub fn standalone_extensions(module_path: &str, xds_cluster: &str) -> BTreeMap<String, Vec<u8>> {
+    [
+        wasm_filter_extension("membrane", module_path, xds_cluster),
+        upstream_filter_extension("membrane_upstream", module_path, xds_cluster),
+        kafka_filter_extension("membrane_kafka", module_path, xds_cluster),
+    ]
+    .into_iter()
+    .map(|e| (e.name.clone(), e.encode_to_vec()))
+    .collect()
+}
+
 /// The ECDS resource (`TypedExtensionConfig`) that configures membrane's wasm HTTP filter in a
 /// standalone Envoy (outside Istio, where istiod delivers it): the module from a local file,
 /// V8, FAIL_RELOAD, and the filter's JSON configuration (`xds_cluster` naming Envoy's cluster
@@ -122,6 +136,22 @@ pub fn wasm_filter_extension(
 ) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
     use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
+    let wasm = Wasm {
+        config: Some(plugin_config(name, module_path, configuration)),
+    };
+    extension(name, HTTP_WASM_TYPE, wasm.encode_to_vec())
+}
+
+/// The same filter for a cluster's upstream HTTP filters (`upstream: true`), where an outbound
+/// request is judged against the backend Envoy picked for it rather than the address the app
+/// dialled (a front address or a virtual IP in front of several endpoints).
+pub fn upstream_filter_extension(
+    name: &str,
+    module_path: &str,
+    xds_cluster: &str,
+) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    let configuration = format!("{{\"xds_cluster\":{xds_cluster:?},\"upstream\":true}}");
     let wasm = Wasm {
         config: Some(plugin_config(name, module_path, configuration)),
     };

@@ -103,8 +103,9 @@ pub struct Config {
     )]
     pub xds_trust_domain: String,
     /// For a standalone (non-Istio) Envoy: serve ECDS (`TypedExtensionConfig`s `membrane`, the
-    /// HTTP filter, and `membrane_kafka`, the Kafka network filter) configuring membrane's wasm
-    /// filter from this module file on Envoy's host.
+    /// HTTP filter, `membrane_upstream`, the same among a cluster's upstream HTTP filters, and
+    /// `membrane_kafka`, the Kafka network filter) configuring membrane's wasm filter from this
+    /// module file on Envoy's host.
     #[arg(long, env = "MEMBRANE_XDS_WASM_MODULE")]
     pub xds_wasm_module: Option<PathBuf>,
     /// The Envoy cluster through which that filter reaches the agent's xDS.

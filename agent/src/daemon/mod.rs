@@ -336,14 +336,9 @@ impl Agent {
         );
         if let Some(module) = &self.config.xds_wasm_module {
             let (module, cluster) = (module.display().to_string(), &self.config.xds_wasm_cluster);
-            let http = translate::wasm_filter_extension("membrane", &module, cluster);
-            let kafka = translate::kafka_filter_extension("membrane_kafka", &module, cluster);
             self.xds.set_resources(
                 translate::TYPED_EXTENSION_CONFIG_TYPE,
-                BTreeMap::from([
-                    ("membrane".to_string(), http.encode_to_vec()),
-                    ("membrane_kafka".to_string(), kafka.encode_to_vec()),
-                ]),
+                translate::standalone_extensions(&module, cluster),
             );
         }
     }
