@@ -333,6 +333,42 @@ impl XdsCache {
         })
     }
 
+    /// Starts a state-of-the-world stream (see [`sotw_stream`]) and returns its responses.
+    fn open_sotw(
+        &self,
+        requests: Streaming<DiscoveryRequest>,
+        only_type: Option<&'static str>,
+    ) -> Response<ResponseStream> {
+        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
+        let stream_id = self.next_stream_id();
+        tokio::spawn(sotw_stream(
+            self.clone(),
+            requests,
+            tx,
+            stream_id,
+            only_type,
+        ));
+        Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// The same for a delta stream.
+    fn open_delta(
+        &self,
+        requests: Streaming<DeltaDiscoveryRequest>,
+        only_type: Option<&'static str>,
+    ) -> Response<DeltaStream> {
+        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
+        let stream_id = self.next_stream_id();
+        tokio::spawn(delta_stream(
+            self.clone(),
+            requests,
+            tx,
+            stream_id,
+            only_type,
+        ));
+        Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     fn next_stream_id(&self) -> u64 {
         self.streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -436,36 +472,14 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
-        let stream_id = self.cache.next_stream_id();
-        tokio::spawn(sotw_stream(
-            self.cache.clone(),
-            request.into_inner(),
-            tx,
-            stream_id,
-            None,
-        ));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(self.cache.open_sotw(request.into_inner(), None))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
-        let stream_id = self.cache.next_stream_id();
-        tokio::spawn(delta_stream(
-            self.cache.clone(),
-            request.into_inner(),
-            tx,
-            stream_id,
-            None,
-        ));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(self.cache.open_delta(request.into_inner(), None))
     }
 }
 
@@ -484,36 +498,18 @@ impl ExtensionConfigDiscoveryService for EcdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
-        let stream_id = self.cache.next_stream_id();
-        tokio::spawn(sotw_stream(
-            self.cache.clone(),
-            request.into_inner(),
-            tx,
-            stream_id,
-            Some(TYPED_EXTENSION_CONFIG_TYPE),
-        ));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(self
+            .cache
+            .open_sotw(request.into_inner(), Some(TYPED_EXTENSION_CONFIG_TYPE)))
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
-        let stream_id = self.cache.next_stream_id();
-        tokio::spawn(delta_stream(
-            self.cache.clone(),
-            request.into_inner(),
-            tx,
-            stream_id,
-            Some(TYPED_EXTENSION_CONFIG_TYPE),
-        ));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(self
+            .cache
+            .open_delta(request.into_inner(), Some(TYPED_EXTENSION_CONFIG_TYPE)))
     }
 
     async fn fetch_extension_configs(

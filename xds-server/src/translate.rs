@@ -134,12 +134,8 @@ pub fn wasm_filter_extension(
     module_path: &str,
     xds_cluster: &str,
 ) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
-    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     let configuration = format!("{{\"xds_cluster\":{xds_cluster:?}}}");
-    let wasm = Wasm {
-        config: Some(plugin_config(name, module_path, configuration)),
-    };
-    extension(name, HTTP_WASM_TYPE, wasm.encode_to_vec())
+    http_filter_extension(name, module_path, configuration)
 }
 
 /// The same filter for a cluster's upstream HTTP filters (`upstream: true`), where an outbound
@@ -150,8 +146,16 @@ pub fn upstream_filter_extension(
     module_path: &str,
     xds_cluster: &str,
 ) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
-    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     let configuration = format!("{{\"xds_cluster\":{xds_cluster:?},\"upstream\":true}}");
+    http_filter_extension(name, module_path, configuration)
+}
+
+fn http_filter_extension(
+    name: &str,
+    module_path: &str,
+    configuration: String,
+) -> envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     let wasm = Wasm {
         config: Some(plugin_config(name, module_path, configuration)),
     };
