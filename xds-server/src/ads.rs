@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -32,7 +32,7 @@ use futures_core::Stream;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::translate::TYPED_EXTENSION_CONFIG_TYPE;
+use crate::translate::TYPED_EXTENSION_CONFIG_TYPE as ECDS;
 
 /// One type's resources at one version.
 #[derive(Clone, Debug, Default)]
@@ -333,45 +333,21 @@ impl XdsCache {
         })
     }
 
-    /// Starts a state-of-the-world stream (see [`sotw_stream`]) and returns its responses.
-    fn open_sotw(
+    /// Starts a stream's task, `run(responses, stream id)`, and returns what it sends.
+    fn open<R, F>(
         &self,
-        requests: Streaming<DiscoveryRequest>,
-        only_type: Option<&'static str>,
-    ) -> Response<ResponseStream> {
-        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
-        let stream_id = self.next_stream_id();
-        tokio::spawn(sotw_stream(
-            self.clone(),
-            requests,
-            tx,
-            stream_id,
-            only_type,
-        ));
+        run: impl FnOnce(mpsc::Sender<Result<R, Status>>, u64) -> F,
+    ) -> Response<Responses<R>>
+    where
+        R: Send + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Result<R, Status>>(16);
+        let stream_id = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(run(tx, stream_id));
         Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
-    }
-
-    /// The same for a delta stream.
-    fn open_delta(
-        &self,
-        requests: Streaming<DeltaDiscoveryRequest>,
-        only_type: Option<&'static str>,
-    ) -> Response<DeltaStream> {
-        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(16);
-        let stream_id = self.next_stream_id();
-        tokio::spawn(delta_stream(
-            self.clone(),
-            requests,
-            tx,
-            stream_id,
-            only_type,
-        ));
-        Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
-    }
-
-    fn next_stream_id(&self) -> u64 {
-        self.streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn response(&self, type_url: &str, names: &[String], nonce: u64) -> Option<DiscoveryResponse> {
@@ -460,8 +436,10 @@ struct Subscription {
     sent: Option<(u64, u64)>,
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+/// What a stream sends its client.
+type Responses<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
+type ResponseStream = Responses<DiscoveryResponse>;
+type DeltaStream = Responses<DeltaDiscoveryResponse>;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsService {
@@ -472,14 +450,20 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(self.cache.open_sotw(request.into_inner(), None))
+        let cache = self.cache.clone();
+        Ok(self
+            .cache
+            .open(|tx, id| sotw_stream(cache, request.into_inner(), tx, id, None)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        Ok(self.cache.open_delta(request.into_inner(), None))
+        let cache = self.cache.clone();
+        Ok(self
+            .cache
+            .open(|tx, id| delta_stream(cache, request.into_inner(), tx, id, None)))
     }
 }
 
@@ -498,18 +482,20 @@ impl ExtensionConfigDiscoveryService for EcdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let cache = self.cache.clone();
         Ok(self
             .cache
-            .open_sotw(request.into_inner(), Some(TYPED_EXTENSION_CONFIG_TYPE)))
+            .open(|tx, id| sotw_stream(cache, request.into_inner(), tx, id, Some(ECDS))))
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
+        let cache = self.cache.clone();
         Ok(self
             .cache
-            .open_delta(request.into_inner(), Some(TYPED_EXTENSION_CONFIG_TYPE)))
+            .open(|tx, id| delta_stream(cache, request.into_inner(), tx, id, Some(ECDS))))
     }
 
     async fn fetch_extension_configs(
@@ -522,9 +508,28 @@ impl ExtensionConfigDiscoveryService for EcdsService {
     }
 }
 
-/// The type a request on a stream is about: any on ADS; on a single-type service its own, which
-/// requests may leave out.
-fn stream_type(only_type: Option<&'static str>, requested: &str) -> Result<String, Status> {
+/// Checks a request against its stream: the first must name its node (which names the stream,
+/// `NODE#ID`, in the statuses); the type is any on ADS, and on a single-type service its own,
+/// which requests may leave out. Returns the type the request is about.
+fn admit(
+    (node, key): (&mut String, &mut String),
+    stream_id: u64,
+    from: Option<&Node>,
+    only_type: Option<&'static str>,
+    requested: &str,
+) -> Result<String, Status> {
+    if let Some(n) = from
+        && !n.id.is_empty()
+        && node.is_empty()
+    {
+        *node = n.id.clone();
+        *key = format!("{node}#{stream_id}");
+    }
+    if node.is_empty() {
+        return Err(Status::invalid_argument(
+            "the first request must name its node",
+        ));
+    }
     match only_type {
         None => Ok(requested.to_string()),
         Some(t) if requested.is_empty() || requested == t => Ok(t.to_string()),
@@ -555,15 +560,7 @@ async fn sotw_stream(
                     Ok(Some(r)) => r,
                     _ => break,
                 };
-                if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
-                    node = n.id.clone();
-                    key = format!("{node}#{stream_id}");
-                }
-                if node.is_empty() {
-                    let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
-                    break;
-                }
-                let type_url = match stream_type(only_type, &req.type_url) {
+                let type_url = match admit((&mut node, &mut key), stream_id, req.node.as_ref(), only_type, &req.type_url) {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -673,15 +670,7 @@ async fn delta_stream(
                     Ok(Some(r)) => r,
                     _ => break,
                 };
-                if let Some(n) = &req.node && !n.id.is_empty() && node.is_empty() {
-                    node = n.id.clone();
-                    key = format!("{node}#{stream_id}");
-                }
-                if node.is_empty() {
-                    let _ = tx.send(Err(Status::invalid_argument("the first request must name its node"))).await;
-                    break;
-                }
-                let type_url = match stream_type(only_type, &req.type_url) {
+                let type_url = match admit((&mut node, &mut key), stream_id, req.node.as_ref(), only_type, &req.type_url) {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
