@@ -131,6 +131,8 @@ impl Env {
             .args(["--proxy-admin-addr", &self.proxy_admin()])
             .arg("--xds-socket")
             .arg(self.xds_socket())
+            // ECDS for a standalone Envoy: the path is served as is, never opened by the agent.
+            .args(["--xds-wasm-module", XDS_WASM_MODULE])
             .stderr(
                 fs::File::create(
                     self.dir
@@ -998,6 +1000,9 @@ fn sidecar_checks(env: &mut Env, client_ip: &str, client_identity: u64) {
     }
 }
 
+/// The module path the agent is started with (`--xds-wasm-module`).
+const XDS_WASM_MODULE: &str = "/var/lib/membrane/membrane_wasm_filter.wasm";
+
 fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
     use membrane_api::{INIT_POLICY, NETWORK_POLICY_HOSTS_TYPE, NETWORK_POLICY_TYPE, v1};
     use membrane_xds_server::client::AdsClient;
@@ -1088,6 +1093,37 @@ fn xds_checks(env: &Env, web: &str, web_identity: u64, web_ip: &str) {
     assert!(
         mine.host_addresses.contains(&format!("{web_ip}/32")),
         "{mine:?}"
+    );
+    // With --xds-wasm-module, the filter's configurations for a standalone Envoy: the HTTP
+    // filter, its upstream-filter form and the Kafka network filter, all naming the module.
+    let mut e = rt
+        .block_on(AdsClient::connect_unix(&env.xds_socket(), "standalone"))
+        .unwrap();
+    let ecds = membrane_xds_server::translate::TYPED_EXTENSION_CONFIG_TYPE;
+    rt.block_on(e.send(ecds, &[], "", "", None)).unwrap();
+    let extensions = next(&mut e, &rt);
+    let served: Vec<_> = extensions
+        .resources
+        .iter()
+        .map(|r| {
+            let ext = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(
+                r.value.as_slice(),
+            )
+            .unwrap();
+            let config = ext.typed_config.unwrap().value;
+            let names_module = config
+                .windows(XDS_WASM_MODULE.len())
+                .any(|w| w == XDS_WASM_MODULE.as_bytes());
+            (ext.name, names_module)
+        })
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("membrane".to_string(), true),
+            ("membrane_kafka".to_string(), true),
+            ("membrane_upstream".to_string(), true),
+        ]
     );
     // The init policy (init.yaml: egress to the client on 7070) is served by name for sidecars
     // whose pod has no policy yet, with no init endpoint left on the node.
