@@ -1,9 +1,11 @@
 //! `membrane istio webhook`: the mutating admission webhook served over HTTPS on loopback,
 //! called as the API server calls it (an `admission.k8s.io/v1` AdmissionReview, POSTed with
 //! the CA of the webhook configuration), its JSON Patch applied by json-patch; certificate
-//! rotation in place; bad requests and bad certificates; and `membrane istio webhook-config`.
+//! rotation in place; bad requests and bad certificates; `membrane istio webhook-config`; and
+//! the Deployment of `membrane istio webhook-manifests`, run as the kubelet would run it.
 //! Needs `openssl` and `curl` (scripts/test.sh installs both).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -73,11 +75,17 @@ fn issue(dir: &Path, ca: &str) {
 
 /// Starts the webhook on an ephemeral loopback port; returns it and its address.
 fn start(cert: &Path, key: &Path) -> (Server, String) {
+    let mut args: Vec<OsString> = ["istio", "webhook", "--listen", "127.0.0.1:0", "--tls-cert"]
+        .map(OsString::from)
+        .to_vec();
+    args.extend([cert.into(), "--tls-key".into(), key.into()]);
+    start_with(&args)
+}
+
+/// Starts `membrane ARGS`, which must serve the webhook; returns it and its address.
+fn start_with(args: &[OsString]) -> (Server, String) {
     let mut child = membrane()
-        .args(["istio", "webhook", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -248,6 +256,151 @@ fn the_webhook_prepares_created_pods_over_https() {
     );
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
     assert_eq!(curl(&addr, &ca2, &[], "/healthz").0, 200, "last good kept");
+}
+
+/// Writes `{ca}-server.{crt,key}` as a Secret's `tls.crt` and `tls.key` into the volume at
+/// `volume` the way the kubelet's atomic writer does: into a new directory `version`, then
+/// `..data` replaced by a link to it in one rename.
+fn kubelet_secret_update(volume: &Path, certs: &Path, ca: &str, version: &str) {
+    std::fs::create_dir(volume.join(version)).unwrap();
+    for (from, to) in [("crt", "tls.crt"), ("key", "tls.key")] {
+        std::fs::copy(
+            certs.join(format!("{ca}-server.{from}")),
+            volume.join(version).join(to),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink(version, volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+}
+
+/// The workload `membrane istio webhook-manifests` prints, run as the kubelet would run it:
+/// its command and arguments, the TLS Secret's files where the volume is mounted (a directory
+/// here), the container port on loopback; then its readiness probe, and a Pod prepared with the
+/// settings it was given.
+#[test]
+fn the_webhook_runs_as_its_deployment_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    issue(d, "ca");
+    issue(d, "ca2");
+    // The volume as the kubelet writes a Secret: the files in a timestamped directory, `..data`
+    // a symbolic link to it, each key a link through `..data`.
+    let secret = d.join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    kubelet_secret_update(&secret, d, "ca", "..2026_11_29_16_00_00.1");
+    for file in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), secret.join(file)).unwrap();
+    }
+
+    let out = membrane()
+        .args([
+            "istio",
+            "webhook-manifests",
+            "--service",
+            "membrane/membrane-webhook",
+        ])
+        .args(["--image", "ghcr.io/example/membrane:0.1.0"])
+        .args(["--tls-secret", "membrane-webhook-tls", "--concurrency", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["kind"], "List");
+    let deployment = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod_spec = &deployment["spec"]["template"]["spec"];
+    let container = &pod_spec["containers"][0];
+    assert_eq!(container["command"], json!(["membrane"]));
+    let mount = &container["volumeMounts"][0];
+    let volume = pod_spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert_eq!(volume["secret"]["secretName"], "membrane-webhook-tls");
+    let mount_path = mount["mountPath"].as_str().unwrap();
+    let port = &container["ports"][0];
+    let container_listen = format!("0.0.0.0:{}", port["containerPort"]);
+
+    let mut args: Vec<OsString> = Vec::new();
+    let mut listen_seen = false;
+    for arg in container["args"].as_array().unwrap() {
+        let arg = arg.as_str().unwrap();
+        if arg == container_listen {
+            listen_seen = true;
+            args.push("127.0.0.1:0".into());
+        } else if let Some(file) = arg.strip_prefix(mount_path) {
+            args.push(secret.join(file.trim_start_matches('/')).into());
+        } else {
+            args.push(arg.into());
+        }
+    }
+    assert!(listen_seen, "the container listens on {container_listen}");
+    let (_server, addr) = start_with(&args);
+
+    let probe = &container["readinessProbe"]["httpGet"];
+    assert_eq!(probe["port"], port["name"]);
+    assert_eq!(probe["scheme"], "HTTPS");
+    let ca = d.join("ca.crt");
+    let (code, _) = curl(&addr, &ca, &[], probe["path"].as_str().unwrap());
+    assert_eq!(code, 200, "the readiness probe fails");
+
+    let (code, body) = post(&addr, &ca, &review(&pod()).to_string());
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut patched = pod();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let config: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["proxy.istio.io/config"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config,
+        json!({"holdApplicationUntilProxyStarts": true, "concurrency": 3}),
+        "the Deployment's --concurrency"
+    );
+
+    // A renewed Secret: the kubelet swaps `..data` to a new directory; the next connection
+    // gets the new certificate, with no restart.
+    assert_eq!(curl(&addr, &d.join("ca2.crt"), &[], "/healthz").0, 0);
+    std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
+    kubelet_secret_update(&secret, d, "ca2", "..2026_11_29_17_00_00.2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while curl(&addr, &d.join("ca2.crt"), &[], "/healthz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed Secret was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let out = membrane()
+        .args([
+            "istio",
+            "webhook-manifests",
+            "--service",
+            "membrane/Webhook",
+        ])
+        .args(["--image", "x", "--tls-secret", "tls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--service's name \"Webhook\""),
+        "{out:?}"
+    );
 }
 
 #[test]

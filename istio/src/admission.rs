@@ -149,6 +149,189 @@ pub fn configuration(service_namespace: &str, service_name: &str, ca_bundle: &st
     })
 }
 
+/// Where the webhook's Deployment mounts its TLS Secret (`tls.crt`, `tls.key`: a
+/// `kubernetes.io/tls` Secret, as cert-manager or `kubectl create secret tls` writes it).
+pub const TLS_MOUNT: &str = "/etc/membrane/webhook-tls";
+
+/// The port the webhook's container listens on: unprivileged, so the container runs as a
+/// non-root user; its Service maps 443 to it.
+pub const CONTAINER_PORT: u16 = 8443;
+
+/// What the webhook's workload is made of (`membrane istio webhook-manifests`).
+#[derive(Clone, Debug)]
+pub struct WebhookWorkload {
+    /// The namespace of the Service, Deployment and TLS Secret.
+    pub namespace: String,
+    /// The Service's name (also the Deployment's): what the webhook configuration names.
+    pub name: String,
+    /// A container image whose `membrane` binary is on its PATH.
+    pub image: String,
+    /// The `kubernetes.io/tls` Secret holding the serving certificate for
+    /// `NAME.NAMESPACE.svc`.
+    pub tls_secret: String,
+    /// Webhook pods; more than one adds the PodDisruptionBudget.
+    pub replicas: u32,
+}
+
+impl WebhookWorkload {
+    /// Checks the names the API server would refuse, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if !dns_label(&self.namespace) {
+            return Err(format!(
+                "--service's namespace {:?}: a namespace name: at most 63 of a-z, 0-9 and '-', \
+                 beginning and ending with a letter or digit",
+                self.namespace
+            ));
+        }
+        // Service names are DNS-1035 labels: they also begin with a letter.
+        if !dns_label(&self.name) || !self.name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            return Err(format!(
+                "--service's name {:?}: a Service name: at most 63 of a-z, 0-9 and '-', \
+                 beginning with a letter and ending with a letter or digit",
+                self.name
+            ));
+        }
+        if self.tls_secret.len() > 253 || !self.tls_secret.split('.').all(dns_label) {
+            return Err(format!(
+                "--tls-secret {:?}: a Secret name: at most 253 characters, dot-separated parts \
+                 of a-z, 0-9 and '-' that begin and end with a letter or digit",
+                self.tls_secret
+            ));
+        }
+        if self.image.is_empty() || self.image.contains(char::is_whitespace) {
+            return Err(format!(
+                "--image {:?}: an image reference expected",
+                self.image
+            ));
+        }
+        if self.replicas == 0 {
+            return Err("--replicas: at least 1 (no replica admits every Pod unprepared)".into());
+        }
+        Ok(())
+    }
+}
+
+/// A DNS-1123 label.
+fn dns_label(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+}
+
+/// The webhook's workload, as a `v1` `List` for `kubectl apply`: the Service the webhook
+/// configuration names (port 443), the Deployment that runs `membrane istio webhook` with `s`
+/// (the settings `membrane istio manifests` was given, so that pods are prepared for those
+/// manifests), and, with more than one replica, a PodDisruptionBudget keeping one up through
+/// node drains: the configuration's `failurePolicy: Ignore` would admit pods unprepared while
+/// none is ready. The pods opt out of Istio's sidecar (the webhook needs none, and it must not
+/// wait for itself), need no API access (no service account token) and run as non-root with a
+/// read-only root filesystem.
+pub fn workload(w: &WebhookWorkload, s: &Settings) -> Result<Value, String> {
+    w.validate()?;
+    s.validate()?;
+    let selector = json!({
+        "app.kubernetes.io/name": w.name,
+        "app.kubernetes.io/component": "istio-webhook",
+    });
+    let mut labels = selector.clone();
+    labels["app.kubernetes.io/part-of"] = json!("membrane");
+    let mut pod_labels = labels.clone();
+    pod_labels["sidecar.istio.io/inject"] = json!("false");
+    let metadata = json!({"name": w.name, "namespace": w.namespace, "labels": labels});
+    let mut args: Vec<String> = [
+        "istio",
+        "webhook",
+        "--listen",
+        &format!("0.0.0.0:{CONTAINER_PORT}"),
+        "--tls-cert",
+        &format!("{TLS_MOUNT}/tls.crt"),
+        "--tls-key",
+        &format!("{TLS_MOUNT}/tls.key"),
+    ]
+    .map(str::to_string)
+    .to_vec();
+    args.extend(s.args());
+    let probe = |period: u32| {
+        json!({
+            "httpGet": {"path": "/healthz", "port": "https", "scheme": "HTTPS"},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+        })
+    };
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}],
+        },
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": w.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    // Replicas on different nodes, so that one node going down leaves one.
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": selector},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }]}},
+                    "containers": [{
+                        "name": "webhook",
+                        "image": w.image,
+                        "command": ["membrane"],
+                        "args": args,
+                        "ports": [{"name": "https", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
+                        "readinessProbe": probe(5),
+                        "livenessProbe": probe(10),
+                        "resources": {
+                            "requests": {"cpu": "10m", "memory": "32Mi"},
+                            "limits": {"memory": "128Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": true}],
+                    }],
+                    "volumes": [{"name": "tls", "secret": {"secretName": w.tls_secret}}],
+                },
+            },
+        },
+    });
+    let mut items = vec![service, deployment];
+    if w.replicas > 1 {
+        items.push(json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": metadata,
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector}},
+        }));
+    }
+    Ok(json!({"apiVersion": "v1", "kind": "List", "items": items}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +494,132 @@ mod tests {
                 .unwrap();
             assert_eq!(ca, b"-----BEGIN CERTIFICATE-----\n");
         }
+    }
+
+    fn webhook_workload(replicas: u32) -> WebhookWorkload {
+        WebhookWorkload {
+            namespace: "membrane".into(),
+            name: "membrane-webhook".into(),
+            image: "ghcr.io/example/membrane:0.1.0".into(),
+            tls_secret: "membrane-webhook-tls".into(),
+            replicas,
+        }
+    }
+
+    /// The parts of the workload that must agree with each other and with the configuration:
+    /// a mismatch shows up only in a cluster, as a webhook nobody reaches.
+    #[test]
+    fn the_webhook_workload_hangs_together() {
+        let s = Settings {
+            concurrency: 3,
+            ..Settings::default()
+        };
+        let list = workload(&webhook_workload(2), &s).unwrap();
+        let items = list["items"].as_array().unwrap();
+        let (service, deployment, budget) = (&items[0], &items[1], &items[2]);
+        let template = &deployment["spec"]["template"];
+        let container = &template["spec"]["containers"][0];
+
+        // The configuration's Service, port 443, reaches the container's port by name.
+        let config = configuration("membrane", "membrane-webhook", "ca");
+        let target = &config["webhooks"][0]["clientConfig"]["service"];
+        assert_eq!(service["metadata"]["namespace"], target["namespace"]);
+        assert_eq!(service["metadata"]["name"], target["name"]);
+        assert_eq!(service["spec"]["ports"][0]["port"], target["port"]);
+        let port = &container["ports"][0];
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], port["name"]);
+        assert_eq!(port["containerPort"], CONTAINER_PORT);
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let listen = format!("0.0.0.0:{CONTAINER_PORT}");
+        assert!(args.windows(2).any(|w| w == ["--listen", listen.as_str()]));
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["httpGet"],
+                json!({"path": "/healthz", "port": port["name"], "scheme": "HTTPS"})
+            );
+        }
+
+        // The Service, the Deployment and the budget select the pods, and only them.
+        let pod_labels = template["metadata"]["labels"].as_object().unwrap();
+        for selector in [
+            &service["spec"]["selector"],
+            &deployment["spec"]["selector"]["matchLabels"],
+            &budget["spec"]["selector"]["matchLabels"],
+        ] {
+            for (k, v) in selector.as_object().unwrap() {
+                assert_eq!(pod_labels.get(k), Some(v), "{k}");
+            }
+        }
+        // Neither Istio's injector nor this webhook's own selectors take the webhook's pods.
+        assert_eq!(pod_labels["sidecar.istio.io/inject"], "false");
+        assert_eq!(
+            config["webhooks"][0]["objectSelector"]["matchExpressions"][0]["values"],
+            json!(["false"])
+        );
+        assert_eq!(
+            config["webhooks"][1]["objectSelector"]["matchLabels"]["sidecar.istio.io/inject"],
+            "true"
+        );
+
+        // The Secret is mounted where the arguments read the certificate; the settings follow.
+        assert_eq!(
+            template["spec"]["volumes"][0],
+            json!({"name": "tls", "secret": {"secretName": "membrane-webhook-tls"}})
+        );
+        assert_eq!(container["volumeMounts"][0]["mountPath"], TLS_MOUNT);
+        let cert = format!("{TLS_MOUNT}/tls.crt");
+        let key = format!("{TLS_MOUNT}/tls.key");
+        assert!(args.windows(2).any(|w| w == ["--tls-cert", cert.as_str()]));
+        assert!(args.windows(2).any(|w| w == ["--tls-key", key.as_str()]));
+        assert!(args.windows(2).any(|w| w == ["--concurrency", "3"]));
+        assert_eq!(budget["spec"]["minAvailable"], 1);
+
+        // One replica: no budget, which would block every drain of its node.
+        let single = workload(&webhook_workload(1), &s).unwrap();
+        let kinds: Vec<&Value> = single["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["kind"])
+            .collect();
+        assert_eq!(kinds, ["Service", "Deployment"]);
+    }
+
+    #[test]
+    fn a_webhook_workload_the_api_server_would_refuse_is_refused_naming_the_flag() {
+        let s = Settings::default();
+        let refused = |change: fn(&mut WebhookWorkload)| {
+            let mut w = webhook_workload(2);
+            change(&mut w);
+            workload(&w, &s).unwrap_err()
+        };
+        assert!(
+            refused(|w| w.namespace = "Shop".into()).starts_with("--service's namespace \"Shop\"")
+        );
+        assert!(refused(|w| w.name = "9hook".into()).starts_with("--service's name \"9hook\""));
+        assert!(refused(|w| w.name = "hook-".into()).starts_with("--service's name"));
+        assert!(refused(|w| w.name = "h".repeat(64)).starts_with("--service's name"));
+        assert!(refused(|w| w.tls_secret = "a..b".into()).starts_with("--tls-secret \"a..b\""));
+        assert!(refused(|w| w.tls_secret = "tls_cert".into()).starts_with("--tls-secret"));
+        assert!(refused(|w| w.image = "a b".into()).starts_with("--image"));
+        assert!(refused(|w| w.replicas = 0).starts_with("--replicas"));
+        // Dotted Secret names are fine (cert-manager's are often so).
+        let mut w = webhook_workload(2);
+        w.tls_secret = "membrane.webhook-tls".into();
+        assert!(workload(&w, &s).is_ok());
+        let bad = Settings {
+            concurrency: 0,
+            ..Settings::default()
+        };
+        assert!(
+            workload(&webhook_workload(2), &bad)
+                .unwrap_err()
+                .starts_with("concurrency")
+        );
     }
 }

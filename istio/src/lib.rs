@@ -70,6 +70,25 @@ impl Settings {
         }
     }
 
+    /// The flags of `membrane istio` that give these settings (what the webhook's Deployment
+    /// passes to `membrane istio webhook`).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--wasm-url".to_string(),
+            self.wasm_url.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--xds-socket".into(),
+            self.xds_socket.clone(),
+            "--concurrency".into(),
+            self.concurrency.to_string(),
+        ];
+        if let Some(h) = &self.sha256 {
+            args.extend(["--sha256".to_string(), h.clone()]);
+        }
+        args
+    }
+
     /// Checks what would otherwise produce a manifest that Istio or Envoy rejects later.
     pub fn validate(&self) -> Result<(), String> {
         if !["oci://", "https://", "http://", "file://"]

@@ -143,6 +143,38 @@ fn the_webhook_configuration_and_patched_pods_are_valid_kubernetes_objects() {
     assert_valid(&items);
 }
 
+/// The webhook's own workload (Service, Deployment, PodDisruptionBudget) is what the API server
+/// accepts.
+#[test]
+fn the_webhook_workload_is_valid_kubernetes_objects() {
+    let mut items = Vec::new();
+    for (replicas, s) in [2, 1].into_iter().zip(settings_variants()) {
+        let w = admission::WebhookWorkload {
+            namespace: "membrane".into(),
+            name: "membrane-webhook".into(),
+            image: "ghcr.io/example/membrane:0.1.0".into(),
+            tls_secret: "membrane-webhook-tls".into(),
+            replicas,
+        };
+        let list = admission::workload(&w, &s).unwrap();
+        for object in list["items"].as_array().unwrap() {
+            items.push((model_of(object), object.clone()));
+        }
+    }
+    let models: Vec<&str> = items.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(
+        models,
+        [
+            "v1/Service",
+            "apps/v1/Deployment",
+            "policy/v1/PodDisruptionBudget",
+            "v1/Service",
+            "apps/v1/Deployment",
+        ]
+    );
+    assert_valid(&items);
+}
+
 const POD: &str = "apiVersion: v1
 kind: Pod
 metadata:
@@ -253,6 +285,19 @@ fn the_schemas_refuse_invalid_objects() {
         json!({"name": "membrane-xds", "hostPath": {"path": "/run/membrane", "type": "Dir"}});
     let mut webhook = admission::configuration("membrane", "membrane-webhook", "ca");
     webhook["webhooks"][0]["timeoutSeconds"] = json!("ten");
+    let w = admission::WebhookWorkload {
+        namespace: "membrane".into(),
+        name: "membrane-webhook".into(),
+        image: "membrane".into(),
+        tls_secret: "tls".into(),
+        replicas: 2,
+    };
+    let workload = admission::workload(&w, &s).unwrap();
+    let mut deployment = workload["items"][1].clone();
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["scheme"] =
+        json!("TLS");
+    let mut budget = workload["items"][2].clone();
+    budget["spec"]["selector"] = json!("membrane-webhook");
     let items = vec![
         (model_of(&plugin), plugin),
         (model_of(&mode), mode),
@@ -260,6 +305,8 @@ fn the_schemas_refuse_invalid_objects() {
         (model_of(&pod), pod),
         ("v1/Volume".to_string(), volume),
         (model_of(&webhook), webhook),
+        (model_of(&deployment), deployment),
+        (model_of(&budget), budget),
     ];
     let errors = schema_errors(&items);
     for (error, field) in errors.iter().zip([
@@ -269,6 +316,8 @@ fn the_schemas_refuse_invalid_objects() {
         "metadata/annotations/proxy.istio.io~1concurrency",
         "hostPath/type",
         "webhooks/0/timeoutSeconds",
+        "spec/template/spec/containers/0/readinessProbe/httpGet/scheme",
+        "spec/selector",
     ]) {
         let error = error
             .as_deref()

@@ -46,6 +46,35 @@ pub enum IstioCommand {
         #[arg(long)]
         ca_file: PathBuf,
     },
+    /// Print the webhook's workload (a List: its Service on port 443, the Deployment running `membrane istio webhook` with these settings, a PodDisruptionBudget) for `kubectl apply`.
+    WebhookManifests {
+        /// The webhook's Service, NAMESPACE/NAME (the Deployment gets the same name).
+        #[arg(long)]
+        service: String,
+        /// A container image with the `membrane` binary on its PATH.
+        #[arg(long)]
+        image: String,
+        /// The kubernetes.io/tls Secret (in the Service's namespace) with the certificate for NAME.NAMESPACE.svc.
+        #[arg(long)]
+        tls_secret: String,
+        /// Webhook replicas; with more than one, a PodDisruptionBudget keeps one through node drains.
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+}
+
+/// `--service NAMESPACE/NAME`.
+fn service_ref(service: &str) -> anyhow::Result<(&str, &str)> {
+    match service.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok((namespace, name))
+        }
+        _ => bail!("--service {service:?}: NAMESPACE/NAME expected"),
+    }
 }
 
 /// What the manifests and the injection depend on.
@@ -127,12 +156,7 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
                 .block_on(crate::istio_webhook::serve(listen, files, settings.into()))?;
         }
         IstioCommand::WebhookConfig { service, ca_file } => {
-            let Some((namespace, name)) = service.split_once('/') else {
-                bail!("--service {service:?}: NAMESPACE/NAME expected");
-            };
-            if namespace.is_empty() || name.is_empty() || name.contains('/') {
-                bail!("--service {service:?}: NAMESPACE/NAME expected");
-            }
+            let (namespace, name) = service_ref(&service)?;
             let ca = std::fs::read_to_string(&ca_file)
                 .with_context(|| format!("reading {}", ca_file.display()))?;
             if !ca.contains("-----BEGIN CERTIFICATE-----") {
@@ -141,6 +165,58 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
             let config = membrane_istio::admission::configuration(namespace, name, &ca);
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
+        IstioCommand::WebhookManifests {
+            service,
+            image,
+            tls_secret,
+            replicas,
+            settings,
+        } => {
+            let (namespace, name) = service_ref(&service)?;
+            let workload = membrane_istio::admission::WebhookWorkload {
+                namespace: namespace.into(),
+                name: name.into(),
+                image,
+                tls_secret,
+                replicas,
+            };
+            match membrane_istio::admission::workload(&workload, &settings.into()) {
+                Ok(list) => println!("{}", serde_json::to_string_pretty(&list)?),
+                Err(e) => bail!("{e}"),
+            }
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct WithSettings {
+        #[command(flatten)]
+        settings: SettingsArgs,
+    }
+
+    /// The webhook's Deployment passes `Settings::args()` to this CLI: each setting must come
+    /// back as it was given.
+    #[test]
+    fn settings_survive_their_flags() {
+        let given = Settings {
+            wasm_url: "oci://ghcr.io/example/membrane-filter:0.1.0".into(),
+            sha256: Some("0123456789abcdef".repeat(4)),
+            namespace: "mesh-root".into(),
+            xds_socket: "/run/membrane/xds.sock".into(),
+            concurrency: 4,
+        };
+        for s in [Settings::default(), given] {
+            let parsed = WithSettings::try_parse_from(
+                std::iter::once("membrane".to_string()).chain(s.args()),
+            )
+            .unwrap();
+            assert_eq!(Settings::from(parsed.settings), s);
+        }
+    }
 }
