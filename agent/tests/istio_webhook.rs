@@ -165,6 +165,34 @@ fn pod() -> Value {
     })
 }
 
+/// The Pod of [`pod`] as the API server leaves it after applying the answer's JSON Patch.
+fn patched_pod(answer: &Value) -> Value {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut patched = pod();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    patched
+}
+
+/// The pod's `proxy.istio.io/config` annotation, parsed.
+fn proxy_config(pod: &Value) -> Value {
+    let text = pod["metadata"]["annotations"]["proxy.istio.io/config"]
+        .as_str()
+        .unwrap();
+    serde_json::from_str(text).unwrap()
+}
+
+/// Waits until the webhook's certificate is one `ca` vouches for.
+fn wait_until_trusted(addr: &str, ca: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while curl(addr, ca, &[], "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "{what} was not taken");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn the_webhook_prepares_created_pods_over_https() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,12 +215,7 @@ fn the_webhook_prepares_created_pods_over_https() {
     assert_eq!(response["allowed"], true);
     assert_eq!(response["patchType"], "JSONPatch");
     // The API server applies the patch: the result is what `membrane istio inject` prints.
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(response["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-    let mut patched = pod();
-    json_patch::patch(&mut patched, &patch).unwrap();
+    let patched = patched_pod(&answer);
     let injected = membrane()
         .args(["istio", "inject", "-f", "-"])
         .stdin(Stdio::piped())
@@ -210,14 +233,8 @@ fn the_webhook_prepares_created_pods_over_https() {
     assert!(injected.status.success());
     let want: Value = serde_json::from_slice(&injected.stdout).unwrap();
     assert_eq!(patched, want);
-    let config: Value = serde_json::from_str(
-        patched["metadata"]["annotations"]["proxy.istio.io/config"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
     assert_eq!(
-        config,
+        proxy_config(&patched),
         json!({"holdApplicationUntilProxyStarts": true, "concurrency": 2})
     );
 
@@ -241,14 +258,7 @@ fn the_webhook_prepares_created_pods_over_https() {
     std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
     std::fs::copy(d.join("ca2-server.key"), &key).unwrap();
     std::fs::copy(d.join("ca2-server.crt"), &cert).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while curl(&addr, &ca2, &[], "/healthz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not taken"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_trusted(&addr, &ca2, "the new certificate");
     assert_eq!(
         curl(&addr, &ca1, &[], "/healthz").0,
         0,
@@ -354,20 +364,8 @@ fn the_webhook_runs_as_its_deployment_says() {
     let (code, body) = post(&addr, &ca, &review(&pod()).to_string());
     assert_eq!(code, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(answer["response"]["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-    let mut patched = pod();
-    json_patch::patch(&mut patched, &patch).unwrap();
-    let config: Value = serde_json::from_str(
-        patched["metadata"]["annotations"]["proxy.istio.io/config"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
     assert_eq!(
-        config,
+        proxy_config(&patched_pod(&answer)),
         json!({"holdApplicationUntilProxyStarts": true, "concurrency": 3}),
         "the Deployment's --concurrency"
     );
@@ -377,14 +375,7 @@ fn the_webhook_runs_as_its_deployment_says() {
     assert_eq!(curl(&addr, &d.join("ca2.crt"), &[], "/healthz").0, 0);
     std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
     kubelet_secret_update(&secret, d, "ca2", "..2026_11_29_17_00_00.2");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while curl(&addr, &d.join("ca2.crt"), &[], "/healthz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the renewed Secret was not taken"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_trusted(&addr, &d.join("ca2.crt"), "the renewed Secret");
 
     let out = membrane()
         .args([
