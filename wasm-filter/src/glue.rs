@@ -7,10 +7,12 @@
 //! starting, or one rebuilt by `failure_policy: FAIL_RELOAD` after a panic) seeds itself from
 //! there before its own stream answers, so a reload never opens a default-deny gap.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -127,13 +129,15 @@ struct Metrics {
     applied: u32,
     rejected: u32,
     seeded: u32,
+    allocations: u32,
+}
+
+fn counter(name: &str) -> u32 {
+    hostcalls::define_metric(MetricType::Counter, &format!("membrane.{name}")).unwrap_or(0)
 }
 
 impl Metrics {
     fn define() -> Metrics {
-        let counter = |name: &str| {
-            hostcalls::define_metric(MetricType::Counter, &format!("membrane.{name}")).unwrap_or(0)
-        };
         Metrics {
             allowed: [
                 counter("http.inbound.allowed"),
@@ -155,6 +159,7 @@ impl Metrics {
             applied: counter("xds.applied"),
             rejected: counter("xds.rejected"),
             seeded: counter("xds.seeded"),
+            allocations: counter(ALLOCATIONS_METRIC),
         }
     }
 
@@ -198,6 +203,51 @@ impl Tally {
         if n > 0 {
             hostcalls::increment_metric(metrics.connections, n).ok();
         }
+    }
+}
+
+/// The module's heap allocations, counted by its allocator: what the filter allocates per
+/// request is held to what the ABI forces (the SDK's box for the request's context, and each
+/// answer the host writes into the module), which envoy_e2e checks and bench/wasm.sh prints.
+const ALLOCATIONS_METRIC: &str = "vm.allocations";
+
+/// The system allocator, counting. wasm32-wasip1 has no threads: the atomic is a plain add.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call goes unchanged to the system allocator, which upholds GlobalAlloc's
+// contract; the counter has no effect on the memory handed out.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Adds the allocations since the last call to the metric.
+fn flush_allocations(metric: u32) {
+    let n = ALLOCATIONS.swap(0, Ordering::Relaxed);
+    if n > 0 {
+        hostcalls::increment_metric(metric, n).ok();
     }
 }
 
@@ -416,9 +466,12 @@ impl RootContext for Root {
             }
         }
         if matches!(self.config.mode, Mode::Noop | Mode::Fetch) {
+            // Ticks only to report allocations (bench/wasm.sh compares them across modes).
+            self.metrics.allocations = counter(ALLOCATIONS_METRIC);
+            self.set_tick_period(Duration::from_millis(500));
             return true;
         }
-        let own_node = property(&["xds", "node", "id"])
+        let own_node = property(b"xds\0node\0id")
             .and_then(|v| String::from_utf8(v).ok())
             .unwrap_or_default();
         if is_istio_gateway(&own_node) {
@@ -461,6 +514,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        flush_allocations(self.metrics.allocations);
+        if matches!(self.config.mode, Mode::Noop | Mode::Fetch) {
+            return;
+        }
         self.ticks += 1;
         self.tally.flush(&self.metrics);
         if self.stream.is_none() && self.ticks >= self.reconnect_at {
@@ -499,7 +556,11 @@ impl RootContext for Root {
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
         match self.config.mode {
             Mode::Noop => return Some(Box::new(Noop)),
-            Mode::Fetch => return Some(Box::new(Fetch)),
+            Mode::Fetch => {
+                return Some(Box::new(Fetch {
+                    state: self.state.clone(),
+                }));
+            }
             _ if self.gateway => return Some(Box::new(Noop)),
             _ => {}
         }
@@ -527,17 +588,21 @@ impl Context for Pass {}
 
 impl StreamContext for Pass {}
 
-struct Fetch;
+/// The floor of a judging filter: a context that holds its policy (so the SDK boxes it, as it
+/// boxes `Http`), and the reads `Http` makes; no judging.
+struct Fetch {
+    state: Rc<RefCell<PolicyState>>,
+}
 
 impl Context for Fetch {}
 
 impl HttpContext for Fetch {
     fn on_http_request_headers(&mut self, _headers: usize, _eos: bool) -> Action {
         // The same reads as `Http`: one property and two headers.
-        let id = property(&["connection_id"]);
+        let id = property(b"connection_id");
         let method = self.get_http_request_header(":method");
         let path = self.get_http_request_header(":path");
-        std::hint::black_box((id, method, path));
+        std::hint::black_box((&self.state, id, method, path));
         Action::Continue
     }
 }
@@ -553,16 +618,43 @@ struct Http {
 
 impl Context for Http {}
 
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> proxy_wasm::types::Status;
+}
+
 /// A property as bytes; errors (which the SDK's own call would panic on) are treated as absent.
-fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+/// `path` is already in the ABI's form, its segments joined by NUL (`b"upstream\0address"`):
+/// the SDK's `get_property` takes a `Vec` of segments and serializes it on every call, two
+/// allocations per read that the per-request reads do not need. What the host answers is
+/// allocated in the module by the host (the ABI's way), and owned here.
+#[allow(unsafe_code)]
+fn property(path: &'static [u8]) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: the path outlives the call; on Ok the host has allocated `size` bytes at `data`
+    // with this module's allocator (proxy_on_memory_allocate), handed over to the Vec.
+    unsafe {
+        match proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) {
+            proxy_wasm::types::Status::Ok if !data.is_null() => {
+                Some(Vec::from_raw_parts(data, size, size))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The pod's addresses from Istio's node metadata (`INSTANCE_IPS`, comma-separated). A sidecar
 /// only ever judges traffic to or from its own pod, so its own endpoint's policy is all it needs.
 fn instance_ips() -> Vec<String> {
-    let Some(text) = property(&["xds", "node", "metadata", "INSTANCE_IPS"])
-        .or_else(|| property(&["node", "metadata", "INSTANCE_IPS"]))
+    let Some(text) = property(b"xds\0node\0metadata\0INSTANCE_IPS")
+        .or_else(|| property(b"node\0metadata\0INSTANCE_IPS"))
         .and_then(|v| String::from_utf8(v).ok())
     else {
         return Vec::new();
@@ -574,23 +666,24 @@ fn instance_ips() -> Vec<String> {
         .collect()
 }
 
-fn address(path: &[&str]) -> Option<(IpAddr, u16)> {
+fn address(path: &'static [u8]) -> Option<(IpAddr, u16)> {
     let text = String::from_utf8(property(path)?).ok()?;
     text.parse::<SocketAddr>().ok().map(|a| (a.ip(), a.port()))
 }
 
 /// Reads what the filter needs to know about the request's connection.
 fn read_conn_facts() -> Option<ConnFacts> {
-    let direction = match property(&["xds", "listener_direction"]).as_deref() {
+    let direction = match property(b"xds\0listener_direction").as_deref() {
         Some([2, ..]) => Direction::Outbound,
         _ => Direction::Inbound,
     };
-    let (source, _) = address(&["source", "address"])?;
-    let (destination, port) = address(&["destination", "address"])?;
-    let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
+    let (source, _) = address(b"source\0address")?;
+    let (destination, port) = address(b"destination\0address")?;
+    let mtls = property(b"connection\0mtls").is_some_and(|v| v.first() == Some(&1));
     let peer_spiffe = if mtls {
-        property(&["connection", "uri_san_peer_certificate"])
+        property(b"connection\0uri_san_peer_certificate")
             .and_then(|v| String::from_utf8(v).ok())
+            .map(Rc::from)
     } else {
         None
     };
@@ -628,7 +721,7 @@ impl Http {
     fn conn_facts(&self) -> Option<Rc<ConnFacts>> {
         // `connection_id`, not `connection.id`: the latter builds Envoy's CEL connection
         // wrapper in a fresh arena and looks the field up by name, on every request.
-        let id = property(&["connection_id"])
+        let id = property(b"connection_id")
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_le_bytes);
         if let Some(facts) = id.and_then(|id| self.conns.borrow().get(&id).cloned()) {
@@ -747,7 +840,7 @@ impl HttpContext for Http {
         // Read per request: each request, and each retry, may go to another backend.
         let picked;
         let conn = if self.upstream && cached.direction == Direction::Outbound {
-            let Some((destination, port)) = address(&["upstream", "address"]) else {
+            let Some((destination, port)) = address(b"upstream\0address") else {
                 Tally::count(&self.tally.denied[Direction::Outbound as usize]);
                 return self.deny(
                     None,

@@ -183,8 +183,9 @@ pub struct ConnFacts {
     pub destination: IpAddr,
     /// Its port.
     pub port: u16,
-    /// The mTLS peer's SPIFFE ID (from the verified certificate, never a header).
-    pub peer_spiffe: Option<String>,
+    /// The mTLS peer's SPIFFE ID (from the verified certificate, never a header). Shared: the
+    /// upstream mode copies a connection's facts per request.
+    pub peer_spiffe: Option<Rc<str>>,
 }
 
 impl ConnFacts {
@@ -244,7 +245,7 @@ impl PolicyState {
             Direction::Outbound => c.destination,
         };
         let by_spiffe = match (c.direction, &c.peer_spiffe) {
-            (Direction::Inbound, Some(id)) => self.spiffe.get(id).copied(),
+            (Direction::Inbound, Some(id)) => self.spiffe.get(&**id).copied(),
             _ => None,
         };
         let own = self.endpoints.by_address.get(&c.local());
@@ -732,7 +733,7 @@ mod tests {
             source: source.parse().unwrap(),
             destination: destination.parse().unwrap(),
             port: 80,
-            peer_spiffe: spiffe.map(str::to_string),
+            peer_spiffe: spiffe.map(Rc::from),
         }
     }
 

@@ -901,6 +901,32 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(connections() - before, 1, "facts read once per connection");
 
+    // What the filter allocates per allowed request is what the ABI forces: the SDK's box for
+    // the request's context and the host's answers, written into the module (the connection
+    // id, :method, :path, and here the testing-only crash_on_header read), nothing of its own.
+    // Counted by the module's allocator over one connection of 400 requests; the connection's
+    // own reads add a few allocations in all, not per request.
+    let allocations = || {
+        stats("membrane.vm.allocations")
+            .get("wasmcustom.membrane.vm.allocations")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = allocations();
+    let mut conn = KeepAlive::open("127.0.0.2").await;
+    const REQUESTS: u64 = 400;
+    for _ in 0..REQUESTS {
+        assert_eq!(conn.get("/public/a").await, 200);
+    }
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let made = allocations() - before;
+    const FORCED: u64 = 5;
+    assert!(
+        (FORCED * REQUESTS..FORCED * REQUESTS + 40).contains(&made),
+        "{made} allocations in {REQUESTS} allowed requests, {FORCED} per request expected"
+    );
+
     // Every deny is counted and logged with the identities, the request and the reason (the VMs
     // add their tallies to the counters on each 0.5 s tick).
     let counters = stats("membrane");
