@@ -31,6 +31,11 @@ impl Drop for Server {
 /// A CA `{ca}.crt` and a server certificate `{ca}-server.{crt,key}` for the webhook's Service
 /// name and 127.0.0.1, signed by it.
 fn issue(dir: &Path, ca: &str) {
+    issue_for(dir, ca, "DNS:membrane-webhook.membrane.svc,IP:127.0.0.1");
+}
+
+/// [`issue`] for these subject alternative names (openssl's form).
+fn issue_for(dir: &Path, ca: &str, names: &str) {
     let ec = OPENSSL_EC_KEY;
     let (ca_key, ca_crt) = (format!("{ca}.key"), format!("{ca}.crt"));
     let subject = format!("/CN={ca}");
@@ -55,9 +60,9 @@ fn issue(dir: &Path, ca: &str) {
                 "-days",
                 "1",
                 "-subj",
-                "/CN=membrane-webhook.membrane.svc",
+                "/CN=membrane-webhook",
                 "-addext",
-                "subjectAltName=DNS:membrane-webhook.membrane.svc,IP:127.0.0.1",
+                &format!("subjectAltName={names}"),
                 "-CA",
                 &ca_crt,
                 "-CAkey",
@@ -185,9 +190,9 @@ fn proxy_config(pod: &Value) -> Value {
 }
 
 /// Waits until the webhook's certificate is one `ca` vouches for.
-fn wait_until_trusted(addr: &str, ca: &Path, what: &str) {
+fn wait_until_trusted(addr: &str, ca: &Path, args: &[&str], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while curl(addr, ca, &[], "/healthz").0 != 200 {
+    while curl(addr, ca, args, "/healthz").0 != 200 {
         assert!(Instant::now() < deadline, "{what} was not taken");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -258,7 +263,7 @@ fn the_webhook_prepares_created_pods_over_https() {
     std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
     std::fs::copy(d.join("ca2-server.key"), &key).unwrap();
     std::fs::copy(d.join("ca2-server.crt"), &cert).unwrap();
-    wait_until_trusted(&addr, &ca2, "the new certificate");
+    wait_until_trusted(&addr, &ca2, &[], "the new certificate");
     assert_eq!(
         curl(&addr, &ca1, &[], "/healthz").0,
         0,
@@ -284,25 +289,16 @@ fn kubelet_secret_update(volume: &Path, certs: &Path, ca: &str, version: &str) {
     std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
 }
 
-/// The workload `membrane istio webhook-manifests` prints, run as the kubelet would run it:
-/// its command and arguments, the TLS Secret's files where the volume is mounted (a directory
-/// here), the container port on loopback; then its readiness probe, and a Pod prepared with the
-/// settings it was given.
+/// The workload `membrane istio webhook-manifests --cert-manager-issuer` prints, run as the
+/// kubelet would run it: its command and arguments, the TLS Secret's files (issued as its
+/// Certificate asks) where the volume is mounted (a directory here), the container port on
+/// loopback; then reached as the API server reaches it (by the Service's DNS name, checking the
+/// certificate against it), its readiness probe, and a Pod prepared with the settings it was
+/// given.
 #[test]
 fn the_webhook_runs_as_its_deployment_says() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    issue(d, "ca");
-    issue(d, "ca2");
-    // The volume as the kubelet writes a Secret: the files in a timestamped directory, `..data`
-    // a symbolic link to it, each key a link through `..data`.
-    let secret = d.join("secret");
-    std::fs::create_dir(&secret).unwrap();
-    kubelet_secret_update(&secret, d, "ca", "..2026_11_29_16_00_00.1");
-    for file in ["tls.crt", "tls.key"] {
-        std::os::unix::fs::symlink(format!("..data/{file}"), secret.join(file)).unwrap();
-    }
-
     let out = membrane()
         .args([
             "istio",
@@ -312,17 +308,47 @@ fn the_webhook_runs_as_its_deployment_says() {
         ])
         .args(["--image", "ghcr.io/example/membrane:0.1.0"])
         .args(["--tls-secret", "membrane-webhook-tls", "--concurrency", "3"])
+        .args(["--cert-manager-issuer", "ClusterIssuer/membrane-ca"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["kind"], "List");
-    let deployment = list["items"]
+    let item = |kind: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind}"))
+            .clone()
+    };
+    let deployment = item("Deployment");
+    let certificate = &item("Certificate")["spec"];
+    assert_eq!(certificate["privateKey"]["algorithm"], "ECDSA");
+    let dns_names: Vec<&str> = certificate["dnsNames"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["kind"] == "Deployment")
-        .expect("a Deployment");
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    // What cert-manager would issue for it (an ECDSA P-256 key, PKCS #8), by two CAs in turn.
+    let names = dns_names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    issue_for(d, "ca", &names);
+    issue_for(d, "ca2", &names);
+    // The volume as the kubelet writes a Secret: the files in a timestamped directory, `..data`
+    // a symbolic link to it, each key a link through `..data`.
+    let secret = d.join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    kubelet_secret_update(&secret, d, "ca", "..2026_11_29_16_00_00.1");
+    for file in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), secret.join(file)).unwrap();
+    }
+
     let pod_spec = &deployment["spec"]["template"]["spec"];
     let container = &pod_spec["containers"][0];
     assert_eq!(container["command"], json!(["membrane"]));
@@ -334,6 +360,7 @@ fn the_webhook_runs_as_its_deployment_says() {
         .find(|v| v["name"] == mount["name"])
         .expect("the mounted volume");
     assert_eq!(volume["secret"]["secretName"], "membrane-webhook-tls");
+    assert_eq!(certificate["secretName"], "membrane-webhook-tls");
     let mount_path = mount["mountPath"].as_str().unwrap();
     let port = &container["ports"][0];
     let container_listen = format!("0.0.0.0:{}", port["containerPort"]);
@@ -352,16 +379,37 @@ fn the_webhook_runs_as_its_deployment_says() {
         }
     }
     assert!(listen_seen, "the container listens on {container_listen}");
-    let (_server, addr) = start_with(&args);
+    let (_server, local) = start_with(&args);
 
+    // The API server dials https://NAME.NAMESPACE.svc and checks the certificate against that
+    // name: here the name resolves to the loopback address the webhook listens on.
+    let port_number = local.rsplit(':').next().unwrap();
+    let addr = format!("membrane-webhook.membrane.svc:{port_number}");
+    let resolve = format!("{addr}:127.0.0.1");
+    let via_dns = ["--resolve", resolve.as_str()];
     let probe = &container["readinessProbe"]["httpGet"];
     assert_eq!(probe["port"], port["name"]);
     assert_eq!(probe["scheme"], "HTTPS");
     let ca = d.join("ca.crt");
-    let (code, _) = curl(&addr, &ca, &[], probe["path"].as_str().unwrap());
+    let (code, _) = curl(&addr, &ca, &via_dns, probe["path"].as_str().unwrap());
     assert_eq!(code, 200, "the readiness probe fails");
 
-    let (code, body) = post(&addr, &ca, &review(&pod()).to_string());
+    let body = review(&pod()).to_string();
+    let (code, body) = curl(
+        &addr,
+        &ca,
+        &[
+            &via_dns[..],
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ],
+        ]
+        .concat(),
+        "/inject",
+    );
     assert_eq!(code, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -372,10 +420,10 @@ fn the_webhook_runs_as_its_deployment_says() {
 
     // A renewed Secret: the kubelet swaps `..data` to a new directory; the next connection
     // gets the new certificate, with no restart.
-    assert_eq!(curl(&addr, &d.join("ca2.crt"), &[], "/healthz").0, 0);
+    assert_eq!(curl(&addr, &d.join("ca2.crt"), &via_dns, "/healthz").0, 0);
     std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
     kubelet_secret_update(&secret, d, "ca2", "..2026_11_29_17_00_00.2");
-    wait_until_trusted(&addr, &d.join("ca2.crt"), "the renewed Secret");
+    wait_until_trusted(&addr, &d.join("ca2.crt"), &via_dns, "the renewed Secret");
 
     let out = membrane()
         .args([

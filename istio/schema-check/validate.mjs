@@ -1,5 +1,6 @@
 // Validates Kubernetes objects against the schemas of their API: Istio's CRDs (1.29.2, through
-// @kubernetes-models/istio) and Kubernetes' own OpenAPI (through kubernetes-models). Reads a JSON
+// @kubernetes-models/istio), cert-manager's CRDs (through @kubernetes-models/cert-manager) and
+// Kubernetes' own OpenAPI (through kubernetes-models). Reads a JSON
 // array of {model, object} on stdin, `model` naming the schema as API version and kind
 // (`extensions.istio.io/v1alpha1/WasmPlugin`, `apps/v1/Deployment`, or a part of one such as
 // `v1/Volume`); prints one JSON line per item: {model, error}, error null when valid.
@@ -15,12 +16,17 @@ if (!modules) {
 }
 
 // `networking.istio.io/v1alpha3/EnvoyFilter` -> @kubernetes-models/istio/networking.istio.io/
-// v1alpha3/EnvoyFilter.js; `apps/v1/Deployment` -> kubernetes-models/apps/v1/Deployment.js;
+// v1alpha3/EnvoyFilter.js; `cert-manager.io/v1/Certificate` -> @kubernetes-models/cert-manager/
+// cert-manager.io/v1/Certificate.js; `apps/v1/Deployment` -> kubernetes-models/apps/v1/Deployment.js;
 // `v1/Pod` -> kubernetes-models/v1/Pod.js.
 function modelPath(model) {
   const parts = model.split("/");
   const kind = parts.pop();
-  const pkg = parts[0].endsWith("istio.io") ? "@kubernetes-models/istio" : "kubernetes-models";
+  const pkg = parts[0].endsWith("istio.io")
+    ? "@kubernetes-models/istio"
+    : parts[0] === "cert-manager.io"
+      ? "@kubernetes-models/cert-manager"
+      : "kubernetes-models";
   return [join(modules, pkg, ...parts, `${kind}.js`), kind];
 }
 

@@ -94,15 +94,37 @@ fn sidecar_present(pod: &Value) -> bool {
         })
 }
 
+/// How the API server comes to trust the webhook's certificate.
+#[derive(Clone, Copy, Debug)]
+pub enum Trust<'a> {
+    /// This CA (PEM) as the configuration's `caBundle`.
+    CaBundle(&'a str),
+    /// cert-manager's CA injector fills the `caBundle` from the webhook's Certificate (named
+    /// as its Service, in its namespace: [`workload`] with an issuer makes it) and keeps it
+    /// current when the CA changes.
+    CertManager,
+}
+
 /// The `MutatingWebhookConfiguration` that sends Pods to the webhook: the Service
-/// `namespace/name` on port 443 at [`PATH`], trusted through `ca_bundle` (PEM). It selects the
-/// pods Istio's own injector selects: in namespaces labelled `istio-injection=enabled` unless
-/// the pod opts out, and pods labelled `sidecar.istio.io/inject=true` in other namespaces. It
-/// never blocks a Pod (`failurePolicy: Ignore`): a pod created while the webhook is down starts
+/// `namespace/name` on port 443 at [`PATH`], trusted as `trust` says. It selects the pods
+/// Istio's own injector selects: in namespaces labelled `istio-injection=enabled` unless the
+/// pod opts out, and pods labelled `sidecar.istio.io/inject=true` in other namespaces. It never
+/// blocks a Pod (`failurePolicy: Ignore`): a pod created while the webhook is down starts
 /// without the settings and its filter fails closed.
-pub fn configuration(service_namespace: &str, service_name: &str, ca_bundle: &str) -> Value {
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca_bundle.as_bytes());
+pub fn configuration(service_namespace: &str, service_name: &str, trust: Trust<'_>) -> Value {
     let webhook = |name: &str, namespace_selector: Value, object_selector: Value| {
+        let mut client = json!({
+            "service": {
+                "namespace": service_namespace,
+                "name": service_name,
+                "path": PATH,
+                "port": 443,
+            },
+        });
+        if let Trust::CaBundle(pem) = trust {
+            client["caBundle"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(pem.as_bytes()));
+        }
         json!({
             "name": name,
             "admissionReviewVersions": ["v1"],
@@ -110,15 +132,7 @@ pub fn configuration(service_namespace: &str, service_name: &str, ca_bundle: &st
             "failurePolicy": "Ignore",
             "reinvocationPolicy": "IfNeeded",
             "timeoutSeconds": 10,
-            "clientConfig": {
-                "service": {
-                    "namespace": service_namespace,
-                    "name": service_name,
-                    "path": PATH,
-                    "port": 443,
-                },
-                "caBundle": ca,
-            },
+            "clientConfig": client,
             "rules": [{
                 "operations": ["CREATE"],
                 "apiGroups": [""],
@@ -130,10 +144,17 @@ pub fn configuration(service_namespace: &str, service_name: &str, ca_bundle: &st
             "objectSelector": object_selector,
         })
     };
+    let mut metadata = json!({"name": CONFIGURATION_NAME});
+    if let Trust::CertManager = trust {
+        // cert-manager's CA injector keeps the caBundle equal to the Certificate's CA.
+        metadata["annotations"] = json!({
+            "cert-manager.io/inject-ca-from": format!("{service_namespace}/{service_name}"),
+        });
+    }
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION_NAME},
+        "metadata": metadata,
         "webhooks": [
             webhook(
                 "namespace.membrane.istio.io",
@@ -171,6 +192,33 @@ pub struct WebhookWorkload {
     pub tls_secret: String,
     /// Webhook pods; more than one adds the PodDisruptionBudget.
     pub replicas: u32,
+    /// The cert-manager issuer that keeps `tls_secret` filled: with one, the workload includes
+    /// the Certificate.
+    pub issuer: Option<Issuer>,
+}
+
+/// A cert-manager issuer: an `Issuer` in the webhook's namespace or a `ClusterIssuer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuer {
+    pub kind: String,
+    pub name: String,
+}
+
+impl Issuer {
+    /// `Issuer/NAME` or `ClusterIssuer/NAME`.
+    pub fn parse(text: &str) -> Result<Issuer, String> {
+        match text.split_once('/') {
+            Some((kind @ ("Issuer" | "ClusterIssuer"), name)) if dns_subdomain(name) => {
+                Ok(Issuer {
+                    kind: kind.into(),
+                    name: name.into(),
+                })
+            }
+            _ => Err(format!(
+                "--cert-manager-issuer {text:?}: Issuer/NAME or ClusterIssuer/NAME expected"
+            )),
+        }
+    }
 }
 
 impl WebhookWorkload {
@@ -191,7 +239,7 @@ impl WebhookWorkload {
                 self.name
             ));
         }
-        if self.tls_secret.len() > 253 || !self.tls_secret.split('.').all(dns_label) {
+        if !dns_subdomain(&self.tls_secret) {
             return Err(format!(
                 "--tls-secret {:?}: a Secret name: at most 253 characters, dot-separated parts \
                  of a-z, 0-9 and '-' that begin and end with a letter or digit",
@@ -211,6 +259,11 @@ impl WebhookWorkload {
     }
 }
 
+/// A DNS-1123 subdomain (most object names): dot-separated labels, at most 253 characters.
+fn dns_subdomain(value: &str) -> bool {
+    value.len() <= 253 && value.split('.').all(dns_label)
+}
+
 /// A DNS-1123 label.
 fn dns_label(value: &str) -> bool {
     !value.is_empty()
@@ -225,7 +278,8 @@ fn dns_label(value: &str) -> bool {
 /// The webhook's workload, as a `v1` `List` for `kubectl apply`: the Service the webhook
 /// configuration names (port 443), the Deployment that runs `membrane istio webhook` with `s`
 /// (the settings `membrane istio manifests` was given, so that pods are prepared for those
-/// manifests), and, with more than one replica, a PodDisruptionBudget keeping one up through
+/// manifests), with an issuer the cert-manager Certificate that fills its TLS Secret, and,
+/// with more than one replica, a PodDisruptionBudget keeping one up through
 /// node drains: the configuration's `failurePolicy: Ignore` would admit pods unprepared while
 /// none is ready. The pods opt out of Istio's sidecar (the webhook needs none, and it must not
 /// wait for itself), need no API access (no service account token) and run as non-root with a
@@ -321,6 +375,22 @@ pub fn workload(w: &WebhookWorkload, s: &Settings) -> Result<Value, String> {
         },
     });
     let mut items = vec![service, deployment];
+    if let Some(issuer) = &w.issuer {
+        let host = format!("{}.{}.svc", w.name, w.namespace);
+        items.push(json!({
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Certificate",
+            "metadata": metadata,
+            "spec": {
+                "secretName": w.tls_secret,
+                // The name the API server dials (and checks the certificate against).
+                "dnsNames": [host, format!("{host}.cluster.local")],
+                "issuerRef": {"group": "cert-manager.io", "kind": issuer.kind, "name": issuer.name},
+                "privateKey": {"algorithm": "ECDSA", "size": 256, "encoding": "PKCS8", "rotationPolicy": "Always"},
+                "usages": ["digital signature", "server auth"],
+            },
+        }));
+    }
     if w.replicas > 1 {
         items.push(json!({
             "apiVersion": "policy/v1",
@@ -480,7 +550,7 @@ mod tests {
         let c = configuration(
             "membrane",
             "membrane-webhook",
-            "-----BEGIN CERTIFICATE-----\n",
+            Trust::CaBundle("-----BEGIN CERTIFICATE-----\n"),
         );
         assert!(CONFIGURATION_NAME < "istio-revision-tag-default");
         assert!(CONFIGURATION_NAME < "istio-sidecar-injector");
@@ -503,6 +573,7 @@ mod tests {
             image: "ghcr.io/example/membrane:0.1.0".into(),
             tls_secret: "membrane-webhook-tls".into(),
             replicas,
+            issuer: None,
         }
     }
 
@@ -521,7 +592,7 @@ mod tests {
         let container = &template["spec"]["containers"][0];
 
         // The configuration's Service, port 443, reaches the container's port by name.
-        let config = configuration("membrane", "membrane-webhook", "ca");
+        let config = configuration("membrane", "membrane-webhook", Trust::CaBundle("ca"));
         let target = &config["webhooks"][0]["clientConfig"]["service"];
         assert_eq!(service["metadata"]["namespace"], target["namespace"]);
         assert_eq!(service["metadata"]["name"], target["name"]);
@@ -588,6 +659,80 @@ mod tests {
             .map(|i| &i["kind"])
             .collect();
         assert_eq!(kinds, ["Service", "Deployment"]);
+    }
+
+    /// With cert-manager: the Certificate fills the Secret the Deployment mounts, names the host
+    /// the API server dials, and is the one the configuration's CA injection reads.
+    #[test]
+    fn cert_manager_fills_the_secret_and_the_ca_bundle() {
+        let mut w = webhook_workload(2);
+        w.issuer = Some(Issuer::parse("ClusterIssuer/membrane-ca").unwrap());
+        let list = workload(&w, &Settings::default()).unwrap();
+        let items = list["items"].as_array().unwrap();
+        let find = |kind: &str| items.iter().find(|i| i["kind"] == kind).unwrap();
+        let certificate = find("Certificate");
+        let volume = &find("Deployment")["spec"]["template"]["spec"]["volumes"][0];
+        assert_eq!(
+            certificate["spec"]["secretName"],
+            volume["secret"]["secretName"]
+        );
+        assert_eq!(
+            certificate["spec"]["issuerRef"],
+            json!({"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "membrane-ca"})
+        );
+
+        let config = configuration("membrane", "membrane-webhook", Trust::CertManager);
+        let service = &config["webhooks"][0]["clientConfig"]["service"];
+        let dialled = format!(
+            "{}.{}.svc",
+            service["name"].as_str().unwrap(),
+            service["namespace"].as_str().unwrap()
+        );
+        assert_eq!(certificate["spec"]["dnsNames"][0], dialled.as_str());
+        let injected_from = format!(
+            "{}/{}",
+            certificate["metadata"]["namespace"].as_str().unwrap(),
+            certificate["metadata"]["name"].as_str().unwrap()
+        );
+        assert_eq!(
+            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            injected_from.as_str()
+        );
+        for hook in config["webhooks"].as_array().unwrap() {
+            assert!(hook["clientConfig"].get("caBundle").is_none(), "{hook}");
+        }
+        // Without an issuer: no Certificate, and the bundle is given.
+        let plain = workload(&webhook_workload(2), &Settings::default()).unwrap();
+        assert!(
+            !plain["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["kind"] == "Certificate")
+        );
+        let given = configuration("membrane", "membrane-webhook", Trust::CaBundle("ca"));
+        assert!(given["metadata"].get("annotations").is_none());
+
+        for bad in [
+            "membrane-ca",
+            "Certificate/ca",
+            "Issuer/",
+            "ClusterIssuer/Ca",
+        ] {
+            assert!(
+                Issuer::parse(bad)
+                    .unwrap_err()
+                    .starts_with("--cert-manager-issuer"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Issuer::parse("Issuer/ca.membrane").unwrap(),
+            Issuer {
+                kind: "Issuer".into(),
+                name: "ca.membrane".into()
+            }
+        );
     }
 
     #[test]

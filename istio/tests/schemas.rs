@@ -1,5 +1,6 @@
 //! membrane's Istio manifests and the workloads `membrane istio inject` rewrites, checked against
-//! the schemas an API server checks them with: Istio 1.29.2's CRDs and Kubernetes' OpenAPI, as
+//! the schemas an API server checks them with: Istio 1.29.2's CRDs, cert-manager's CRDs and
+//! Kubernetes' OpenAPI, as
 //! validators from the npm registry (istio/schema-check, run by Node.js). There is no API server
 //! or istiod here; this is what `kubectl apply` would refuse. Needs `node` and
 //! MEMBRANE_ISTIO_SCHEMAS (scripts/test.sh installs both and sets it); fails without them.
@@ -115,7 +116,7 @@ fn the_webhook_configuration_and_patched_pods_are_valid_kubernetes_objects() {
     let config = admission::configuration(
         "membrane",
         "membrane-webhook",
-        "-----BEGIN CERTIFICATE-----\n",
+        admission::Trust::CaBundle("-----BEGIN CERTIFICATE-----\n"),
     );
     let mut items = vec![(model_of(&config), config)];
     for s in settings_variants() {
@@ -143,33 +144,43 @@ fn the_webhook_configuration_and_patched_pods_are_valid_kubernetes_objects() {
     assert_valid(&items);
 }
 
-/// The webhook's own workload (Service, Deployment, PodDisruptionBudget) is what the API server
-/// accepts.
+/// The webhook's own workload (Service, Deployment, PodDisruptionBudget, cert-manager
+/// Certificate) and its configuration trusting cert-manager are what the API server accepts.
 #[test]
 fn the_webhook_workload_is_valid_kubernetes_objects() {
     let mut items = Vec::new();
-    for (replicas, s) in [2, 1].into_iter().zip(settings_variants()) {
+    let issuers = [Some("ClusterIssuer/membrane-ca"), None];
+    for ((replicas, issuer), s) in [2, 1].into_iter().zip(issuers).zip(settings_variants()) {
         let w = admission::WebhookWorkload {
             namespace: "membrane".into(),
             name: "membrane-webhook".into(),
             image: "ghcr.io/example/membrane:0.1.0".into(),
             tls_secret: "membrane-webhook-tls".into(),
             replicas,
+            issuer: issuer.map(|i| admission::Issuer::parse(i).unwrap()),
         };
         let list = admission::workload(&w, &s).unwrap();
         for object in list["items"].as_array().unwrap() {
             items.push((model_of(object), object.clone()));
         }
     }
+    let config = admission::configuration(
+        "membrane",
+        "membrane-webhook",
+        admission::Trust::CertManager,
+    );
+    items.push((model_of(&config), config));
     let models: Vec<&str> = items.iter().map(|(m, _)| m.as_str()).collect();
     assert_eq!(
         models,
         [
             "v1/Service",
             "apps/v1/Deployment",
+            "cert-manager.io/v1/Certificate",
             "policy/v1/PodDisruptionBudget",
             "v1/Service",
             "apps/v1/Deployment",
+            "admissionregistration.k8s.io/v1/MutatingWebhookConfiguration",
         ]
     );
     assert_valid(&items);
@@ -283,7 +294,11 @@ fn the_schemas_refuse_invalid_objects() {
     pod["metadata"]["annotations"]["proxy.istio.io/concurrency"] = json!(2);
     let volume =
         json!({"name": "membrane-xds", "hostPath": {"path": "/run/membrane", "type": "Dir"}});
-    let mut webhook = admission::configuration("membrane", "membrane-webhook", "ca");
+    let mut webhook = admission::configuration(
+        "membrane",
+        "membrane-webhook",
+        admission::Trust::CaBundle("ca"),
+    );
     webhook["webhooks"][0]["timeoutSeconds"] = json!("ten");
     let w = admission::WebhookWorkload {
         namespace: "membrane".into(),
@@ -291,12 +306,15 @@ fn the_schemas_refuse_invalid_objects() {
         image: "membrane".into(),
         tls_secret: "tls".into(),
         replicas: 2,
+        issuer: Some(admission::Issuer::parse("Issuer/ca").unwrap()),
     };
     let workload = admission::workload(&w, &s).unwrap();
     let mut deployment = workload["items"][1].clone();
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["scheme"] =
         json!("TLS");
-    let mut budget = workload["items"][2].clone();
+    let mut certificate = workload["items"][2].clone();
+    certificate["spec"]["privateKey"]["algorithm"] = json!("DSA");
+    let mut budget = workload["items"][3].clone();
     budget["spec"]["selector"] = json!("membrane-webhook");
     let items = vec![
         (model_of(&plugin), plugin),
@@ -306,6 +324,7 @@ fn the_schemas_refuse_invalid_objects() {
         ("v1/Volume".to_string(), volume),
         (model_of(&webhook), webhook),
         (model_of(&deployment), deployment),
+        (model_of(&certificate), certificate),
         (model_of(&budget), budget),
     ];
     let errors = schema_errors(&items);
@@ -317,6 +336,7 @@ fn the_schemas_refuse_invalid_objects() {
         "hostPath/type",
         "webhooks/0/timeoutSeconds",
         "spec/template/spec/containers/0/readinessProbe/httpGet/scheme",
+        "spec/privateKey/algorithm",
         "spec/selector",
     ]) {
         let error = error

@@ -542,6 +542,15 @@ fn stats(filter: &str) -> BTreeMap<String, u64> {
 }
 
 /// The same from the Envoy whose admin listens on `port`.
+/// The filter's counter `membrane.NAME` (0 before its first tick).
+fn membrane_counter(name: &str) -> u64 {
+    let name = format!("membrane.{name}");
+    stats(&name)
+        .get(&format!("wasmcustom.{name}"))
+        .copied()
+        .unwrap_or(0)
+}
+
 fn stats_at(port: u16, filter: &str) -> BTreeMap<String, u64> {
     let out = Command::new("curl")
         .args(["-s", "--max-time", "3"])
@@ -886,12 +895,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     // A connection's facts (identity, direction, addresses) are read once, not per request:
     // five requests on one keep-alive connection count one connection.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let connections = || {
-        stats("membrane.http.connections")
-            .get("wasmcustom.membrane.http.connections")
-            .copied()
-            .unwrap_or(0)
-    };
+    let connections = || membrane_counter("http.connections");
     let before = connections();
     let mut conn = KeepAlive::open("127.0.0.2").await;
     for _ in 0..5 {
@@ -906,12 +910,7 @@ async fn the_filter_enforces_membrane_policy_inside_envoy() {
     // id, :method, :path, and here the testing-only crash_on_header read), nothing of its own.
     // Counted by the module's allocator over one connection of 400 requests; the connection's
     // own reads add a few allocations in all, not per request.
-    let allocations = || {
-        stats("membrane.vm.allocations")
-            .get("wasmcustom.membrane.vm.allocations")
-            .copied()
-            .unwrap_or(0)
-    };
+    let allocations = || membrane_counter("vm.allocations");
     let before = allocations();
     let mut conn = KeepAlive::open("127.0.0.2").await;
     const REQUESTS: u64 = 400;

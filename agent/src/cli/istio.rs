@@ -43,8 +43,15 @@ pub enum IstioCommand {
         #[arg(long)]
         service: String,
         /// The CA certificate (PEM) the API server verifies the webhook's certificate with.
+        #[arg(
+            long,
+            required_unless_present = "cert_manager",
+            conflicts_with = "cert_manager"
+        )]
+        ca_file: Option<PathBuf>,
+        /// Let cert-manager's CA injector fill and renew the CA from the webhook's Certificate (webhook-manifests --cert-manager-issuer makes it, named as the Service).
         #[arg(long)]
-        ca_file: PathBuf,
+        cert_manager: bool,
     },
     /// Print the webhook's workload (a List: its Service on port 443, the Deployment running `membrane istio webhook` with these settings, a PodDisruptionBudget) for `kubectl apply`.
     WebhookManifests {
@@ -60,6 +67,9 @@ pub enum IstioCommand {
         /// Webhook replicas; with more than one, a PodDisruptionBudget keeps one through node drains.
         #[arg(long, default_value_t = 2)]
         replicas: u32,
+        /// Add a cert-manager Certificate that keeps --tls-secret filled, from Issuer/NAME (in the Service's namespace) or ClusterIssuer/NAME.
+        #[arg(long)]
+        cert_manager_issuer: Option<String>,
         #[command(flatten)]
         settings: SettingsArgs,
     },
@@ -155,14 +165,25 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
                 .context("tokio runtime")?
                 .block_on(crate::istio_webhook::serve(listen, files, settings.into()))?;
         }
-        IstioCommand::WebhookConfig { service, ca_file } => {
+        IstioCommand::WebhookConfig {
+            service,
+            ca_file,
+            cert_manager: _,
+        } => {
+            use membrane_istio::admission::{Trust, configuration};
             let (namespace, name) = service_ref(&service)?;
-            let ca = std::fs::read_to_string(&ca_file)
-                .with_context(|| format!("reading {}", ca_file.display()))?;
-            if !ca.contains("-----BEGIN CERTIFICATE-----") {
-                bail!("{}: no PEM certificate in it", ca_file.display());
-            }
-            let config = membrane_istio::admission::configuration(namespace, name, &ca);
+            // clap lets exactly one of --ca-file and --cert-manager through.
+            let config = match ca_file {
+                Some(file) => {
+                    let ca = std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    if !ca.contains("-----BEGIN CERTIFICATE-----") {
+                        bail!("{}: no PEM certificate in it", file.display());
+                    }
+                    configuration(namespace, name, Trust::CaBundle(&ca))
+                }
+                None => configuration(namespace, name, Trust::CertManager),
+            };
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
         IstioCommand::WebhookManifests {
@@ -170,15 +191,22 @@ pub fn run(cmd: IstioCommand) -> anyhow::Result<()> {
             image,
             tls_secret,
             replicas,
+            cert_manager_issuer,
             settings,
         } => {
+            use membrane_istio::admission::{Issuer, WebhookWorkload};
             let (namespace, name) = service_ref(&service)?;
-            let workload = membrane_istio::admission::WebhookWorkload {
+            let issuer = match cert_manager_issuer {
+                Some(text) => Some(Issuer::parse(&text).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let workload = WebhookWorkload {
                 namespace: namespace.into(),
                 name: name.into(),
                 image,
                 tls_secret,
                 replicas,
+                issuer,
             };
             match membrane_istio::admission::workload(&workload, &settings.into()) {
                 Ok(list) => println!("{}", serde_json::to_string_pretty(&list)?),
