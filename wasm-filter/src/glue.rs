@@ -621,12 +621,14 @@ impl Context for Http {}
 #[allow(unsafe_code)]
 #[link(wasm_import_module = "env")]
 unsafe extern "C" {
+    /// Answers the ABI's status, 0 for Ok: taken as an integer, since a host may answer codes
+    /// the SDK's `Status` enum lacks.
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
-    ) -> proxy_wasm::types::Status;
+    ) -> u32;
 }
 
 /// A property as bytes; errors (which the SDK's own call would panic on) are treated as absent.
@@ -642,9 +644,7 @@ fn property(path: &'static [u8]) -> Option<Vec<u8>> {
     // with this module's allocator (proxy_on_memory_allocate), handed over to the Vec.
     unsafe {
         match proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) {
-            proxy_wasm::types::Status::Ok if !data.is_null() => {
-                Some(Vec::from_raw_parts(data, size, size))
-            }
+            0 if !data.is_null() => Some(Vec::from_raw_parts(data, size, size)),
             _ => None,
         }
     }
