@@ -541,7 +541,6 @@ fn stats(filter: &str) -> BTreeMap<String, u64> {
     stats_at(ADMIN, filter)
 }
 
-/// The same from the Envoy whose admin listens on `port`.
 /// The filter's counter `membrane.NAME` (0 before its first tick).
 fn membrane_counter(name: &str) -> u64 {
     let name = format!("membrane.{name}");
@@ -551,6 +550,7 @@ fn membrane_counter(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The same from the Envoy whose admin listens on `port`.
 fn stats_at(port: u16, filter: &str) -> BTreeMap<String, u64> {
     let out = Command::new("curl")
         .args(["-s", "--max-time", "3"])

@@ -67,8 +67,8 @@ fn any(msg: &impl Message) -> Any {
     }
 }
 
-/// bench/wasm.sh's shape: web (10.0.0.1, identity 300) takes ten HTTP rules from luke (301,
-/// known by its SPIFFE ID) on port 80 and anything from 302 on port 81.
+/// A policy like bench/wasm.sh's: web (10.0.0.1, identity 300) takes ten HTTP rules from luke
+/// (301, known by its SPIFFE ID) on port 80 and anything from 302 on port 81; 201 identities.
 fn state() -> PolicyState {
     let rule = |method: &str, path: &str| v1::HttpRule {
         method: method.into(),
