@@ -510,4 +510,36 @@ fn a_bad_certificate_or_service_is_refused_at_once() {
         String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/NAME expected"),
         "{out:?}"
     );
+
+    // With cert-manager: no bundle, the CA injector's annotation naming the Certificate that
+    // webhook-manifests --cert-manager-issuer makes; one of the two ways is required.
+    let config_with = |args: &[&str]| {
+        membrane()
+            .args([
+                "istio",
+                "webhook-config",
+                "--service",
+                "membrane/membrane-webhook",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = config_with(&["--cert-manager"]);
+    assert!(out.status.success(), "{out:?}");
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "membrane/membrane-webhook"
+    );
+    assert!(
+        config["webhooks"][0]["clientConfig"]
+            .get("caBundle")
+            .is_none()
+    );
+    let out = config_with(&[]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--ca-file"),
+        "{out:?}"
+    );
 }
